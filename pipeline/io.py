@@ -84,6 +84,10 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", errors="strict", newline="")
 
 
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, object) for each non-blank line; any bad line is a DataError with file:line."""
     path = Path(path)
@@ -91,8 +95,13 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise DataError(path, None, "file exists", "no such file")
     lineno = 0
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
+        with _open_binary(path) as f:
+            # Decode line by line so an encoding error names its own line, not a buffer's.
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(path, lineno, "UTF-8 encoding", f"undecodable byte at column {e.start + 1}") from None
                 if not line.strip():
                     continue
                 try:
@@ -102,8 +111,6 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 if not isinstance(obj, dict):
                     raise DataError(path, lineno, "JSON object per line", f"got {type(obj).__name__}: {line[:80]!r}")
                 yield lineno, obj
-    except UnicodeDecodeError as e:
-        raise DataError(path, lineno + 1, "UTF-8 encoding", f"undecodable byte at offset {e.start}") from None
     except (OSError, EOFError) as e:  # gzip truncation and friends
         raise DataError(path, lineno + 1, "readable file", str(e)) from None
 

@@ -135,15 +135,24 @@ class StageRun:
                   rows: int | None = None) -> None:
         """Log a dataset input with an explicit, audit-grade sha256 digest (not MLflow's row sample)."""
         import mlflow
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
-        source = resolve_dataset_source(str(Path(path).resolve()))
+        source = _local_source(path)
         ds = MetaDataset(source=source, name=name or Path(path).name, digest=sha256[:36])
         tags = {"sha256": sha256}
         if rows is not None:
             tags["rows"] = str(rows)
         mlflow.log_input(ds, context=context, tags=tags)
+
+
+def _local_source(path: str | Path):
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # MLflow registers the local source twice and warns about it
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(str(Path(path).resolve()))
 
 
 def _is_number(v: Any) -> bool:
@@ -221,14 +230,13 @@ def register_logged_model(name: str, run: StageRun, params: dict[str, Any], tags
     """Record an external model (weights live in the DVC cache, not in MLflow) as a LoggedModel
     linked to its run and its dataset inputs. Returns the model id."""
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import LoggedModelInput
 
     model = mlflow.create_external_model(name=name, source_run_id=run.run_id,
                                          params={k: str(v) for k, v in _flatten(params).items()}, tags=tags)
     for path, sha in inputs:
-        ds = MetaDataset(source=resolve_dataset_source(str(Path(path).resolve())), name=Path(path).name, digest=sha[:36])
+        ds = MetaDataset(source=_local_source(path), name=Path(path).name, digest=sha[:36])
         mlflow.log_input(ds, context="training", tags={"sha256": sha}, model=LoggedModelInput(model.model_id))
     return model.model_id
 

@@ -1,0 +1,67 @@
+"""Test helpers: a temporary copy of the project as its own git repo, for `dvc repro` runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files of this checkout (what a fresh clone would hold,
+    plus work in progress)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return [f for f in out.stdout.splitlines() if (ROOT / f).is_file()]
+
+
+def make_project_copy(dest: Path) -> Path:
+    """Copy the project into `dest`, make it a git repo with one commit, and return it."""
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    git = ["git", "-c", "user.email=test@example.com", "-c", "user.name=test"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "test copy"], cwd=dest, check=True)
+    return dest
+
+
+def edit_params(project: Path, **sections) -> None:
+    """Merge `sections` (nested dicts) into the copy's params.yaml."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(params, sections)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def env_for(project: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(project),
+    })
+    env.update(extra)
+    return env
+
+
+def dvc(project: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=project,
+                          env=env or env_for(project), capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,95 @@
+"""MLflow tracking: parent/child runs, tags, audit-grade input digests, fast failure."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.errors import TrackingError
+
+GIT = {"commit": "a" * 40, "dirty": False}
+
+
+@pytest.fixture()
+def sqlite_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def test_stage_runs_of_one_pipeline_share_a_parent(sqlite_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.ENV_PIPELINE_KEY, "exec-1")
+    with tracking.stage_run("first", "exp", "d1", GIT, root=tmp_path) as a:
+        a.log_params({"train": {"beta": 0.1}})
+        a.log_metrics({"loss": 0.5, "bad": "n/a"})
+    with tracking.stage_run("second", "exp", "d2", GIT, root=tmp_path) as b:
+        pass
+    assert a.parent_run_id == b.parent_run_id
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(a.run_id)
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == a.parent_run_id
+    assert tags[tracking.TAG_STAGE] == "first"
+    assert tags[tracking.TAG_COMMIT] == "a" * 40
+    assert tags[tracking.TAG_DIRTY] == "False"
+    assert tags[tracking.TAG_PARAMS_DIGEST] == "d1"
+    assert run.data.params == {"train.beta": "0.1"}
+    assert run.data.metrics == {"loss": 0.5}
+    assert client.get_run(a.parent_run_id).info.status == "FINISHED"
+
+
+def test_new_pipeline_execution_gets_new_parent(sqlite_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.ENV_PIPELINE_KEY, "exec-1")
+    with tracking.stage_run("s", "exp", "d", GIT, root=tmp_path) as a:
+        pass
+    monkeypatch.setenv(tracking.ENV_PIPELINE_KEY, "exec-2")
+    with tracking.stage_run("s", "exp", "d", GIT, root=tmp_path) as b:
+        pass
+    assert a.parent_run_id != b.parent_run_id
+
+
+def test_log_input_keeps_explicit_sha256(sqlite_uri, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"a": 1}\n')
+    sha = "f" * 64
+    with tracking.stage_run("s", "exp", "d", GIT, root=tmp_path) as run:
+        run.log_input(data, sha, name="pairs", rows=1)
+    inputs = MlflowClient(sqlite_uri).get_run(run.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    assert inputs[0].dataset.name == "pairs"
+    assert inputs[0].dataset.digest == sha[:36]
+    assert {t.key: t.value for t in inputs[0].tags}["sha256"] == sha
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, monkeypatch):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"{uri} cannot be reached"):
+        with tracking.stage_run("s", "exp", "d", GIT, root=tmp_path, timeout_s=2):
+            pytest.fail("the stage body must not run")
+    assert time.monotonic() - t0 < 10
+
+
+def test_default_uri_is_absolute_sqlite(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_pipeline_key_from_env(monkeypatch):
+    monkeypatch.setenv(tracking.ENV_PIPELINE_KEY, "k")
+    assert tracking.pipeline_key() == "k"
+    monkeypatch.delenv(tracking.ENV_PIPELINE_KEY)
+    assert tracking.pipeline_key().startswith(("dvc-", "proc-"))
