@@ -32,8 +32,19 @@ TAG_PARAMS_DIGEST = "openrelease.params_digest"
 ENV_PIPELINE_KEY = "OPENRELEASE_PIPELINE_KEY"
 
 
+def project_root(root: str | Path = ".") -> Path:
+    """The main repo root, also from inside a DVC temporary experiment workspace
+    (`<repo>/.dvc/tmp/exps/<tmpdir>`), so experiments log next to ordinary runs."""
+    root = Path(root).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def default_tracking_uri(root: str | Path = ".") -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
 
 
 def _quiet_mlflow_env(timeout_s: float) -> None:

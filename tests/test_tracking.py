@@ -93,3 +93,9 @@ def test_pipeline_key_from_env(monkeypatch):
     assert tracking.pipeline_key() == "k"
     monkeypatch.delenv(tracking.ENV_PIPELINE_KEY)
     assert tracking.pipeline_key().startswith(("dvc-", "proc-"))
+
+
+def test_dvc_temp_experiment_workspace_logs_to_main_repo(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    workspace = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    assert tracking.default_tracking_uri(workspace) == f"sqlite:///{tmp_path.resolve()}/repo/mlflow.db"
