@@ -1,0 +1,120 @@
+"""Statistics of the evaluate stage on synthetic data with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.evalstats import (
+    agreement_stats,
+    lc_win_rate,
+    mean_diff,
+    mean_stat,
+    order_score,
+    pair_scores,
+    paired_bootstrap_ci,
+    pooled_rate_diff,
+)
+
+
+def test_paired_bootstrap_ci_covers_known_mean_with_expected_width():
+    rng = np.random.default_rng(1)
+    n = 400
+    base = rng.normal(0.0, 1.0, n)
+    policy = base + rng.normal(0.3, 1.0, n)  # paired difference ~ N(0.3, 1)
+    est, lo, hi = paired_bootstrap_ci((policy, base), mean_diff, n_resamples=2000, seed=0)
+    assert est == pytest.approx(np.mean(policy - base))
+    assert lo < 0.3 < hi
+    # normal theory: width = 2 * 1.96 * sd(diff) / sqrt(n)
+    expected = 2 * 1.96 * np.std(policy - base, ddof=1) / np.sqrt(n)
+    assert hi - lo == pytest.approx(expected, rel=0.15)
+
+
+def test_pairing_matters_unpaired_noise_cancels():
+    # Both models share a large per-prompt effect; the paired interval must be far narrower than
+    # the spread of either model's scores.
+    rng = np.random.default_rng(2)
+    prompt_effect = rng.normal(0, 5, 200)
+    base, policy = prompt_effect, prompt_effect + 1.0 + rng.normal(0, 0.1, 200)
+    _, lo, hi = paired_bootstrap_ci((policy, base), mean_diff, n_resamples=2000)
+    assert 0.9 < lo < 1.0 < hi < 1.1
+
+
+def test_bootstrap_is_reproducible_and_seeded():
+    rng = np.random.default_rng(3)
+    a = (rng.random(50) < 0.6).astype(float)
+    b = (rng.random(50) < 0.4).astype(float)
+    r1 = paired_bootstrap_ci((a, b), mean_diff, n_resamples=1000, seed=7)
+    r2 = paired_bootstrap_ci((a, b), mean_diff, n_resamples=1000, seed=7)
+    assert r1 == r2
+
+
+def test_bootstrap_degenerate_data_collapses_instead_of_nan():
+    ones = np.ones(30)
+    assert paired_bootstrap_ci((ones, ones), mean_diff, n_resamples=500) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap_ci((ones,), mean_stat, n_resamples=500) == (1.0, 1.0, 1.0)
+    est, lo, hi = paired_bootstrap_ci((np.array([]),), mean_stat)
+    assert np.isnan(est) and np.isnan(lo) and np.isnan(hi)
+
+
+def test_pooled_rate_diff_weights_prompts_by_constraint_count():
+    ok_p, ok_b, n = np.array([3.0, 0.0]), np.array([1.0, 1.0]), np.array([3.0, 1.0])
+    assert pooled_rate_diff(ok_p, ok_b, n) == pytest.approx(3 / 4 - 2 / 4)
+    est, lo, hi = paired_bootstrap_ci((ok_p, ok_b, n), pooled_rate_diff, n_resamples=500)
+    assert est == pytest.approx(0.25) and lo <= est <= hi
+
+
+def test_pair_scores_position_bias_is_a_tie():
+    # A judge that always answers "A": policy wins when shown first, loses when shown second.
+    first = [1.0] * 10   # P(policy better) when policy is A
+    second = [0.0] * 10  # P(policy better) when policy is B
+    scores = pair_scores(first, second)
+    assert np.all(scores == 0.5)
+    assert order_score(0.5) == 0.5 and order_score(0.51) == 1.0 and order_score(0.2) == 0.0
+    assert list(pair_scores([0.9, 0.1, 0.9], [0.8, 0.2, 0.5])) == [1.0, 0.0, 0.75]
+
+
+def _synthetic_judgments(n: int, policy_skill: float, length_weight: float, seed: int):
+    """Policy answers longer in most pairs; judge P(policy) = sigmoid(skill + w * tanh(diff/std))."""
+    rng = np.random.default_rng(seed)
+    diff = rng.normal(60, 50, n)  # tokens; policy longer in ~88% of pairs
+    x = np.tanh(diff / diff.std())
+    p = 1 / (1 + np.exp(-(policy_skill + length_weight * x)))
+    scores = (rng.random(n) < p).astype(float)
+    return scores, diff
+
+
+def test_lc_win_rate_removes_a_pure_length_preference():
+    scores, diff = _synthetic_judgments(3000, policy_skill=0.0, length_weight=3.0, seed=0)
+    raw = scores.mean()
+    lc = lc_win_rate(scores, diff)
+    assert raw > 0.75  # the judge loves the longer answers
+    assert lc == pytest.approx(0.5, abs=0.06)
+
+
+def test_lc_win_rate_keeps_a_length_independent_preference():
+    skill = np.log(0.7 / 0.3)
+    scores, diff = _synthetic_judgments(3000, policy_skill=skill, length_weight=0.0, seed=1)
+    assert lc_win_rate(scores, diff) == pytest.approx(0.7, abs=0.05)
+    assert scores.mean() == pytest.approx(0.7, abs=0.05)
+
+
+def test_lc_win_rate_soft_ties_and_edge_cases():
+    # ties as 0.5 with no length signal: LC equals the raw win rate
+    scores = np.array([1.0, 0.5, 0.5, 0.0, 1.0, 0.5])
+    diff = np.zeros(6)
+    assert lc_win_rate(scores, diff) == pytest.approx(scores.mean(), abs=1e-3)
+    assert lc_win_rate(np.ones(5), np.arange(5.0)) == 1.0
+    assert lc_win_rate(np.zeros(5), np.arange(5.0)) == 0.0
+    assert np.isnan(lc_win_rate(np.array([]), np.array([])))
+
+
+def test_agreement_and_kappa_known_values():
+    human = ["A", "A", "B", "B"]
+    judge = ["A", "B", "B", "B"]
+    s = agreement_stats(human, judge)
+    # p_o = 0.75; p_e = 0.5 * 0.25 + 0.5 * 0.75 = 0.5; kappa = (0.75 - 0.5) / 0.5
+    assert s["agreement"] == 0.75 and s["kappa"] == pytest.approx(0.5)
+    s = agreement_stats(["A", "tie", "B", "tie"], ["A", "A", "A", "tie"])
+    assert s["n_no_tie"] == 2 and s["agreement_no_tie"] == 0.5 and s["agreement"] == 0.5
+    assert np.isnan(agreement_stats(["A", "A"], ["A", "A"])["kappa"])
