@@ -261,3 +261,29 @@ def find_runs(experiment: str, filter_string: str = "", root: str | Path = ".") 
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
+
+
+def log_model_metrics(model_id: str, metrics: dict[str, float],
+                      dataset: tuple[str | Path, str] | None = None) -> bool:
+    """Attach metrics, from the active run, to an existing LoggedModel (they show on the model's page),
+    optionally tagged with the dataset (path, sha256) they were computed on. Returns False, with a
+    warning, when the model id is not in this tracking store (e.g. trained against another URI)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_logged_model(model_id)
+    except MlflowException as e:
+        log.warning("LoggedModel %s not found in this tracking store (%s); metrics stay on the run only",
+                    model_id, str(e).splitlines()[0])
+        return False
+    ds = None
+    if dataset is not None:
+        path, sha = dataset
+        ds = MetaDataset(source=resolve_dataset_source(str(Path(path).resolve())), name=Path(path).name, digest=sha[:36])
+    clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+    mlflow.log_metrics(clean, model_id=model_id, dataset=ds)
+    mlflow.set_tag("openrelease.evaluated_model_id", model_id)
+    return True

@@ -1,0 +1,305 @@
+"""Judges: the OpenAI-compatible judge against a loopback server, the local judge on the tiny model,
+template handling, both-order judging with caching, and human-label agreement."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import DataError, SourceError
+from pipeline.evalcache import EvalCache
+from pipeline.judge_agreement import agreement, read_labeled_pairs
+from pipeline.judges import (
+    JUDGES,
+    LocalJudge,
+    OpenAIJudge,
+    RateLimiter,
+    Template,
+    judge_pairs,
+    load_template,
+)
+from pipeline.params import JudgeParams, LocalJudgeParams, OpenAIJudgeParams
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "data" / "judge" / "pairwise.txt"
+
+
+class FakeJudgeServer:
+    """POST /v1/chat/completions on 127.0.0.1: prefers the answer containing GOOD.
+
+    Knobs: `fail_first` (HTTP 500s before answering), `logprobs` (send top log-probs with P=0.8 for
+    the verdict), `reply` (fixed reply text).
+    """
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.fail_first = 0
+        self.logprobs = False
+        self.reply: str | None = None
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": {"message": "not found"}})
+                if server.fail_first > 0:
+                    server.fail_first -= 1
+                    return self._send(500, {"error": {"message": "temporarily broken"}}, {"retry-after-ms": "1"})
+                text = body["messages"][-1]["content"]
+                a = text.split("[Answer A]")[1].split("[Answer B]")[0]
+                verdict = server.reply or ("A" if "GOOD" in a else "B")
+                choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": verdict}}
+                if server.logprobs and body.get("logprobs"):
+                    other = "B" if verdict == "A" else "A"
+                    choice["logprobs"] = {"content": [{"token": verdict, "logprob": math.log(0.8), "bytes": None,
+                                                       "top_logprobs": [
+                                                           {"token": verdict, "logprob": math.log(0.8), "bytes": None},
+                                                           {"token": " " + other, "logprob": math.log(0.2), "bytes": None}]}]}
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [choice]})
+
+            def _send(self, code, obj, headers=None):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _openai_params(url: str, **kw) -> OpenAIJudgeParams:
+    base = {"base_url": url, "model": "fake-judge", "api_key_env": "TEST_JUDGE_KEY", "max_retries": 2,
+            "timeout_s": 5, "requests_per_minute": 60_000, "max_tokens": 1, "logprobs": False}
+    return OpenAIJudgeParams(**{**base, **kw})
+
+
+@pytest.fixture
+def server():
+    with FakeJudgeServer() as s:
+        yield s
+
+
+@pytest.fixture
+def template() -> Template:
+    return load_template(TEMPLATE)
+
+
+def test_openai_judge_both_orders_and_key_from_env(server, template, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    judge = OpenAIJudge(_openai_params(server.url))
+    pairs = [("Say hi", "GOOD hi", "meh"), ("Say bye", "meh", "GOOD bye")]
+    probs = judge_pairs(judge, template, pairs, EvalCache(tmp_path))
+    # (P(x better) shown first, P(x better) shown second): x is the first response of each pair
+    assert probs == [(1.0, 1.0), (0.0, 0.0)]
+    assert len(server.requests) == 4
+    assert server.headers[0]["authorization"] == "Bearer sk-test-123"
+    assert server.requests[0]["temperature"] == 0 and server.requests[0]["model"] == "fake-judge"
+    # the key is in no request body and not in the judge id (which goes into cache keys)
+    assert "sk-test-123" not in json.dumps(server.requests) and "sk-test-123" not in json.dumps(judge.id)
+
+
+def test_openai_judge_is_cached_and_rejudges_on_template_change(server, template, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+    cache = EvalCache(tmp_path)
+    pairs = [("Q", "GOOD", "bad")]
+    judge_pairs(OpenAIJudge(_openai_params(server.url)), template, pairs, cache)
+    assert len(server.requests) == 2
+    judge_pairs(OpenAIJudge(_openai_params(server.url)), template, pairs, cache)
+    assert len(server.requests) == 2  # nothing asked again
+    changed = Template(text=template.text + "\nBe strict.", sha256="0" * 64, path="x")
+    judge_pairs(OpenAIJudge(_openai_params(server.url)), changed, pairs, cache)
+    assert len(server.requests) == 4
+    judge_pairs(OpenAIJudge(_openai_params(server.url, model="other-judge")), template, pairs, cache)
+    assert len(server.requests) == 6
+
+
+def test_openai_judge_retries_transient_errors(server, template, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+    server.fail_first = 2
+    judge = OpenAIJudge(_openai_params(server.url, max_retries=2))
+    assert judge.prob_a([template.fill("Q", "GOOD", "bad")]) == [1.0]
+    assert len(server.requests) == 3
+
+
+def test_openai_judge_gives_up_with_one_line_error(server, template, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+    server.fail_first = 10
+    judge = OpenAIJudge(_openai_params(server.url, max_retries=1))
+    with pytest.raises(SourceError, match="answered 500 after 1 retries"):
+        judge.prob_a([template.fill("Q", "a", "b")])
+
+
+def test_openai_judge_unreachable_and_missing_key(monkeypatch):
+    monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(SourceError, match="environment variable TEST_JUDGE_KEY is not set"):
+        OpenAIJudge(_openai_params("http://127.0.0.1:9/v1"))
+    monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+    judge = OpenAIJudge(_openai_params("http://127.0.0.1:9/v1", max_retries=0, timeout_s=2))
+    with pytest.raises(SourceError, match="cannot be reached"):
+        judge.prob_a(["x"])
+
+
+def test_openai_judge_logprobs_and_unparsed_reply(server, template, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+    server.logprobs = True
+    judge = OpenAIJudge(_openai_params(server.url, logprobs=True))
+    p = judge.prob_a([template.fill("Q", "GOOD", "bad"), template.fill("Q", "bad", "GOOD")])
+    assert p == [pytest.approx(0.8), pytest.approx(0.2)]
+    assert server.requests[0]["logprobs"] is True and server.requests[0]["top_logprobs"] == 5
+    server.logprobs, server.reply = False, "I cannot decide."
+    judge = OpenAIJudge(_openai_params(server.url))
+    assert judge.prob_a([template.fill("Q", "x", "y")]) == [0.5]
+    assert judge.unparsed == 1
+
+
+def test_openai_judge_without_auth(server, template):
+    judge = OpenAIJudge(_openai_params(server.url, api_key_env=None))
+    assert judge.prob_a([template.fill("Q", "GOOD", "x")]) == [1.0]
+
+
+def test_rate_limiter_spaces_requests():
+    now, slept = [100.0], []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    rl = RateLimiter(120, clock=lambda: now[0], sleep=sleep)  # one request per 0.5 s
+    for _ in range(3):
+        rl.wait()
+    assert slept == [pytest.approx(0.5), pytest.approx(0.5)]
+
+
+def test_template_rules(tmp_path):
+    bad = tmp_path / "t.txt"
+    bad.write_text("Compare {response_a} and {response_b}.")
+    with pytest.raises(DataError, match=r"\{instruction\} must appear exactly once, found 0"):
+        load_template(bad)
+    with pytest.raises(DataError, match="no such file"):
+        load_template(tmp_path / "missing.txt")
+    t = load_template(TEMPLATE)
+    filled = t.fill("use {braces}", "A says {response_b}", "B")
+    assert "use {braces}" in filled and "A says {response_b}" in filled  # no double substitution
+    assert len(t.sha256) == 64
+
+
+def _local_params(**kw) -> LocalJudgeParams:
+    return LocalJudgeParams(**{"model": None, "batch_size": 3, "max_length": 2048, **kw})
+
+
+def test_local_judge_on_tiny_model_matches_a_manual_forward_pass(tiny_model_dir, template):
+    import torch
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    loaded = []
+
+    def loader(d):
+        loaded.append(d)
+        return load_causal_lm(d), load_tokenizer(d)
+
+    jp = JudgeParams(kind="local", local=_local_params(), lc_c=1.0)
+    judge = JUDGES["local"](jp, default_model=tiny_model_dir, sha256_of=lambda d: "f" * 64, loader=loader)
+    assert loaded == []  # nothing is loaded until a judgment is needed
+    prompts = [template.fill(f"Question {i}", "short" * i, "a longer answer " * (5 - i)) for i in range(5)]
+    batched = judge.prob_a(prompts)
+    assert len(loaded) == 1 and all(0 < p < 1 for p in batched)
+    one_by_one = LocalJudge(_local_params(batch_size=1), tiny_model_dir, "f" * 64, loader).prob_a(prompts)
+    assert batched == pytest.approx(one_by_one, abs=1e-5)  # right padding does not change the answer
+
+    model, tok = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=True, return_dict=True,
+                                  add_generation_prompt=True)["input_ids"]
+    with torch.inference_mode():
+        probs = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    a = sum(probs[tok.encode(s, add_special_tokens=False)[0]] for s in ("A", " A"))
+    b = sum(probs[tok.encode(s, add_special_tokens=False)[0]] for s in ("B", " B"))
+    assert batched[0] == pytest.approx(float(a / (a + b)), abs=1e-5)
+
+
+def test_local_judge_missing_folder(tmp_path):
+    jp = JudgeParams(kind="local", local=_local_params(model=str(tmp_path / "nope")), lc_c=1.0)
+    with pytest.raises(SourceError, match="folder .* does not exist"):
+        JUDGES["local"](jp, default_model=tmp_path, sha256_of=lambda d: "0", loader=None)
+
+
+def test_judge_params_need_the_chosen_block():
+    with pytest.raises(ValueError, match="kind is 'openai' but the `openai` block is missing"):
+        JudgeParams(kind="openai", local=_local_params(), lc_c=1.0)
+
+
+class ScriptedJudge:
+    """Prefers the response containing GOOD; counts calls."""
+
+    id = {"kind": "scripted"}
+    unparsed = 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def prob_a(self, prompts):
+        self.calls += len(prompts)
+        return [1.0 if "GOOD" in p.split("[Answer A]")[1].split("[Answer B]")[0] else 0.0 for p in prompts]
+
+
+def test_read_labeled_pairs_both_shapes_and_errors(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    rows = [
+        {"instruction": "Q1", "response_a": "GOOD", "response_b": "x", "label": "A"},
+        {"conversation_a": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "x"}],
+         "conversation_b": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "GOOD"}],
+         "winner": "model_b", "judge": "expert_1"},
+        {"prompt": "Q3", "response_a": "x", "response_b": "y", "label": "tie"},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_labeled_pairs(f)
+    assert [r["label"] for r in got] == ["A", "B", "tie"]
+    assert got[1] == {"instruction": "Q2", "response_a": "x", "response_b": "GOOD", "label": "B"}
+    f.write_text(json.dumps({**rows[0], "label": "C"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: label: must be 'A', 'B' or 'tie'"):
+        read_labeled_pairs(f)
+    f.write_text(json.dumps({**rows[1], "winner": "model_c"}) + "\n")
+    with pytest.raises(DataError, match="pairs.jsonl:1: winner"):
+        read_labeled_pairs(f)
+    f.write_text(json.dumps({**rows[0], "response_b": " "}) + "\n")
+    with pytest.raises(DataError, match="pairs.jsonl:1: response_b: must be a non-blank string"):
+        read_labeled_pairs(f)
+
+
+def test_agreement_against_human_labels(tmp_path, template):
+    rows = [{"instruction": f"Q{i}", "response_a": a, "response_b": b, "label": lab}
+            for i, (a, b, lab) in enumerate([("GOOD", "x", "A"), ("x", "GOOD", "B"), ("GOOD", "x", "B"),
+                                             ("x", "GOOD", "B"), ("x", "y", "tie")])]
+    judge = ScriptedJudge()
+    s = agreement(judge, template, rows, EvalCache(tmp_path))
+    # verdicts A, B, A, B, tie: with no GOOD in the last pair the judge picks whichever answer is
+    # shown second, so the two orders disagree and the pair is a tie (which matches the label)
+    assert s["n"] == 5 and s["agreement"] == pytest.approx(4 / 5)
+    assert s["n_no_tie"] == 4 and s["agreement_no_tie"] == pytest.approx(3 / 4)
+    assert judge.calls == 10
