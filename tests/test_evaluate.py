@@ -1,0 +1,276 @@
+"""The evaluate stage: readers, teacher-forced scoring, and run() end to end on tiny models with caching."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import DataError
+from pipeline.evalcache import EvalCache
+from pipeline.evaluation import Models, read_general_prompts, read_test_pairs
+from pipeline.params import EvaluateParams, GeneralPromptsParams
+from pipeline.scoring import completion_kl, completion_logps, tokenize_completion
+from pipeline.stages.evaluate import Inputs, dpo_setting, run
+from tests.conftest import shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REQUIRED = ["pref_accuracy", "reward_margin", "pass_rate_base", "pass_rate_policy", "pass_rate_delta",
+            "pass_rate_delta_ci_low", "pass_rate_delta_ci_high", "win_rate", "lc_win_rate", "length_ratio", "kl"]
+
+
+# ---------------------------------------------------------------- readers
+
+def test_general_prompts_mt_bench_arena_hard_and_alpaca_shapes(tmp_path):
+    mt = read_general_prompts(shared_data("mt-bench", "mt_bench_question.jsonl"),
+                              GeneralPromptsParams(field="turns", id_field="question_id", max_prompts=3))
+    assert [r["id"] for r in mt] == ["81", "82", "83"]
+    assert mt[0]["prompt"].startswith("Compose an engaging travel blog post")  # first turn only
+    ah = read_general_prompts(shared_data("arena-hard", "arena-hard-v0.1_question.jsonl"),
+                              GeneralPromptsParams(field="prompt", id_field="uid"))
+    assert len(ah) == 500 and ah[0]["id"] == "328c149ed45a41c0b9d6f14659e63599"
+    alpaca = tmp_path / "alpaca_eval.json"
+    alpaca.write_text(json.dumps([{"instruction": "Name a colour.", "dataset": "x"},
+                                  {"instruction": [{"role": "user", "content": "Hi"}], "dataset": "x"}]))
+    rows = read_general_prompts(alpaca, GeneralPromptsParams(field="instruction"))
+    assert rows == [{"id": "line0", "prompt": "Name a colour."}, {"id": "line1", "prompt": "Hi"}]
+    shipped = read_general_prompts(ROOT / "data" / "prompts" / "general.jsonl",
+                                   GeneralPromptsParams(field="prompt", id_field="id"))
+    assert 16 <= len(shipped) <= 24
+
+
+@pytest.mark.parametrize("line, match", [
+    ({"text": "x"}, r"g.jsonl:2: has key 'prompt'"),
+    ({"prompt": "  "}, r"g.jsonl:2: prompt: must be a non-blank string"),
+    ({"prompt": [3]}, r"g.jsonl:2: prompt: must be a non-blank string or a list of turns"),
+    ({"prompt": "dup", "id": "a"}, r"g.jsonl:2: unique id: 'a' appears twice"),
+])
+def test_general_prompts_errors_name_file_and_line(tmp_path, line, match):
+    f = tmp_path / "g.jsonl"
+    f.write_text(json.dumps({"prompt": "fine", "id": "a"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(DataError, match=match):
+        read_general_prompts(f, GeneralPromptsParams(field="prompt", id_field="id" if "id" in line else None))
+
+
+def test_test_pairs_errors(tmp_path):
+    import pandas as pd
+
+    with pytest.raises(DataError, match="no such file"):
+        read_test_pairs(tmp_path / "test.parquet", None)
+    pd.DataFrame({"id": ["a"], "prompt": [[{"role": "user", "content": "q"}]]}).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"missing \['chosen', 'rejected'\]"):
+        read_test_pairs(tmp_path / "t.parquet", None)
+
+
+def test_dpo_setting_reads_train_or_falls_back_to_trl_default():
+    assert dpo_setting({"beta": 0.3}, "beta") == 0.3
+    from trl import DPOConfig
+
+    assert dpo_setting({}, "beta") == DPOConfig.__dataclass_fields__["beta"].default
+
+
+# ---------------------------------------------------------------- scoring
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with perturbed weights: a stand-in for a trained policy."""
+    import torch
+
+    from pipeline.models import load_causal_lm
+
+    out = tmp_path_factory.mktemp("policy")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    model = load_causal_lm(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+CONVS = [([{"role": "user", "content": "Say hi."}], [{"role": "assistant", "content": "Hi there!"}]),
+         ([{"role": "user", "content": "Count to five, please, slowly."}],
+          [{"role": "assistant", "content": "One, two, three, four, five."}]),
+         ([{"role": "user", "content": "?"}], [{"role": "assistant", "content": "A much longer answer " * 5}])]
+
+
+def test_tokenize_completion_splits_where_trl_does(tiny):
+    _, tok = tiny
+    s = tokenize_completion(tok, *CONVS[0])
+    assert tok.decode(s.ids[s.start:]) == "Hi there!<|im_end|>\n"
+    assert tok.decode(s.ids[:s.start]).endswith("<|im_start|>assistant\n")
+    cut = tokenize_completion(tok, *CONVS[0], max_length=s.start + 2)
+    assert cut.ids == s.ids[:s.start + 2] and cut.n_completion == 2
+
+
+def test_completion_logps_match_manual_and_are_batch_invariant(tiny):
+    import torch
+
+    model, tok = tiny
+    items = [tokenize_completion(tok, p, c) for p, c in CONVS]
+    batched = completion_logps(model, items, pad_id=tok.pad_token_id, batch_size=3)
+    single = completion_logps(model, items, pad_id=tok.pad_token_id, batch_size=1)
+    assert batched == pytest.approx(single, abs=1e-4)
+    s = items[1]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([s.ids])).logits[0].float(), -1)
+    manual = sum(float(logp[t - 1, s.ids[t]]) for t in range(s.start, len(s.ids)))
+    assert batched[1] == pytest.approx(manual, abs=1e-4)
+    assert all(v < 0 for v in batched)
+
+
+def test_completion_kl_zero_for_same_model_positive_otherwise(tiny, other_model_dir):
+    import torch
+
+    from pipeline.models import load_causal_lm
+
+    model, tok = tiny
+    other = load_causal_lm(other_model_dir)
+    items = [tokenize_completion(tok, p, c) for p, c in CONVS]
+    same = completion_kl(model, model, items, pad_id=tok.pad_token_id, batch_size=2)
+    assert all(abs(kl) < 1e-4 and n == it.n_completion for (kl, n), it in zip(same, items, strict=True))
+    diff = completion_kl(other, model, items, pad_id=tok.pad_token_id, batch_size=2)
+    s = items[0]
+    with torch.inference_mode():
+        a = torch.log_softmax(other(input_ids=torch.tensor([s.ids])).logits[0].float(), -1)[s.start - 1:-1]
+        b = torch.log_softmax(model(input_ids=torch.tensor([s.ids])).logits[0].float(), -1)[s.start - 1:-1]
+    assert diff[0][0] == pytest.approx(float((a.exp() * (a - b)).sum()), rel=1e-3)
+    assert all(kl > 0 for kl, _ in diff)
+
+
+# ---------------------------------------------------------------- run() end to end
+
+def _params(**over) -> EvaluateParams:
+    raw = {"pref_max_pairs": None, "max_eval_prompts": None, "score_batch_size": 4,
+           "generation": {"max_new_tokens": 8, "batch_size": 4},
+           "general": {"field": "prompt", "id_field": "id", "max_prompts": None},
+           "judge": {"kind": "local", "lc_c": 1.0, "local": {"model": None, "batch_size": 4, "max_length": 512}},
+           "bootstrap": {"n_resamples": 500, "confidence_level": 0.95, "seed": 0}}
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
+    return EvaluateParams.model_validate(raw)
+
+
+class FakeGenerate:
+    """Stand-in for pipeline.generation.generate: the policy shouts (and so passes `uppercase`)."""
+
+    def __init__(self):
+        self.calls, self.prompts = 0, 0
+
+    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, do_sample, batch_size, seed, desc, **kw):
+        assert do_sample is False and max_new_tokens == 8
+        self.calls += 1
+        self.prompts += len(prompts)
+        policy = "policy" in str(model.name_or_path)
+        out = []
+        for conv in prompts:
+            text = f"an answer to {conv[-1]['content'][:20].lower()} with several words here"
+            out.append([text.upper() if policy else text])
+        return out
+
+
+@pytest.fixture
+def eval_inputs(tmp_path, tiny_model_dir, other_model_dir) -> Inputs:
+    import pandas as pd
+
+    base, policy = tmp_path / "base", tmp_path / "policy"
+    shutil.copytree(tiny_model_dir, base)
+    shutil.copytree(other_model_dir, policy)
+    pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
+              "chosen": [{"role": "assistant", "content": f"Good answer {i}."}],
+              "rejected": [{"role": "assistant", "content": f"bad {i}"}]} for i in range(5)]
+    pd.DataFrame(pairs).to_parquet(tmp_path / "test.parquet")
+    eval_rows = [{"id": f"e{i}", "prompt": f"Tell me about topic {i} in capital letters.",
+                  "constraints": [{"type": "uppercase"}, {"type": "word_count", "min": 3}]} for i in range(6)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    general = [{"id": f"g{i}", "prompt": f"Everyday question number {i}"} for i in range(4)]
+    (tmp_path / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general))
+    template = tmp_path / "pairwise.txt"
+    shutil.copy(ROOT / "data" / "judge" / "pairwise.txt", template)
+    return Inputs(base=base, policy=policy, test=tmp_path / "test.parquet", eval_prompts=tmp_path / "eval.jsonl",
+                  general_prompts=tmp_path / "general.jsonl", judge_template=template, beta=0.1, max_length=256)
+
+
+class CountingModels(Models):
+    def __init__(self):
+        super().__init__()
+        self.loads = 0
+
+    def load(self, folder):
+        if Path(folder).resolve() not in self._loaded:
+            self.loads += 1
+        return super().load(folder)
+
+
+def test_run_end_to_end_then_cache_hits_then_judge_change(eval_inputs, tmp_path):
+    import pandas as pd
+
+    cache = EvalCache(tmp_path / "cache")
+    gen = FakeGenerate()
+    (out1 := tmp_path / "out1").mkdir()
+    res = run(_params(), eval_inputs, cache, out1, models=CountingModels(), generate_fn=gen)
+    m = res.metrics
+    for key in REQUIRED:
+        assert key in m and math.isfinite(m[key]), key
+    assert gen.calls == 2 and gen.prompts == 2 * 10  # base and policy, 6 constraint + 4 general prompts each
+    # only the shouting policy passes `uppercase`
+    assert m["pass_rate_base"] == 0.0 and m["pass_rate_policy"] == 1.0 and m["pass_rate_delta"] == 1.0
+    assert m["constraint_pass_rate_base"] == 0.5 and m["n_constraints"] == 12
+    assert m["pass_rate_delta_ci_low"] <= m["pass_rate_delta"] <= m["pass_rate_delta_ci_high"]
+    assert m["pref_n"] == 5 and 0 <= m["pref_accuracy"] <= 1
+    assert m["n_wins"] + m["n_ties"] + m["n_losses"] == m["n_general_prompts"] == 4
+    assert m["kl"] > 0 and 0 < m["length_ratio"]
+    pref = pd.read_parquet(out1 / "preference.parquet")
+    assert pref["reward_chosen"].tolist() == pytest.approx(
+        (0.1 * (pref["logp_policy_chosen"] - pref["logp_ref_chosen"])).tolist())
+    assert m["reward_margin"] == pytest.approx(pref["margin"].mean())
+    cons = pd.read_parquet(out1 / "constraints.parquet")
+    assert len(cons) == 6 and cons["pass_policy"].all() and not cons["pass_base"].any()
+    assert len(pd.read_parquet(out1 / "general.parquet")) == 4
+
+    # nothing changed: no generation, no model even loaded, identical metrics
+    models2 = CountingModels()
+    (out2 := tmp_path / "out2").mkdir()
+    res2 = run(_params(), eval_inputs, cache, out2, models=models2, generate_fn=gen)
+    assert gen.calls == 2 and models2.loads == 0
+    assert res2.metrics == m
+
+    # only the judge changed (its prompt cap, so its id): re-judge, regenerate nothing
+    models3 = CountingModels()
+    (out3 := tmp_path / "out3").mkdir()
+    cache.hits.clear()
+    cache.misses.clear()
+    run(_params(judge={"local": {"model": None, "batch_size": 2, "max_length": 1024}}), eval_inputs, cache,
+        out3, models=models3, generate_fn=gen)
+    assert gen.calls == 2
+    assert cache.misses["judgment"] == 8 and cache.misses["generation"] == 0 and cache.misses["logp"] == 0
+    assert models3.loads == 1  # the judge (the base model) only
+
+    # a changed template also re-judges
+    eval_inputs.judge_template.write_text(eval_inputs.judge_template.read_text() + "\nBe brief.\n")
+    cache.misses.clear()
+    run(_params(), eval_inputs, cache, out3, models=CountingModels(), generate_fn=gen)
+    assert cache.misses["judgment"] == 8 and gen.calls == 2
+
+
+def test_run_with_identical_models_is_neutral(eval_inputs, tmp_path):
+    shutil.rmtree(eval_inputs.policy)
+    shutil.copytree(eval_inputs.base, eval_inputs.policy)
+    res = run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=lambda m, t, p, **kw:
+              [[f"the same answer to {c[-1]['content']}"] for c in p])
+    m = res.metrics
+    assert m["kl"] == pytest.approx(0, abs=1e-4) and m["reward_margin"] == pytest.approx(0, abs=1e-4)
+    assert m["win_rate"] == 0.5 and m["n_ties"] == 4  # identical answers: the orders cancel exactly
+    assert m["pass_rate_delta"] == 0 and m["length_ratio"] == 1.0
