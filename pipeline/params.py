@@ -121,8 +121,135 @@ class BuildParams(Section):
     pass
 
 
+class LoraParams(Section):
+    """LoRA adapters (peft). With LoRA the DPO reference is the base with adapters off: one weight copy."""
+
+    enabled: bool = Field(description="Train LoRA adapters (true) or every weight (false, full fine-tuning).")
+    r: int = Field(ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(gt=0, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        description="Modules that get adapters: 'all-linear' (every linear layer but the LM head) or a list of names.")
+
+
+class LauncherParams(Section):
+    """How the training processes are started."""
+
+    kind: Literal["python", "accelerate"] = Field(
+        description="python: train in the stage process; accelerate: the stage runs `accelerate launch` "
+                    "with `config` and waits for it.")
+    config: str | None = Field(default=None, description="accelerate config file (configs/accelerate/*.yaml); "
+                                                         "required when kind is accelerate.")
+    num_processes: int = Field(default=1, ge=1, le=4096,
+                               description="Training processes in total (devices); overrides the config's.")
+
+    @model_validator(mode="after")
+    def _config_for_accelerate(self) -> LauncherParams:
+        if self.kind == "accelerate" and not self.config:
+            raise ValueError("kind is 'accelerate' but `config` (an accelerate config file) is not set")
+        if self.kind == "python" and self.num_processes != 1:
+            raise ValueError("kind 'python' runs one process; use kind 'accelerate' for num_processes > 1")
+        return self
+
+
 class TrainParams(Section):
-    pass
+    """DPO training. `dpo` passes through to trl.DPOConfig; the other keys are this project's."""
+
+    dpo: dict[str, Any] = Field(
+        description="Fields of trl.DPOConfig (beta, learning_rate, num_train_epochs, max_length, seed, ...), "
+                    "checked by constructing DPOConfig when the train stage starts.")
+    lora: LoraParams
+    launcher: LauncherParams
+    per_device_batch_size: int = Field(ge=1, le=65536, description="Preference pairs per device per micro-step.")
+    global_batch_size: int = Field(
+        ge=1, le=1_000_000, description="Pairs per optimizer step over all devices; gradient accumulation is "
+                                        "derived from it, so it stays the same when the device count changes.")
+    checkpoint_every: int = Field(ge=1, description="Save a resumable checkpoint every this many optimizer steps.")
+    keep_checkpoints: int = Field(ge=1, le=1000, description="Newest complete checkpoints kept on disk.")
+    length_grouping: bool = Field(description="Batch pairs of similar length together (less padding), "
+                                              "shuffled per epoch from the seed.")
+    completion_only_lm_head: bool = Field(
+        description="On CPU, project only completion tokens through the LM head (TRL does this on CUDA only).")
+    device: Literal["auto", "cpu", "cuda"] = Field(description="auto: CUDA when available, else CPU.")
+    gradient_checkpointing: bool = Field(description="Recompute activations in backward (CUDA only; off on CPU).")
+    liger: bool = Field(description="Liger kernels (CUDA only; needs liger-kernel installed).")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
+        description="Attention kernel; auto: flash-attn on CUDA when installed, else SDPA.")
+    torch_threads: int | None = Field(default=None, ge=1, le=1024,
+                                      description="CPU threads per process; null: the cores this process may "
+                                                  "use divided by the processes on this machine.")
+
+    @field_validator("dpo")
+    @classmethod
+    def _dpo_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        managed = {
+            "output_dir": "paths.checkpoints", "per_device_train_batch_size": "train.per_device_batch_size",
+            "gradient_accumulation_steps": "train.global_batch_size", "save_steps": "train.checkpoint_every",
+            "save_total_limit": "train.keep_checkpoints", "gradient_checkpointing": "train.gradient_checkpointing",
+            "use_liger_kernel": "train.liger", "bf16": "train.device", "fp16": "train.device",
+            "use_cpu": "train.device", "train_sampling_strategy": "train.length_grouping",
+            "report_to": "tracking (the stage logs to MLflow itself)", "trust_remote_code": "never enabled",
+            "model_init_kwargs": "train.attn_implementation", "push_to_hub": "the publish stage",
+        }
+        for key in v:
+            if key in managed:
+                raise ValueError(f"key {key!r} is set by the stage; use {managed[key]} instead")
+        return v
+
+
+class EvalGenerationParams(Section):
+    """Greedy decoding for the evaluation generations (base and trained model alike)."""
+
+    max_new_tokens: int = Field(ge=1, le=8192, description="Longest response generated per prompt, in tokens.")
+    batch_size: int = Field(ge=1, le=4096, description="Prompts per generate() call (left-padded batch).")
+
+
+class GeneralPromptsParams(Section):
+    """How to read the general prompt set (`paths.general_prompts`: JSONL or a JSON array)."""
+
+    field: str = Field(min_length=1, description="Key holding the prompt: a string, or a list of turns (strings "
+                       "or {role, content}) of which the first is used (MT-Bench `turns`, AlpacaEval `instruction`).")
+    id_field: str | None = Field(default=None, description="Key holding a prompt id; null: the line number.")
+    max_prompts: int | None = Field(default=None, ge=1, description="Use only the first N prompts; null: all.")
+
+
+class LocalJudgeParams(Section):
+    model: str | None = Field(default=None, description="Folder of the judge's safetensors checkpoint; "
+                              "null: the base model (paths.base_model).")
+    batch_size: int = Field(ge=1, le=1024, description="Judge prompts per forward pass.")
+    max_length: int = Field(ge=16, le=1_000_000, description="Longest judge prompt in tokens; longer ones keep their end.")
+
+
+class OpenAIJudgeParams(Section):
+    base_url: str = Field(pattern=r"^https?://", description="OpenAI-compatible API root, e.g. https://api.openai.com/v1.")
+    model: str = Field(min_length=1, description="Model name sent to the endpoint.")
+    api_key_env: str | None = Field(default="OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="NAME of the environment variable holding the key (never the key); "
+                                    "null for endpoints without authentication.")
+    max_retries: int = Field(ge=0, le=20, description="Retries with exponential backoff on 429/5xx/connection errors.")
+    timeout_s: float = Field(gt=0, le=3600, description="Seconds before one request times out.")
+    requests_per_minute: float = Field(gt=0, le=100_000, description="Client-side rate limit.")
+    max_tokens: int = Field(ge=1, le=4096, description="Reply length cap; the verdict is one letter.")
+    logprobs: bool = Field(description="Ask for top log-probs and read P(A) from them (soft verdicts).")
+
+
+class JudgeParams(Section):
+    kind: Literal["local", "openai"] = Field(description="Which judge in pipeline.judges.JUDGES to use.")
+    local: LocalJudgeParams
+    openai: OpenAIJudgeParams | None = None
+    lc_c: float = Field(gt=0, description="Inverse L2 strength on the length slope of the LC win-rate regression.")
+
+    @model_validator(mode="after")
+    def _chosen_block_present(self) -> JudgeParams:
+        if getattr(self, self.kind) is None:
+            raise ValueError(f"kind is {self.kind!r} but the `{self.kind}` block is missing")
+        return self
+
+
+class BootstrapParams(Section):
+    n_resamples: int = Field(ge=100, le=1_000_000, description="Bootstrap resamples per interval.")
+    confidence_level: float = Field(gt=0.5, lt=1, description="Two-sided confidence level of every interval.")
+    seed: int = Field(ge=0, description="Seed of the resampling RNG (intervals are reproducible).")
 
 
 class EvalGenerationParams(Section):

@@ -252,6 +252,23 @@ def register_logged_model(name: str, run: StageRun, params: dict[str, Any], tags
     return model.model_id
 
 
+def run_metrics_logger(run_id: str, root: str | Path = ".") -> Any:
+    """A `log(metrics, step)` function that logs to an existing run by id, for a process that did not
+    open it (an `accelerate launch` worker of the train stage)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(default_tracking_uri(root))
+
+    def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if _is_number(v)]
+        if batch:
+            client.log_batch(run_id, metrics=batch)
+
+    return log_metrics
+
+
 def find_runs(experiment: str, filter_string: str = "", root: str | Path = ".") -> list[Any]:
     """Runs of an experiment (for tests, cards and audit)."""
     from mlflow.tracking import MlflowClient

@@ -1,0 +1,178 @@
+"""Benchmark: the train stage against a plain TRL DPOTrainer script on the same model, data and recipe.
+
+    .venv/bin/python bench/bench_train.py [--pairs 48] [--epochs 2] [--model models/base]
+
+(a) `trl-defaults`: a plain script, TRL's DPOConfig defaults changed only where this CPU needs it
+    (fp32 instead of bf16 autocast, use_cpu) plus the shared recipe below.
+(b) `stage-cold`: this stage's `run()` with params.yaml's settings and an empty reference log-prob cache
+    (the reference pass is timed).
+(c) `stage-warm`: the same with the cache filled by (b), as a rerun or a sweep over training params sees.
+Shared recipe: LoRA r16/alpha32 on all linear layers, lr 2e-4, beta 0.1, max_length 512, seed 42,
+global batch 8 = 4 per device x 2 accumulation, same pairs and epochs.
+
+Each variant runs in its own process (peak RSS is per process). Throughput = non-padding tokens the
+trainer processed (TRL's `num_tokens`) / seconds from building the trainer to the end of training
+(tokenization and, for (b), the reference pass included). Data: prompts and answers from
+../shared/data/llama-factory/dpo_en_demo.json, each answer cut to 10-120 words (seeded); random words
+when that file is absent. Prints a Markdown table (medians over --repeats) and the ratios to (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "llama-factory" / "dpo_en_demo.json"
+RECIPE = {"learning_rate": 2e-4, "beta": 0.1, "max_length": 512, "seed": 42, "logging_steps": 1}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict]:
+    """`n` conversational pairs with answers of 10-120 words (see the module docstring)."""
+    rng = random.Random(seed)
+    cut = lambda text: " ".join(text.split()[: rng.randint(10, 120)])  # noqa: E731
+    if SHARED.is_file():
+        rows = json.loads(SHARED.read_text(encoding="utf-8"))
+        rng.shuffle(rows)
+        src = [(r["conversations"][-1]["value"], r["chosen"]["value"], r["rejected"]["value"]) for r in rows]
+    else:
+        vocab = "the a model answer short list word three because every time data line point".split()
+        src = [(" ".join(rng.choices(vocab, k=30)),) * 3 for _ in range(n)]
+    pairs = []
+    for i, (prompt, chosen, rejected) in enumerate(src[:n]):
+        pairs.append({"id": f"b{i}", "prompt": [{"role": "user", "content": " ".join(prompt.split()[:60])}],
+                      "chosen": [{"role": "assistant", "content": cut(chosen)}],
+                      "rejected": [{"role": "assistant", "content": cut(rejected)}]})
+    return pairs
+
+
+def _last(log_history: list[dict], key: str) -> float:
+    return next((float(e[key]) for e in reversed(log_history) if key in e), float("nan"))
+
+
+def run_baseline(model_dir: Path, data_dir: Path, work: Path, epochs: int) -> dict:
+    """(a): what a user writes from TRL's docs, adjusted only for this CPU."""
+    import torch
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.stages.train import load_pairs
+
+    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    args = DPOConfig(output_dir=str(work / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     num_train_epochs=epochs, bf16=False, use_cpu=True, report_to=[], save_strategy="no",
+                     **RECIPE)
+    peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    train = load_pairs(data_dir / "train.parquet")
+    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    t0 = time.monotonic()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft)
+    trainer.train()
+    seconds = time.monotonic() - t0
+    return {"seconds": seconds, "tokens": _last(trainer.state.log_history, "num_tokens"),
+            "gradient_checkpointing": args.gradient_checkpointing}
+
+
+def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir: Path) -> dict:
+    """(b)/(c): this stage's run() with params.yaml's train settings and the shared recipe."""
+    from pipeline.params import load_params
+    from pipeline.stages.train import fingerprint, run
+
+    p = load_params(ROOT / "params.yaml").train
+    p.dpo = {**p.dpo, **RECIPE, "num_train_epochs": epochs}
+    p.lora = p.lora.model_validate(LORA | {"enabled": True})
+    p.per_device_batch_size, p.global_batch_size = 4, 8
+    p.checkpoint_every = 10_000  # a benchmark measures training, not checkpoint writes
+    out = work / "model"
+    out.mkdir(parents=True)
+    t0 = time.monotonic()
+    res = run(p, root=ROOT, base_dir=model_dir, dataset_dir=data_dir, out_dir=out, checkpoints_dir=work / "ckpt",
+              ref_logps_dir=ref_dir, plots_dir=work / "plots", model_sha256="bench", base_ref="bench",
+              fingerprint=fingerprint(p, "bench", "bench"))
+    m = res["metrics"]
+    return {"seconds": m["setup_s"] + m["train_runtime_s"], "tokens": m["tokens"], "ref_cache_hit": m["ref_logps_cache_hit"],
+            "total_s": time.monotonic() - t0}
+
+
+def _child(args: argparse.Namespace) -> None:
+    from pipeline.train_report import peak_rss_mb
+
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
+    if args.child == "trl-defaults":
+        res = run_baseline(Path(args.model), Path(args.data), work, args.epochs)
+    else:
+        res = run_stage(Path(args.model), Path(args.data), work, args.epochs, Path(args.ref_dir))
+    res["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def _spawn(variant: str, args: argparse.Namespace, data: Path, ref_dir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--data", str(data),
+           "--epochs", str(args.epochs), "--ref-dir", str(ref_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{variant} failed with status {proc.returncode}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=48)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--model", default=str(ROOT / "models" / "base"))
+    ap.add_argument("--variants", default="trl-defaults,stage-cold,stage-warm")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.child:
+        return _child(args)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        pq.write_table(pa.Table.from_pylist(make_pairs(args.pairs)), data / "train.parquet")
+        for _ in range(args.repeats):
+            ref_dir = Path(tempfile.mkdtemp(prefix="ref-", dir=tmp))  # cold for stage-cold, then warm
+            for v in args.variants.split(","):
+                r = _spawn(v, args, data, ref_dir)
+                print(f"  {v}: {json.dumps(r)}", file=sys.stderr, flush=True)
+                results.setdefault(v, []).append(r)
+    base = results.get("trl-defaults")
+    med = {v: {k: statistics.median(x[k] for x in rs) for k in ("seconds", "tokens", "peak_rss_mb")}
+           for v, rs in results.items()}
+    print(f"\n{args.pairs} pairs x {args.epochs} epochs, model {Path(args.model).name}, "
+          f"medians of {args.repeats} run(s)\n")
+    print("| variant | seconds | tokens | tokens/s | peak RSS (MB) | throughput vs (a) | peak RSS vs (a) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for v, m in med.items():
+        tps = m["tokens"] / m["seconds"]
+        if base:
+            b = med["trl-defaults"]
+            ratio_t = f"{tps / (b['tokens'] / b['seconds']):.2f}x"
+            ratio_m = f"{m['peak_rss_mb'] / b['peak_rss_mb']:.2f}x"
+        else:
+            ratio_t = ratio_m = "-"
+        print(f"| {v} | {m['seconds']:.1f} | {m['tokens']:.0f} | {tps:.1f} | {m['peak_rss_mb']:.0f} | {ratio_t} | {ratio_m} |")
+
+
+if __name__ == "__main__":
+    main()

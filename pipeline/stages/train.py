@@ -1,0 +1,317 @@
+"""Stage `train`: DPO-tune the base model on the built preference dataset with TRL's DPOTrainer.
+
+Reads:  params `train` (`train.dpo` passes through to trl.DPOConfig), `paths.base_model/`,
+        `paths.dataset/train.parquet`.
+Writes: `paths.model/` (merged safetensors model + tokenizer + config; `adapter/` when LoRA),
+        `paths.checkpoints/` (DVC persist: a killed run resumes from the last complete checkpoint),
+        `paths.ref_logps/` (reference log-probs cached by model and data hash; DVC persist),
+        `paths.plots/train/` (metrics.csv + PNG curves), `paths.metrics/train.json`, the lineage record,
+        and an MLflow LoggedModel linked to the dataset it was trained on.
+Run:    `dvc repro train` (or `python -m pipeline.stages.train`).
+
+Launchers (`train.launcher.kind`): `python` trains in this process (the CPU/laptop default);
+`accelerate` makes this process run `accelerate launch --config_file <train.launcher.config>
+--num_processes N -m pipeline.stages.train --worker <spec>` and wait. This process alone owns
+tracking, lineage and the atomic output folders; the workers train, and rank 0 writes the model into
+the folder this process gave it. The global batch (`train.global_batch_size`) is the same for any N:
+gradient accumulation is derived from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError, OpenReleaseError
+from pipeline.io import atomic_dir, atomic_write_json
+from pipeline.params import TrainParams
+from pipeline.stage import StageContext, stage_main
+
+STAGE = "train"
+READS = ["train", "paths.base_model", "paths.dataset", "paths.model", "paths.checkpoints", "paths.ref_logps",
+         "paths.plots", "paths.metrics"]
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+CODE_FILES = ("stages/train.py", "dpo_setup.py", "dpo_trainer.py", "checkpoints.py", "train_report.py")
+
+log = logging.getLogger(__name__)
+
+
+def load_pairs(path: Path):
+    """The preference pairs of one Parquet split as a datasets.Dataset (prompt, chosen, rejected)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    if not path.is_file():
+        raise DataError(path, None, "file exists", "no such file (run `dvc repro build` first)")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(path, None, "readable Parquet", str(e).splitlines()[0]) from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(path, None, "DPO columns prompt/chosen/rejected", f"missing {missing}")
+    if table.num_rows == 0:
+        raise DataError(path, None, "at least one pair", "the split is empty")
+    table = table.select(list(REQUIRED_COLUMNS))
+    for i, row in enumerate(table.slice(0, min(table.num_rows, 100_000)).to_pylist()):
+        for col in ("chosen", "rejected"):
+            msgs = row[col]
+            if not msgs or msgs[-1].get("role") != "assistant" or not str(msgs[-1].get("content", "")).strip():
+                raise DataError(path, f"row {i}", f"{col} is one non-empty assistant message", repr(msgs)[:120])
+        if not row["prompt"] or row["prompt"][-1].get("role") != "user":
+            raise DataError(path, f"row {i}", "prompt ends with a user turn", repr(row["prompt"])[:120])
+    return Dataset(table)
+
+
+def _code_hash() -> str:
+    from pipeline.lineage import sha256_bytes, sha256_file
+
+    pkg = Path(__file__).resolve().parents[1]
+    return sha256_bytes("".join(f"{f} {sha256_file(pkg / f)}\n" for f in CODE_FILES).encode())
+
+
+def fingerprint(p: TrainParams, model_sha256: str, data_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: params, inputs, code and library versions."""
+    from pipeline.train_report import hardware
+
+    hw = hardware()
+    return {"train": p.model_dump(mode="json"), "base_model": model_sha256, "train_data": data_sha256,
+            "code": _code_hash(), "versions": {k: hw[k] for k in ("torch", "transformers", "trl", "peft")}}
+
+
+def _save_release(trainer, p: TrainParams, base_dir: Path, out_dir: Path, base_ref: str, tokenizer) -> None:
+    """Merged safetensors model + tokenizer + config in `out_dir` (and `adapter/` with LoRA). All ranks
+    call this (saving under FSDP/ZeRO-3 gathers); only the main process merges and writes the rest."""
+    from pipeline.models import load_causal_lm
+
+    adapter_dir = out_dir / "adapter"
+    if p.lora.enabled:
+        trainer.save_model(str(adapter_dir))
+    else:
+        trainer.save_model(str(out_dir))
+    if not trainer.accelerator.is_main_process:
+        return
+    if p.lora.enabled:
+        from peft import PeftModel
+
+        cfg_file = adapter_dir / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        cfg["base_model_name_or_path"] = base_ref  # not this machine's absolute path
+        atomic_write_json(cfg_file, cfg)
+        base = load_causal_lm(base_dir)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out_dir, safe_serialization=True)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            (adapter_dir / f).unlink(missing_ok=True)  # the tokenizer lives once, beside the merged model
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # pickle; the resolved config is in JSON
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "training_args.bin").unlink(missing_ok=True)
+    for readme in (out_dir / "README.md", adapter_dir / "README.md"):
+        readme.unlink(missing_ok=True)  # auto-generated cards; the card stage writes the real one
+
+
+def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_dir: Path, checkpoints_dir: Path,
+        ref_logps_dir: Path, plots_dir: Path, model_sha256: str, base_ref: str, fingerprint: dict[str, Any],
+        log_fn=None, max_steps: int | None = None) -> dict[str, Any] | None:
+    """Train and write the release into `out_dir` and curves into `plots_dir`.
+
+    Returns the result (metrics, resolved config, plan, hardware) on the main process, None elsewhere.
+    """
+    import torch
+    from accelerate import PartialState
+
+    from pipeline import checkpoints
+    from pipeline.dpo_setup import build_dpo_config, lora_config, make_plan
+    from pipeline.dpo_trainer import OpenReleaseDPOTrainer, completion_only_lm_head
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.train_report import MetricsCallback, hardware, peak_rss_mb, step_rows, write_plots
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = make_plan(p, root, world_size=world, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if plan.torch_threads:
+        torch.set_num_threads(plan.torch_threads)
+    cfg = build_dpo_config(p, plan, checkpoints_dir, max_steps=max_steps)  # also sets up the process group
+    state = PartialState()
+    log.info("plan: %s", plan.to_dict())
+    log.info("effective global batch = %d devices x %d per device x %d accumulation = %d pairs per step",
+             plan.world_size, plan.per_device_batch_size, plan.grad_accumulation, plan.global_batch_size)
+    if state.is_main_process:
+        checkpoints.prepare(checkpoints_dir, fingerprint)
+    state.wait_for_everyone()
+    resume = checkpoints.last_complete(checkpoints_dir)
+
+    train = load_pairs(dataset_dir / "train.parquet")
+    tokenizer = load_tokenizer(base_dir)
+    model = load_causal_lm(base_dir, attn_implementation=plan.attn_implementation, dtype=torch.float32)
+    precompute = bool(cfg.precompute_ref_log_probs)
+    callback = MetricsCallback(log_fn)
+    with completion_only_lm_head(p.completion_only_lm_head and plan.device == "cpu"):
+        t0 = time.monotonic()
+        trainer = OpenReleaseDPOTrainer(
+            model=model, args=cfg, train_dataset=train, processing_class=tokenizer, peft_config=lora_config(p),
+            callbacks=[callback], length_grouping=p.length_grouping,
+            ref_cache_dir=ref_logps_dir if precompute else None,
+            ref_cache_key={"model": model_sha256, "trl": fingerprint["versions"]["trl"],
+                           "torch": fingerprint["versions"]["torch"]})
+        setup_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        train_s = time.monotonic() - t1
+    _save_release(trainer, p, base_dir, out_dir, base_ref, tokenizer)
+    if not state.is_main_process:
+        return None
+
+    rows = step_rows(trainer.state.log_history)
+    write_plots(rows, plots_dir)
+    checkpoints.prune(checkpoints_dir, checkpoints.last_complete(checkpoints_dir))
+    last = rows[-1] if rows else {}
+    trained_steps = trainer.state.global_step - (checkpoints.checkpoint_step(resume) if resume else 0)
+    # TRL counts tokens (non-padding, all ranks) from the start of this process, so the rate is this run's.
+    tokens = float(last.get("num_tokens", 0.0)) if trained_steps > 0 else float("nan")
+    metrics = {
+        "train_loss": float(output.training_loss), "final_loss": last.get("loss", float("nan")),
+        **{k.replace("/", "_"): v for k, v in last.items() if k.startswith(("rewards/", "logps/"))},
+        "steps": trainer.state.global_step, "epochs": float(trainer.state.epoch or 0), "pairs": len(train),
+        "world_size": cfg.world_size, "per_device_batch_size": plan.per_device_batch_size,
+        "grad_accumulation": plan.grad_accumulation, "global_batch_size": plan.global_batch_size,
+        "train_runtime_s": train_s, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb(),
+        "tokens": tokens, "tokens_per_s": tokens / train_s if train_s > 0 else float("nan"),
+        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else 0,
+        "ref_logps_cache_hit": float(all(e["hit"] for e in trainer.ref_cache_events))
+        if trainer.ref_cache_events else float("nan"),
+    }
+    if plan.device == "cuda":
+        metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return {"metrics": metrics, "plan": plan.to_dict(), "dpo_config": json.loads(cfg.to_json_string()),
+            "hardware": hardware(), "resumed_from": resume.name if resume else None,
+            "ref_logps": trainer.ref_cache_events, "world_size": cfg.world_size}
+
+
+# -- launching -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_accelerate(p: TrainParams, root: Path, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Run the training under `accelerate launch` and return rank 0's result."""
+    from pipeline.dpo_setup import read_accelerate_config
+
+    acc_cfg = read_accelerate_config(root / p.launcher.config)
+    spec_file, result_file = workdir / "spec.json", workdir / "result.json"
+    atomic_write_json(spec_file, {**spec, "result": str(result_file)})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / p.launcher.config),
+           "--num_processes", str(p.launcher.num_processes)]
+    if int(acc_cfg.get("num_machines", 1) or 1) == 1 and "main_process_port" not in acc_cfg:
+        cmd += ["--main_process_port", str(_free_port())]  # parallel runs on one machine must not collide
+    cmd += ["-m", "pipeline.stages.train", "--worker", str(spec_file)]
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=root, check=False)
+    if proc.returncode != 0:
+        raise OpenReleaseError(f"train: `accelerate launch` exited with status {proc.returncode} (see the log above)")
+    if not result_file.is_file():
+        raise OpenReleaseError("train: the training processes exited without a result from rank 0")
+    return json.loads(result_file.read_text(encoding="utf-8"))
+
+
+def _worker(spec_file: str) -> None:
+    """Entry point of each `accelerate launch` process."""
+    from pipeline.stage import configure_logging
+
+    configure_logging()
+    spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
+    try:
+        p = TrainParams.model_validate(spec["train"])
+        log_fn = None
+        if spec.get("run_id") and int(os.environ.get("RANK", "0")) == 0:
+            from pipeline.tracking import run_metrics_logger
+
+            log_fn = run_metrics_logger(spec["run_id"], spec["root"])
+        result = run(p, root=Path(spec["root"]), log_fn=log_fn,
+                     **{k: Path(spec[k]) for k in ("base_dir", "dataset_dir", "out_dir", "checkpoints_dir",
+                                                   "ref_logps_dir", "plots_dir")},
+                     model_sha256=spec["model_sha256"], base_ref=spec["base_ref"],
+                     fingerprint=spec["fingerprint"], max_steps=spec.get("max_steps"))
+    except OpenReleaseError as e:
+        print(f"{STAGE} (rank {os.environ.get('RANK', '0')}): error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    if result is not None:
+        atomic_write_json(spec["result"], result)
+
+
+# -- the stage -------------------------------------------------------------------------------------------
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numbers only, no NaN (DVC and JSON readers choke on it)."""
+    import math
+
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def _body(ctx: StageContext) -> None:
+    from pipeline import tracking
+
+    p = ctx.params.train
+    base_dir, dataset_dir = ctx.path("base_model"), ctx.path("dataset")
+    base_art = ctx.add_input(base_dir, name="base_model", log_dataset=False)
+    train_file = dataset_dir / "train.parquet"
+    train_rows = len(load_pairs(train_file))
+    data_art = ctx.add_input(train_file, rows=train_rows, name="train.parquet")
+    fp = fingerprint(p, base_art.sha256, data_art.sha256)
+    plots_dir = ctx.path("plots") / "train"
+    with atomic_dir(ctx.path("model")) as out_tmp, atomic_dir(plots_dir) as plots_tmp:
+        spec = {"root": str(ctx.root), "base_dir": str(base_dir), "dataset_dir": str(dataset_dir),
+                "out_dir": str(out_tmp), "checkpoints_dir": str(ctx.path("checkpoints")),
+                "ref_logps_dir": str(ctx.path("ref_logps")), "plots_dir": str(plots_tmp),
+                "model_sha256": base_art.sha256, "base_ref": ctx.params.paths.base_model, "fingerprint": fp}
+        if p.launcher.kind == "python":
+            result = run(p, log_fn=ctx.log_metrics, root=ctx.root, model_sha256=base_art.sha256,
+                         base_ref=ctx.params.paths.base_model, fingerprint=fp,
+                         **{k: Path(spec[k]) for k in ("base_dir", "dataset_dir", "out_dir", "checkpoints_dir",
+                                                       "ref_logps_dir", "plots_dir")})
+        else:
+            spec.update(train=p.model_dump(mode="json"), run_id=ctx.run.run_id)
+            with tempfile.TemporaryDirectory(prefix=f".{STAGE}-launch-", dir=out_tmp.parent) as work:
+                result = launch_accelerate(p, ctx.root, spec, Path(work))
+    metrics = _flat_metrics(result["metrics"])
+    metrics_file = ctx.path("metrics") / "train.json"
+    atomic_write_json(metrics_file, metrics)
+    ctx.log_metrics(metrics)
+    ctx.add_output(ctx.path("model"))
+    ctx.add_output(plots_dir)
+    ctx.add_output(metrics_file)
+    ctx.record.extra.update(train={k: result[k] for k in ("plan", "dpo_config", "hardware", "resumed_from",
+                                                          "ref_logps", "world_size")})
+    ctx.run.log_artifact(plots_dir, artifact_path="plots")
+    ctx.run.set_tags({f"hardware.{k}": v for k, v in result["hardware"].items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = atomic_write_json(Path(tmp) / "dpo_config.json", result["dpo_config"])
+        ctx.run.log_artifact(config_file, artifact_path="config")
+    model_id = tracking.register_logged_model(
+        "dpo-model", ctx.run, params={"plan": result["plan"], "lora": p.lora.model_dump(mode="json")},
+        tags={"openrelease.model_dir": ctx.params.paths.model, "openrelease.base_model_sha256": base_art.sha256},
+        inputs=[(train_file, data_art.sha256)])
+    ctx.record.extra["mlflow_model_id"] = model_id
+    log.info("trained %d steps; model in %s (MLflow LoggedModel %s)", metrics.get("steps", 0),
+             ctx.params.paths.model, model_id)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2])
+        return
+    stage_main(STAGE, READS, _body)
+
+
+if __name__ == "__main__":
+    main()
