@@ -1,0 +1,186 @@
+"""Laying out a release bundle: exactly what would be uploaded, one folder per Hub repo.
+
+```
+<out>/model/    merged safetensors weights, tokenizer, config (+ adapter/), README.md (the model card),
+                plots/, eval/ (metrics), source/<name>-<version>.tar.gz (git archive), bom.cdx.json,
+                signing-key.pub, manifest.json, model.sig
+<out>/dataset/  README.md (the dataset card), data/<split>.parquet, reports/ (validation, decontamination)
+```
+The manifest lists every other file of both folders with sha256 and size; `model.sig` signs every
+file of model/ (the manifest included). The bundle is built in a temporary folder and renamed into
+place only when every gate passed and it audits clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.lineage import sha256_file
+from pipeline.params import Params
+from pipeline.release import gates as G
+from pipeline.release.gitinfo import CodeState, code_state, source_archive
+from pipeline.release.inputs import ReleaseInputs, dvc_stage_hashes, gather
+from pipeline.release.licenses import LicenseDecision, derive
+from pipeline.release.manifest import (BOM_FILE, DATASET_DIR, MANIFEST_FILE, MODEL_DIR, ReleaseInfo,
+                                       build_manifest)
+
+log = logging.getLogger(__name__)
+
+PROJECT = "open-release"
+# Params sections the release itself reads, recorded in the manifest
+# (each stage's own params are in its lineage record, which the manifest carries too).
+MANIFEST_PARAMS = ("paths", "base_model", "data", "card", "publish")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    info: ReleaseInfo
+    manifest: dict[str, Any]
+    gates: list[G.GateResult] = field(default_factory=list)
+
+
+def release_info(params: Params, code: CodeState, model_repo: str | None = None, dataset_repo: str | None = None,
+                 endpoint: str | None = None) -> ReleaseInfo:
+    p = params.publish
+    return ReleaseInfo(version=code.version, model_repo=model_repo or p.model_repo,
+                       dataset_repo=dataset_repo or p.dataset_repo, endpoint=(endpoint or p.endpoint).rstrip("/"),
+                       commit=code.commit, dirty=bool(code.dirty), version_from=code.version_from, remote=code.remote)
+
+
+def license_decision(inp: ReleaseInputs) -> LicenseDecision:
+    bm = inp.params.base_model
+    override = inp.params.card.license_override
+    return derive(bm.name, bm.license, inp.data_sources(), override.model_dump() if override else None)
+
+
+def _copy_model(src: Path, dest: Path, include_adapter: bool) -> list[str]:
+    """The trained model folder without TRL's/PEFT's generated READMEs (the card replaces them)."""
+    copied = []
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name == "README.md":
+            continue
+        if rel.parts[0] == "adapter" and not include_adapter:
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+        copied.append(rel.as_posix())
+    return copied
+
+
+def _copy_dataset(inp: ReleaseInputs, dest: Path) -> None:
+    (dest / "data").mkdir(parents=True, exist_ok=True)
+    for split, f in inp.split_files.items():
+        shutil.copyfile(f, dest / "data" / f"{split}.parquet")
+    (dest / "reports").mkdir(parents=True, exist_ok=True)
+    for kind, f in inp.reports.items():
+        shutil.copyfile(f, dest / "reports" / f"{kind}.json")
+    if inp.metrics.get("data") is not None:
+        shutil.copyfile(inp.metric_paths["data"], dest / "reports" / "data_counts.json")
+
+
+def _copy_metrics(inp: ReleaseInputs, dest: Path) -> None:
+    (dest / "eval").mkdir(parents=True, exist_ok=True)
+    for name, f in inp.metric_paths.items():
+        if inp.metrics.get(name) is not None:
+            shutil.copyfile(f, dest / "eval" / f"{name}.json")
+
+
+def _published_files(inp: ReleaseInputs, model_files: list[str], model: Path, dataset: Path) -> dict[str, dict[str, str]]:
+    """What is published from paths.model / paths.dataset, keyed as their producers recorded them."""
+    data_files = {f.name: sha256_file(dataset / "data" / f"{split}.parquet") for split, f in inp.split_files.items()}
+    return {"model": {rel: sha256_file(model / rel) for rel in model_files}, "dataset": data_files}
+
+
+def _previous_eval(name: str | None, params: Params) -> dict[str, Any] | None:
+    if not name:
+        return None
+    from pipeline.io import read_json
+
+    folder = Path(name)
+    for candidate in (folder / MODEL_DIR / "eval" / "eval.json", folder / "eval" / "eval.json"):
+        if candidate.is_file():
+            return read_json(candidate)
+    if "@" in name and not folder.exists():
+        from pipeline.release import hub
+
+        repo, rev = name.rsplit("@", 1)
+        return hub.fetch_json(params.publish.endpoint, repo, "eval/eval.json", rev)
+    return None
+
+
+def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict: bool = False,
+                 version: str | None = None, model_repo: str | None = None, dataset_repo: str | None = None,
+                 endpoint: str | None = None, check_dvc: bool = True) -> Bundle:
+    """Gather inputs, run the gates, write cards, manifest, BOM and signature into `out` (atomically).
+
+    Raises GateError listing every failed gate; then nothing is written to `out`.
+    """
+    from pipeline.release import audit, secretscan, signing
+    from pipeline.release.bom import build_bom
+    from pipeline.release.cards import write_cards
+
+    root = root.resolve()
+    pp = params.publish
+    inp = gather(params, root)
+    code = code_state(root, version or pp.version, pp.tag_pattern)
+    info = release_info(params, code, model_repo, dataset_repo, endpoint)
+    lic = license_decision(inp)
+    key = signing.resolve_key(pp.signing_key, root / params.paths.keys)
+    log.info("building release %s (%s) from %s into %s", info.version, code.version_from, code.short, out)
+    with atomic_dir(out) as tmp:
+        model, dataset = tmp / MODEL_DIR, tmp / DATASET_DIR
+        model_files = _copy_model(inp.model_dir, model, pp.include_adapter)
+        _copy_dataset(inp, dataset)
+        _copy_metrics(inp, model)
+        write_cards(inp, info, lic, model, dataset)
+        archive = source_archive(root, code.commit, f"{PROJECT}-{info.version}",
+                                 model / "source" / f"{PROJECT}-{info.version}.tar.gz")
+        (model / signing.PUBLIC_KEY_FILE).write_bytes(key.public_pem)
+
+        results = [G.git_clean(code), G.git_version(code, root)]
+        results.append(G.dvc_status(root) if check_dvc else
+                       G.GateResult("dvc-status", "fail", "not checked inside dvc repro (DVC holds its lock)"))
+        results += [
+            G.validation(inp),
+            G.lineage(inp, _published_files(inp, model_files, model, dataset)),
+            G.eval_thresholds(inp.metrics.get("eval"), pp.thresholds),
+            G.regression(inp.metrics.get("eval"), _previous_eval(pp.previous_release, params), pp.previous_release,
+                         pp.regression_tolerance),
+            G.contamination(inp, pp.contamination_ngram),
+            G.licenses(lic, pp.allowed_licenses),
+        ]
+        # The manifest records a passing secrets gate; if the scan below fails, no bundle is kept.
+        results.append(G.GateResult("secrets", "pass", "no tokens or keys found"))
+        results = G.finalize(results, dry_run=dry_run, strict=strict)
+        for r in results:
+            (log.warning if r.status in ("fail", "warn") else log.info)("gate %s", r.line())
+        lock_sha = sha256_file(inp.dvc_lock_path) if inp.dvc_lock_path and inp.dvc_lock_path.is_file() else None
+        manifest_params = {k: params.section_dump(k) for k in MANIFEST_PARAMS}
+        manifest = build_manifest(
+            info=info, bundle=tmp, lineage=inp.lineage, dvc_stages=dvc_stage_hashes(inp.dvc_lock),
+            dvc_lock_sha256=lock_sha, archive=archive, license=lic.to_dict(),
+            gates=[r.to_dict() for r in results], public_key_sha256=key.fingerprint, params=manifest_params)
+        bom = atomic_write_text(model / BOM_FILE, build_bom(manifest))
+        manifest["files"]["model"] = sorted([*manifest["files"]["model"], {
+            "path": BOM_FILE, "sha256": sha256_file(bom), "size": bom.stat().st_size}], key=lambda f: f["path"])
+        atomic_write_json(model / MANIFEST_FILE, manifest)
+
+        findings, partial = secretscan.scan_folder(tmp)
+        scan = G.secrets(findings, partial)
+        if scan.status != "pass":
+            results[-1] = scan
+        G.enforce(results)
+        signing.sign_folder(model, key)
+        problems = audit.check_bundle(tmp, public_key=None).problems
+        if problems:  # a bug in this module, not a user error: say exactly what
+            raise AssertionError("the fresh bundle does not audit clean: " + "; ".join(problems))
+    log.info("release %s written to %s", info.version, out)
+    return Bundle(path=out, info=info, manifest=manifest, gates=results)

@@ -1,0 +1,410 @@
+"""The model card and the dataset card (huggingface_hub ModelCard / DatasetCard).
+
+Every number comes from a pipeline output (metrics, lineage records, reports, dvc.lock); a missing one
+is printed as missing, never guessed. The evaluation table is rendered by `eval_table`, which
+`openrelease audit` calls again on the bundled results to check the card was not edited.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.release.inputs import ReleaseInputs, flat_numbers
+from pipeline.release.licenses import LicenseDecision, hub_metadata
+from pipeline.release.manifest import ReleaseInfo
+
+MISSING = "*missing*"
+# metrics/eval.json keys the evaluate stage promises, shown first and flagged when absent.
+EVAL_KEYS = ("pref_accuracy", "reward_margin", "pass_rate_base", "pass_rate_policy", "pass_rate_delta",
+             "win_rate", "lc_win_rate", "length_ratio", "kl")
+EVAL_LABELS = {
+    "pref_accuracy": "held-out preference accuracy (implicit DPO reward, chosen > rejected)",
+    "reward_margin": "mean implicit reward margin (chosen - rejected)",
+    "pass_rate_base": "verifiable pass rate, base model (greedy)",
+    "pass_rate_policy": "verifiable pass rate, this model (greedy)",
+    "pass_rate_delta": "pass rate difference (this model - base)",
+    "win_rate": "judged win rate vs base (both orders, ties = 1/2)",
+    "lc_win_rate": "length-controlled win rate vs base",
+    "length_ratio": "mean response length, this model / base",
+    "kl": "estimated KL(this model || base) on evaluation prompts",
+}
+CI_SUFFIXES = (("_ci_low", "_ci_high"), ("_low", "_high"))
+PREF_PREFIXES = ("pref_", "reward_")
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return MISSING
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "NaN" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return "`" + json.dumps(v, ensure_ascii=False) + "`"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c.replace("|", "\\|") for c in r) + " |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def eval_metrics(metrics: dict[str, Any] | None) -> list[tuple[str, Any, Any, Any]]:
+    """(key, value, ci_low, ci_high) for each evaluation metric: promised keys first, interval keys folded in."""
+    m = dict(metrics or {})
+    interval_keys = set()
+    for key in list(m):
+        for lo, hi in CI_SUFFIXES:
+            if key.endswith(lo) and key[: -len(lo)] in m:
+                interval_keys |= {key, key[: -len(lo)] + hi}
+    rows = []
+    for key in [*EVAL_KEYS, *sorted(k for k in m if k not in EVAL_KEYS and k not in interval_keys)]:
+        v = m.get(key)
+        if isinstance(v, (dict, list, str)) or isinstance(v, bool):
+            continue
+        lo = next((m.get(key + a) for a, _ in CI_SUFFIXES if key + a in m), None)
+        hi = next((m.get(key + b) for _, b in CI_SUFFIXES if key + b in m), None)
+        rows.append((key, v, lo, hi))
+    return rows
+
+
+def eval_table(metrics: dict[str, Any] | None) -> str:
+    """The card's evaluation table; audit re-renders it from the bundled results and compares."""
+    rows = []
+    for key, v, lo, hi in eval_metrics(metrics):
+        interval = f"[{fmt(lo)}, {fmt(hi)}]" if lo is not None or hi is not None else ""
+        rows.append([f"`{key}`", EVAL_LABELS.get(key, ""), fmt(v), interval])
+    return _table(["metric", "what it measures", "value", "95% interval"], rows)
+
+
+def model_index_results(metrics: dict[str, Any] | None, info: ReleaseInfo):
+    """EvalResult entries for the card metadata (numeric, finite metrics only)."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for key, v, _, _ in eval_metrics(metrics):
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            continue
+        if key.startswith(PREF_PREFIXES):
+            ds = dict(dataset_type=info.dataset_repo, dataset_name="held-out preference pairs (test split)",
+                      dataset_split="test", dataset_revision=info.version)
+        else:
+            ds = dict(dataset_type="open-release-eval-prompts",
+                      dataset_name="held-out evaluation prompts (data/ in the source archive)")
+        out.append(EvalResult(task_type="text-generation", task_name="preference tuning evaluation",
+                              metric_type=key, metric_name=key, metric_value=v, **ds))
+    return out
+
+
+def _bullets(items: list[str]) -> str:
+    return "\n".join(f"- {i}" for i in items) if items else MISSING
+
+
+def _numbers_table(d: dict[str, Any] | None, what: str) -> str:
+    nums = flat_numbers(d)
+    if not nums:
+        return f"{what}: {MISSING}"
+    return _table(["count", "value"], [[f"`{k}`", v] for k, v in nums.items()])
+
+
+def _sources_table(inp: ReleaseInputs) -> str:
+    sources = inp.data_sources()
+    if not sources:
+        return f"Data sources: {MISSING} (no `data.sources` in the ingest lineage record or params)"
+    rows_by_path = {}
+    for a in (inp.record("ingest") or {}).get("inputs", []):
+        rows_by_path[a.get("path")] = a
+    rows = []
+    for s in sources:
+        path = str(s.get("path", ""))
+        revision = path.rsplit("@", 1)[1] if path.startswith("hf://") and "@" in path else None
+        art = rows_by_path.get(path)
+        rows.append([str(s.get("name")), str(s.get("format", MISSING)), f"`{path}`",
+                     revision or (f"sha256 `{art['sha256'][:12]}`" if art else MISSING),
+                     str(s.get("license") or MISSING), art.get("rows") if art else None])
+    return _table(["source", "format", "path", "revision", "license", "rows read"], rows)
+
+
+def _license_section(lic: LicenseDecision, what: str) -> str:
+    lines = [f"This {what} is released under **{lic.release if what == 'model' else lic.dataset}**."]
+    rows = [[i["role"], str(i["name"]), str(i["license"] or MISSING), i["kind"]] for i in lic.inputs]
+    lines += ["", "Derived from these inputs:", "", _table(["input", "name", "license", "kind"], rows)]
+    if lic.conflicts:
+        lines += ["", "Conflicts found when deriving the license:", "", _bullets(lic.conflicts)]
+    if lic.override:
+        lines += ["", f"**License override:** the derived license was {lic.derived}; params set "
+                      f"`card.license_override` to {lic.override['license']} for this reason: "
+                      f"{lic.override['reason']}"]
+    lines += ["", "The derivation is a conservative screen of the declared licenses, not legal advice."]
+    return "\n".join(lines)
+
+
+def _lineage_section(inp: ReleaseInputs, info: ReleaseInfo) -> str:
+    from pipeline.release.inputs import dvc_stage_hashes
+
+    dirty = " (built from a working tree with uncommitted changes)" if info.dirty else ""
+    lines = [f"- release version: `{info.version}`; code commit: `{info.commit}`{dirty}"]
+    rows = []
+    for stage in inp.stages():
+        rec = inp.lineage[stage]
+        git = rec.get("git") or {}
+        ml = rec.get("mlflow") or {}
+        rows.append([stage, f"`{str(git.get('commit'))[:12]}`" if git.get("commit") else MISSING,
+                     git.get("dirty"), f"`{ml.get('run_id')}`" if ml.get("run_id") else MISSING,
+                     f"`{rec.get('params_digest', '')[:12]}`"])
+    lines += ["", _table(["stage", "commit", "dirty", "MLflow run", "params digest"], rows) if rows
+              else f"Lineage records: {MISSING}"]
+    parents = sorted({(rec.get("mlflow") or {}).get("parent_run_id") for rec in inp.lineage.values()} - {None})
+    if parents:
+        lines += ["", f"MLflow parent run(s) (one per pipeline execution): {', '.join(f'`{p}`' for p in parents)}"]
+    stages = dvc_stage_hashes(inp.dvc_lock)
+    if stages:
+        rows = [[name, "<br>".join(f"`{p}` md5 `{h}`" for p, h in st["outs"].items()) or "-"]
+                for name, st in stages.items()]
+        lines += ["", "Stage outputs recorded in `dvc.lock`:", "", _table(["stage", "outputs"], rows)]
+    else:
+        lines += ["", f"dvc.lock: {MISSING}"]
+    return "\n".join(lines)
+
+
+def _reproduce(info: ReleaseInfo) -> str:
+    if info.remote:
+        steps = [f"git clone {info.remote} open-release && cd open-release",
+                 f"git checkout {info.version}   # the release tag"]
+    else:  # no known remote: the code is in this repo, as the git archive of the release commit
+        steps = [f"tar xzf source/open-release-{info.version}.tar.gz && cd open-release-{info.version}",
+                 "git init -q && git add -A && git commit -qm source   # DVC works inside a git repo"]
+    return "\n".join([
+        "```bash", *steps, "make repro     # = dvc repro: the same stages, params and seeds", "```", "",
+        "Verify what you downloaded against the signed manifest (weights, card, dataset, source archive):", "",
+        "```bash", f"openrelease audit {info.model_repo} --revision {info.version}", "```"])
+
+
+def _train_section(inp: ReleaseInputs) -> str:
+    tp = inp.train_params()
+    rec = inp.record("train") or {}
+    tm = inp.metrics.get("train") or {}
+    extra = rec.get("extra") or {}
+    hyper = _flatten(tp)
+    effective = tm.get("effective_batch_size", extra.get("effective_batch_size", tp.get("global_batch_size")))
+    hardware = extra.get("hardware") or tm.get("hardware") or (rec.get("platform") if rec else None)
+    wall = tm.get("wall_time_s", (extra.get("metrics") or {}).get("wall_time_s"))
+    versions = rec.get("versions") or {}
+    lines = [
+        f"- effective (global) batch size: {fmt(effective)}",
+        f"- hardware: {fmt(hardware)}",
+        f"- training wall time (s): {fmt(wall)}",
+        f"- libraries: {', '.join(f'{k} {v}' for k, v in versions.items()) or MISSING}",
+        "", "Every training hyperparameter, as the train stage read it:", "",
+        _table(["parameter", "value"], [[f"`{k}`", v] for k, v in sorted(hyper.items())]) if hyper else MISSING,
+    ]
+    if tm:
+        lines += ["", "Training metrics (`metrics/train.json`):", "", _numbers_table(tm, "training metrics")]
+    return "\n".join(lines)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _judge(inp: ReleaseInputs) -> str:
+    ev = (inp.record("evaluate") or {}).get("params", {}).get("evaluate") or inp.params.section_dump("evaluate") or {}
+    judge = ev.get("judge") if isinstance(ev, dict) else None
+    if not judge:
+        return f"Judge: {MISSING}"
+    if isinstance(judge, dict):  # never print a key, even if someone put one in params
+        judge = {k: v for k, v in judge.items() if "key" not in k.lower() or k.lower().endswith("_env")}
+    return "Judge configuration (from the evaluate stage's params):\n\n```json\n" + \
+        json.dumps(judge, indent=2, sort_keys=True, ensure_ascii=False) + "\n```"
+
+
+def _plots(inp: ReleaseInputs) -> str:
+    if not inp.plots:
+        return f"Plots: {MISSING}"
+    base = inp.root / inp.params.paths.plots
+    return "\n\n".join(f"![{p.stem}](plots/{p.relative_to(base).as_posix()})" for p in inp.plots)
+
+
+def copy_plots(inp: ReleaseInputs, dest: Path) -> None:
+    base = inp.root / inp.params.paths.plots
+    for p in inp.plots:
+        target = dest / "plots" / p.relative_to(base)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, target)
+
+
+def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    cp = inp.params.card
+    bm = inp.params.base_model
+    base_id = bm.hub.repo_id if bm.hub is not None else bm.name
+    name = info.model_repo.split("/")[-1]
+    data = ModelCardData(
+        model_name=name, base_model=base_id, datasets=[info.dataset_repo], language=cp.language,
+        library_name="transformers", pipeline_tag="text-generation", tags=[*cp.tags, "dpo", "open-release"],
+        eval_results=model_index_results(inp.metrics.get("eval"), info) or None,
+        **hub_metadata(lic.release),
+    )
+    splits = ", ".join(f"{s}: {n} pairs" for s, n in inp.splits.items()) or MISSING
+    body = f"""
+# {name}
+
+{bm.name} fine-tuned with Direct Preference Optimization (TRL) by the open-release pipeline, release
+`{info.version}`. The code, the preference data and these weights were published together and can be
+checked against each other: see [Verification](#verification).
+
+## Intended use
+
+{_bullets(cp.intended_use)}
+
+## Out of scope
+
+{_bullets(cp.out_of_scope)}
+
+## Training data
+
+Dataset: [`{info.dataset_repo}`]({info.endpoint}/datasets/{info.dataset_repo}) at revision `{info.version}`
+({splits}).
+
+{_sources_table(inp)}
+
+Row counts at each build step (`metrics/data.json`):
+
+{_numbers_table(inp.metrics.get("data"), "build counts")}
+
+### Decontamination
+
+{_numbers_table(inp.report("decontamination"), "decontamination report")}
+
+## Training procedure
+
+Base model: {bm.name} ({bm.license}), source `{bm.source}`.
+
+{_train_section(inp)}
+
+## Evaluation
+
+{eval_table(inp.metrics.get("eval"))}
+
+{_judge(inp)}
+
+Known weaknesses of the judge:
+
+{_bullets(cp.judge_weaknesses)}
+
+## Plots
+
+{_plots(inp)}
+
+## Limitations
+
+{_bullets(cp.limitations)}
+
+## License
+
+{_license_section(lic, "model")}
+
+## Lineage
+
+{_lineage_section(inp, info)}
+
+## How to reproduce
+
+{_reproduce(info)}
+
+## Verification
+
+`manifest.json` lists every file of this repo and of the dataset repo with its sha256, the lineage
+record of every stage, the dvc.lock stage hashes, the code commit and `source/` archive, and the
+environment. `model.sig` signs every file here (OpenSSF model-signing, elliptic-curve key); the public
+key is `signing-key.pub`. `bom.cdx.json` is a CycloneDX ML-BOM of the release.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def dataset_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    cp = inp.params.card
+    total = sum(inp.splits.values())
+    size = "n<1K" if total < 1000 else "1K<n<10K" if total < 10_000 else "10K<n<100K" if total < 100_000 else "100K<n<1M"
+    data = DatasetCardData(
+        pretty_name=f"{info.dataset_repo.split('/')[-1]} preference pairs", language=cp.language,
+        task_categories=["text-generation"], size_categories=[size], tags=[*cp.tags, "dpo", "preference", "open-release"],
+        configs=[{"config_name": "default",
+                  "data_files": [{"split": s, "path": f"data/{s}.parquet"} for s in inp.splits]}],
+        **hub_metadata(lic.dataset),
+    )
+    validation = inp.report("validation")
+    body = f"""
+# {info.dataset_repo.split("/")[-1]}
+
+Preference pairs (TRL conversational format with explicit prompt) that trained
+[`{info.model_repo}`]({info.endpoint}/{info.model_repo}) release `{info.version}`, built by the
+open-release pipeline: ingest -> validate (Great Expectations) -> build (binarize, deduplicate,
+decontaminate, split by prompt hash).
+
+## Splits
+
+{_table(["split", "pairs"], [[s, n] for s, n in inp.splits.items()]) if inp.splits else MISSING}
+
+Columns: {", ".join(f"`{c}`" for c in inp.dataset_columns) or MISSING}. `source` and `source_row`
+(file:line) trace every pair to the row it came from; `rule` names the binarization rule.
+
+## Sources
+
+{_sources_table(inp)}
+
+## Build steps
+
+{_numbers_table(inp.metrics.get("data"), "build counts")}
+
+## Decontamination
+
+{_numbers_table(inp.report("decontamination"), "decontamination report")}
+
+## Validation
+
+{_numbers_table(validation, "validation report")}
+
+The full reports are in `reports/`.
+
+## License
+
+{_license_section(lic, "dataset")}
+
+## Lineage
+
+{_lineage_section(inp, info)}
+
+## How to reproduce
+
+{_reproduce(info)}
+"""
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_cards(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision, model_dir: Path, dataset_dir: Path) -> None:
+    """Write README.md (and the plots it shows) into the model and dataset repo folders."""
+    from pipeline.io import atomic_write_text
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    copy_plots(inp, model_dir)
+    atomic_write_text(model_dir / "README.md", str(model_card(inp, info, lic)))
+    atomic_write_text(dataset_dir / "README.md", str(dataset_card(inp, info, lic)))

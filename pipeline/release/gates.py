@@ -1,0 +1,298 @@
+"""Release gates: each checks one thing and says in one line what is wrong.
+
+Environment gates (a clean git tree at a version, `dvc status` clean) cannot hold inside `dvc repro`:
+the tree is dirty with dvc.lock updates mid-run and DVC holds its lock. So a dry run (the default
+`publish` stage, `openrelease publish --dry-run`) records them as warnings in the bundle, and a real
+`openrelease publish` (or `--dry-run --strict`) enforces them. Every other gate fails a dry run too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import GateError
+from pipeline.release.gitinfo import CodeState, tag_commit
+from pipeline.release.inputs import ReleaseInputs
+from pipeline.release.licenses import LicenseDecision
+
+ENV_GATES = ("git-clean", "git-version", "dvc-status")
+REQUIRED_STAGES = ("validate", "build", "train", "evaluate")
+
+
+@dataclass
+class GateResult:
+    name: str
+    status: str   # pass | fail | warn | skip
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status.upper():<4} {self.name}: {self.detail}"
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _result(name: str, problems: list[str], ok_detail: str) -> GateResult:
+    return GateResult(name, "fail", "; ".join(problems)) if problems else GateResult(name, "pass", ok_detail)
+
+
+def git_clean(code: CodeState) -> GateResult:
+    if not code.dirty:
+        return GateResult("git-clean", "pass", f"working tree clean at {code.short}")
+    shown = ", ".join(ln[3:] for ln in code.dirty[:5]) + (" ..." if len(code.dirty) > 5 else "")
+    return GateResult("git-clean", "fail", f"{len(code.dirty)} uncommitted change(s) ({shown}); commit them first")
+
+
+def git_version(code: CodeState, root: Path) -> GateResult:
+    if code.version_from == "dev":
+        return GateResult("git-version", "fail", f"HEAD {code.short} has no version tag and no version was given; "
+                                                 "tag it (git tag v0.1.0) or pass --version")
+    at = tag_commit(root, code.version)
+    if at is not None and at != code.commit:
+        return GateResult("git-version", "fail", f"tag {code.version} points at {at[:12]}, not at HEAD {code.short}")
+    how = "tag at HEAD" if code.version_from == "tag" or at == code.commit else "given; no such tag yet"
+    return GateResult("git-version", "pass", f"version {code.version} ({how})")
+
+
+def dvc_status(root: Path) -> GateResult:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    try:
+        out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
+                             text=True, timeout=600, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return GateResult("dvc-status", "fail", f"dvc status could not run: {e}")
+    if out.returncode != 0:
+        msg = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        return GateResult("dvc-status", "fail", f"dvc status failed: {msg}")
+    try:
+        status = json.loads(out.stdout or "{}")
+    except json.JSONDecodeError:
+        return GateResult("dvc-status", "fail", f"dvc status printed no JSON: {out.stdout[:200]!r}")
+    if not status:
+        return GateResult("dvc-status", "pass", "every stage is up to date with dvc.lock")
+    return GateResult("dvc-status", "fail", f"{len(status)} stage(s) out of date with dvc.lock: "
+                                            f"{', '.join(sorted(status)[:8])}; run dvc repro and commit dvc.lock")
+
+
+def validation(inp: ReleaseInputs) -> GateResult:
+    if inp.record("validate") is None:
+        return GateResult("validation", "fail", "no lineage record for the validate stage (run dvc repro validate)")
+    report = inp.report("validation")
+    if report is None:
+        return GateResult("validation", "pass", "validate stage completed (no JSON report found in paths.reports)")
+    verdict = None
+    for key in ("passed", "success", "ok", "valid"):
+        if isinstance(report.get(key), bool):
+            verdict = report[key]
+            break
+    if verdict is None and isinstance(report.get("status"), str):
+        verdict = report["status"].lower() in ("pass", "passed", "ok", "success", "succeeded")
+    if verdict is False:
+        return GateResult("validation", "fail", f"{inp.reports['validation'].name} says validation failed")
+    return GateResult("validation", "pass", f"validate stage completed; {inp.reports['validation'].name} "
+                                            f"{'passed' if verdict else 'has no pass/fail flag'}")
+
+
+def lineage(inp: ReleaseInputs, published: dict[str, dict[str, str]]) -> GateResult:
+    """Every stage read what its producer last wrote, and the files to publish are those train/build wrote.
+
+    `published` maps a params path key (`model`, `dataset`) to {file relpath: sha256} of what is released.
+    """
+    problems = [f"no lineage record for stage {s}" for s in REQUIRED_STAGES if inp.record(s) is None]
+    produced: dict[str, tuple[str, dict]] = {}
+    for stage in inp.stages():
+        for art in inp.lineage[stage].get("outputs", []):
+            produced[art["path"]] = (stage, art)
+    for stage in inp.stages():
+        for art in inp.lineage[stage].get("inputs", []):
+            src = produced.get(art["path"])
+            if src and src[0] != stage and src[1]["sha256"] != art["sha256"]:
+                problems.append(f"{stage} read {art['path']} {art['sha256'][:12]} but {src[0]} last wrote "
+                                f"{src[1]['sha256'][:12]} (stale; run dvc repro)")
+    for key, files in published.items():
+        rel = getattr(inp.params.paths, key)
+        src = produced.get(rel)
+        if src is None:
+            problems.append(f"no stage recorded writing {rel}")
+            continue
+        recorded = src[1].get("files") or {}
+        for name, sha in files.items():
+            if recorded.get(name) != sha:
+                problems.append(f"{rel}/{name} differs from what {src[0]} recorded writing (edited after the run?)")
+                break
+    return _result("lineage", problems, f"{len(inp.lineage)} stage records agree with each other and the files")
+
+
+def eval_thresholds(metrics: dict[str, Any] | None, thresholds: dict[str, Any]) -> GateResult:
+    if metrics is None:
+        return GateResult("eval-thresholds", "fail", "metrics/eval.json is missing (run dvc repro evaluate)")
+    problems = []
+    for key, bound in thresholds.items():
+        v = metrics.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            problems.append(f"{key} is missing from metrics/eval.json")
+        elif math.isnan(v):
+            problems.append(f"{key} is NaN")
+        elif bound.min is not None and v < bound.min:
+            problems.append(f"{key} = {v:.4g} < min {bound.min}")
+        elif bound.max is not None and v > bound.max:
+            problems.append(f"{key} = {v:.4g} > max {bound.max}")
+    return _result("eval-thresholds", problems, f"{len(thresholds)} threshold(s) hold")
+
+
+def regression(metrics: dict[str, Any] | None, previous: dict[str, Any] | None, name: str | None,
+               tolerance: dict[str, float]) -> GateResult:
+    if not name:
+        return GateResult("regression", "skip", "no previous release named (publish.previous_release)")
+    if previous is None:
+        return GateResult("regression", "fail", f"previous release {name}: no evaluation results found")
+    problems = []
+    for key, tol in tolerance.items():
+        cur, prev = (metrics or {}).get(key), previous.get(key)
+        if not isinstance(prev, (int, float)):
+            continue  # the old release did not measure it: nothing to regress from
+        if not isinstance(cur, (int, float)) or math.isnan(cur):
+            problems.append(f"{key} missing now (was {prev:.4g} in {name})")
+        elif prev - cur > tol:
+            problems.append(f"{key} = {cur:.4g} regressed from {prev:.4g} in {name} (tolerance {tol})")
+    return _result("regression", problems, f"no metric dropped beyond its tolerance vs {name}")
+
+
+def licenses(lic: LicenseDecision, allowed: list[str]) -> GateResult:
+    problems = []
+    if lic.conflicts and not lic.override:
+        problems.append(lic.conflicts[0] + (f" (+{len(lic.conflicts) - 1} more)" if len(lic.conflicts) > 1 else "")
+                        + "; set card.license_override with a reason if this is intended")
+    if allowed and lic.release.lower() not in {a.lower() for a in allowed}:
+        problems.append(f"release license {lic.release} is not in publish.allowed_licenses")
+    how = f"overridden to {lic.release} ({len(lic.conflicts)} conflict(s) accepted)" if lic.override else \
+        f"{lic.release} (derived)"
+    return _result("licenses", problems, how)
+
+
+def secrets(findings: list[Any], partial: list[str]) -> GateResult:
+    if findings:
+        shown = "; ".join(str(f) for f in findings[:5]) + (f" (+{len(findings) - 5} more)" if len(findings) > 5 else "")
+        return GateResult("secrets", "fail", f"{len(findings)} possible secret(s) in the bundle: {shown}")
+    note = f" ({len(partial)} large binary file(s) searched for token values only)" if partial else ""
+    return GateResult("secrets", "pass", "no tokens or keys found" + note)
+
+
+# -- contamination -------------------------------------------------------------------------------
+
+def _words(text: str) -> list[str]:
+    # The same normalisation as the build stage's decontamination (NFKC, casefold, \w+ words).
+    return re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        out = []
+        for v in value:
+            out += [v["content"]] if isinstance(v, dict) and isinstance(v.get("content"), str) else _texts(v)
+        return out
+    return []
+
+
+def _eval_sets(inp: ReleaseInputs) -> list[tuple[str, Path, str | None]]:
+    p = inp.params.paths
+    sets = [("eval_prompts", inp.root / p.eval_prompts, "prompt")]
+    if getattr(p, "general_prompts", None):
+        sets.append(("general_prompts", inp.root / p.general_prompts, None))
+    data = inp.params.section_dump("data") or {}
+    for d in (data.get("decontaminate_against") or []) if isinstance(data, dict) else []:
+        if isinstance(d, dict) and d.get("path"):
+            sets.append((str(d.get("name", d["path"])), inp.root / d["path"], d.get("field")))
+    seen, out = set(), []
+    for name, path, field in sets:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            out.append((name, path, field))
+    return out
+
+
+def _read_prompts(path: Path, field: str | None) -> list[tuple[int, str]]:
+    from pipeline.io import iter_jsonl, read_json
+
+    rows = read_json(path) if path.suffix == ".json" else None
+    items = enumerate(rows, start=0) if isinstance(rows, list) else iter_jsonl(path)
+    out = []
+    for line, obj in items:
+        if not isinstance(obj, dict):
+            continue
+        key = field or next((k for k in ("prompt", "instruction", "turns", "question", "text") if k in obj), None)
+        for t in _texts(obj.get(key)) if key else []:
+            out.append((line, t))
+    return out
+
+
+def contamination(inp: ReleaseInputs, n: int) -> GateResult:
+    """Independent check that no training prompt matches an evaluation prompt (exact or a shared n-gram)."""
+    import pyarrow.parquet as pq
+
+    exact: dict[str, tuple[str, int]] = {}
+    grams: dict[tuple[str, ...], tuple[str, int]] = {}
+    missing = []
+    for name, path, field in _eval_sets(inp):
+        if not path.is_file():
+            missing.append(name)
+            continue
+        for line, text in _read_prompts(path, field):
+            w = _words(text)
+            exact.setdefault(" ".join(w), (name, line))
+            for i in range(len(w) - n + 1):
+                grams.setdefault(tuple(w[i : i + n]), (name, line))
+    hits = []
+    for split, f in inp.split_files.items():
+        if not split.startswith("train"):
+            continue
+        table = pq.read_table(f, columns=[c for c in ("id", "prompt") if c in inp.dataset_columns])
+        ids = table.column("id").to_pylist() if "id" in table.column_names else list(range(table.num_rows))
+        for rid, prompt in zip(ids, table.column("prompt").to_pylist(), strict=True):
+            turns = [m["content"] for m in prompt if isinstance(m, dict) and m.get("role") == "user"] \
+                if isinstance(prompt, list) else _texts(prompt)
+            for t in turns:
+                w = _words(t)
+                hit = exact.get(" ".join(w), None)
+                kind = "exact"
+                if hit is None:
+                    hit = next((grams[g] for i in range(len(w) - n + 1) if (g := tuple(w[i : i + n])) in grams), None)
+                    kind = f"{n}-gram"
+                if hit:
+                    hits.append((split, rid, hit, kind))
+                    break
+    if hits:
+        split, rid, (name, line), kind = hits[0]
+        return GateResult("contamination", "fail", f"{len(hits)} training prompt(s) overlap evaluation prompts; "
+                                                   f"first: {split} id {rid} matches {name} line {line} ({kind})")
+    if missing and len(missing) == len(_eval_sets(inp)):
+        return GateResult("contamination", "fail", f"no evaluation prompt file found to check against ({', '.join(missing)})")
+    note = f"; not found: {', '.join(missing)}" if missing else ""
+    return GateResult("contamination", "pass", f"no exact or {n}-gram overlap with {len(exact)} evaluation prompts{note}")
+
+
+# -- running ------------------------------------------------------------------------------------
+
+def finalize(results: list[GateResult], dry_run: bool, strict: bool) -> list[GateResult]:
+    """In a dry run (not strict) environment-gate failures become warnings."""
+    if not dry_run or strict:
+        return results
+    return [GateResult(r.name, "warn", r.detail + " (enforced when publishing)")
+            if r.status == "fail" and r.name in ENV_GATES else r for r in results]
+
+
+def enforce(results: list[GateResult]) -> None:
+    failed = [r for r in results if r.status == "fail"]
+    if failed:
+        raise GateError(f"{len(failed)} release gate(s) failed: " + " | ".join(f"{r.name}: {r.detail}" for r in failed))

@@ -1,0 +1,166 @@
+"""Everything a release is made from, read robustly from the pipeline's outputs.
+
+The stages before `card` are built by other modules; this reads their documented outputs (lineage
+records, dvc.lock, metrics, plots, reports, the model folder and the Parquet splits) and never invents
+a number: whatever is missing stays None and the cards show it as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import DataError, SourceError
+from pipeline.io import read_json
+from pipeline.params import Params
+
+log = logging.getLogger(__name__)
+
+METRIC_FILES = ("eval", "data", "train")
+# Stages in pipeline order, for display; unknown stages follow in name order.
+STAGE_ORDER = ("base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate", "card", "publish")
+
+
+@dataclass
+class ReleaseInputs:
+    root: Path
+    params: Params
+    lineage: dict[str, dict[str, Any]] = field(default_factory=dict)   # stage -> LineageRecord dict
+    dvc_lock: dict[str, Any] | None = None
+    dvc_lock_path: Path | None = None
+    metrics: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # eval/data/train -> flat dict
+    metric_paths: dict[str, Path] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+    reports: dict[str, Path] = field(default_factory=dict)  # name -> JSON report file
+    model_dir: Path | None = None
+    dataset_dir: Path | None = None
+    splits: dict[str, int] = field(default_factory=dict)     # split name -> rows
+    split_files: dict[str, Path] = field(default_factory=dict)
+    dataset_columns: list[str] = field(default_factory=list)
+
+    def record(self, stage: str) -> dict[str, Any] | None:
+        return self.lineage.get(stage)
+
+    def report(self, kind: str) -> dict[str, Any] | None:
+        path = self.reports.get(kind)
+        return read_json(path) if path else None
+
+    def stages(self) -> list[str]:
+        known = [s for s in STAGE_ORDER if s in self.lineage]
+        return known + sorted(s for s in self.lineage if s not in STAGE_ORDER)
+
+    def data_sources(self) -> list[dict[str, Any]]:
+        """data.sources as the ingest stage read them (its lineage record), else from params."""
+        rec = self.record("ingest")
+        data = (rec or {}).get("params", {}).get("data") or self.params.section_dump("data") or {}
+        sources = data.get("sources") if isinstance(data, dict) else None
+        return [s for s in sources or [] if isinstance(s, dict)]
+
+    def train_params(self) -> dict[str, Any]:
+        rec = self.record("train")
+        return (rec or {}).get("params", {}).get("train") or self.params.section_dump("train") or {}
+
+
+def read_dvc_lock(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise DataError(path, None, "valid YAML", str(e).splitlines()[0]) from None
+
+
+def dvc_stage_hashes(lock: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Per stage: its command, the md5 of each dependency and output, and a digest of its params."""
+    from pipeline.lineage import sha256_json
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, st in ((lock or {}).get("stages") or {}).items():
+        def hashes(items):
+            return {i.get("path"): i.get("md5") or i.get("hash") for i in items or [] if isinstance(i, dict)}
+        out[name] = {"cmd": st.get("cmd"), "deps": hashes(st.get("deps")), "outs": hashes(st.get("outs")),
+                     "params_sha256": sha256_json(st.get("params") or {})}
+    return out
+
+
+def _find_reports(folder: Path) -> dict[str, Path]:
+    """JSON reports by name, two levels deep: `decontamination.json` -> decontamination,
+    `validation/report.json` -> validation, `pairs_validation/report.json` -> pairs_validation."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    files = sorted(p for p in [*folder.glob("*.json"), *folder.glob("*/*.json")] if p.is_file())
+    for p in files:
+        nested = p.parent != folder
+        name = p.parent.name if nested and p.stem == "report" else (f"{p.parent.name}_{p.stem}" if nested else p.stem)
+        if "decontam" in name:
+            name = "decontamination"
+        found.setdefault(name, p)
+    return found
+
+
+def _parquet_splits(folder: Path) -> tuple[dict[str, int], dict[str, Path], list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, files, columns = {}, {}, []
+    for p in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        try:
+            meta = pq.ParquetFile(p)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(p, None, "readable Parquet", str(e).splitlines()[0]) from None
+        rows[p.stem] = meta.metadata.num_rows
+        files[p.stem] = p
+        columns = columns or list(meta.schema_arrow.names)
+    return rows, files, columns
+
+
+def gather(params: Params, root: str | Path = ".", require_model: bool = True) -> ReleaseInputs:
+    """Read every release input under `root`. Only the model and the dataset are required."""
+    root = Path(root).resolve()
+    p = params.paths
+    inp = ReleaseInputs(root=root, params=params)
+    lineage_dir = root / p.lineage
+    for f in sorted(lineage_dir.glob("*.json")) if lineage_dir.is_dir() else []:
+        rec = read_json(f)
+        if isinstance(rec, dict) and "stage" in rec:
+            inp.lineage[rec["stage"]] = rec
+    inp.dvc_lock_path = root / "dvc.lock"
+    inp.dvc_lock = read_dvc_lock(inp.dvc_lock_path)
+    for name in METRIC_FILES:
+        path = root / p.metrics / f"{name}.json"
+        inp.metric_paths[name] = path
+        value = read_json(path) if path.is_file() else None
+        inp.metrics[name] = value if isinstance(value, dict) else None
+    plots = root / p.plots
+    inp.plots = sorted(x for x in plots.rglob("*.png") if x.is_file()) if plots.is_dir() else []
+    inp.reports = _find_reports(root / p.reports)
+    inp.model_dir = root / p.model
+    inp.dataset_dir = root / p.dataset
+    if require_model and not any(inp.model_dir.glob("*.safetensors")):
+        raise SourceError(f"{p.model}: no trained safetensors model to release (run `dvc repro train`)")
+    inp.splits, inp.split_files, inp.dataset_columns = _parquet_splits(inp.dataset_dir)
+    if require_model and not inp.splits:
+        raise SourceError(f"{p.dataset}: no Parquet splits to release (run `dvc repro build`)")
+    return inp
+
+
+def flat_numbers(d: dict[str, Any] | None, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) dict with dotted keys; booleans and strings are left out."""
+    out: dict[str, float] = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = v
+    return out
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False)

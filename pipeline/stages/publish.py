@@ -1,0 +1,61 @@
+"""Stage `publish`: the dry-run release bundle that `dvc repro` ends with.
+
+Reads:  everything the `card` stage reads, plus `paths.eval_prompts` (and the other evaluation prompt
+        files) for the contamination gate; params `publish`, `card`, `base_model`, `data`, `train`,
+        `evaluate`, `paths`.
+Writes: `paths.release/model/` and `paths.release/dataset/`: exactly what `openrelease publish` would
+        upload to the two Hub repos (weights, cards, manifest.json, model.sig, signing-key.pub,
+        bom.cdx.json, eval results, the source archive; Parquet splits and reports), and
+        `paths.lineage/publish.json`.
+Run:    `dvc repro publish` (or `python -m pipeline.stages.publish`); check the result with
+        `openrelease audit release`. Publishing for real is `openrelease publish` (see its --help).
+
+Inside `dvc repro` the git tree is dirty (dvc.lock is being rewritten) and DVC holds its lock, so the
+git and dvc gates are recorded as warnings in the manifest here; `openrelease publish` enforces them.
+Every other gate (validation, lineage, eval thresholds, regression, contamination, licenses, secrets)
+fails this stage. The bundle is signed and audited before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.params import Params
+from pipeline.release.bundle import Bundle
+from pipeline.release.publish import dry_run
+from pipeline.stage import StageContext, stage_main
+
+STAGE = "publish"
+READS = ["publish", "card", "base_model", "data", "train", "evaluate", "paths"]
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, root: Path, out: Path) -> Bundle:
+    """Build the dry-run bundle into `out` (gates, cards, manifest, signature, self-audit)."""
+    return dry_run(params, root, out, check_dvc=False)
+
+
+def _body(ctx: StageContext) -> None:
+    ctx.add_input(ctx.path("model"), log_dataset=False)
+    ctx.add_input(ctx.path("dataset"))
+    out = ctx.path("release")
+    bundle = run(ctx.params, ctx.root, out)
+    ctx.add_output(out)
+    gates = {g.name: g.status for g in bundle.gates}
+    ctx.record.extra.update(release=bundle.info.to_dict(), gates=gates)
+    ctx.run.set_tags({"release.version": bundle.info.version,
+                      **{f"gate.{k}": v for k, v in gates.items()}})
+    ctx.run.log_artifact(out / "model" / "manifest.json", artifact_path="release")
+    warned = [g.line() for g in bundle.gates if g.status == "warn"]
+    log.info("dry-run release %s in %s (%d warning(s)); audit it with `openrelease audit %s`",
+             bundle.info.version, ctx.params.paths.release, len(warned), ctx.params.paths.release)
+
+
+def main() -> None:
+    stage_main(STAGE, READS, _body)
+
+
+if __name__ == "__main__":
+    main()

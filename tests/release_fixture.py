@@ -1,0 +1,168 @@
+"""A small but complete set of release inputs, as the stages before `card` would leave them.
+
+A git repo (tagged v0.1.0) holding the real params.yaml, a fake dvc.lock, a source file and the
+evaluation prompts; beside it, untracked like the real outputs: the tiny model as the trained model
+(with TRL's README and a LoRA adapter folder), Parquet splits in the dataset contract, metrics, a plot,
+validation and decontamination reports, and lineage records made with the real LineageRecord whose
+inputs and outputs chain together by sha256. No pipeline stage runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from pipeline.lineage import Artifact, LineageRecord
+from pipeline.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+GIT = ["git", "-c", "user.email=test@example.com", "-c", "user.name=test", "-c", "commit.gpgsign=false",
+       "-c", "tag.gpgsign=false"]
+VERSION = "v0.1.0"
+EVAL = {"pref_accuracy": 0.6875, "reward_margin": 0.4213, "pass_rate_base": 0.1944, "pass_rate_policy": 0.3611,
+        "pass_rate_delta": 0.1667, "pass_rate_delta_ci_low": 0.0278, "pass_rate_delta_ci_high": 0.3056,
+        "win_rate": 0.5417, "lc_win_rate": 0.5102, "length_ratio": 1.12, "kl": 0.0831}
+SOURCES = [{"name": "on_policy", "format": "ultrafeedback", "path": "data/sources/rated.jsonl", "license": "Apache-2.0"},
+           {"name": "hh", "format": "hh-rlhf", "path": "data/sources/hh.jsonl", "license": "MIT"}]
+EVAL_PROMPTS = [
+    "Write a short poem about the sea in all lowercase letters and end it with the phrase 'that is all'.",
+    "List three benefits of regular exercise as exactly three markdown bullet points without using commas.",
+]
+TRAIN_PROMPTS = [
+    "Describe your favourite season in exactly two sentences without using any commas at all please.",
+    "Give a title in double angle brackets and then explain how rainbows form in under fifty words.",
+    "Answer in valid JSON with keys name and reason: which planet would you visit first and why?",
+    "Write four bullet points about tea, all in lowercase, and finish with the exact phrase any questions.",
+]
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run([*GIT, *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _pair(i: int, prompt: str, split: str) -> dict:
+    return {"id": f"{split}-{i}", "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": f"a good answer {i}"}],
+            "rejected": [{"role": "assistant", "content": f"A Bad, Answer {i}"}],
+            "score_chosen": 1.0, "score_rejected": 0.25, "source": "on_policy", "source_row": f"rated.jsonl:{i + 1}",
+            "rule": "best_vs_worst", "prompt_hash": f"{i:064x}"}
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _png(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 1.5), dpi=40)
+    ax.plot([0, 1, 2, 3], [0.69, 0.6, 0.5, 0.45])
+    ax.set_title("loss")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _record(root: Path, stage: str, params: dict, inputs: list, outputs: list, run: str, commit: str) -> None:
+    rec = LineageRecord(stage=stage, params=params, params_digest=f"{abs(hash(stage)):016x}" * 4,
+                        inputs=[Artifact.of(root / p, rows=r, root=root) for p, r in inputs],
+                        outputs=[Artifact.of(root / p, rows=r, root=root) for p, r in outputs],
+                        git={"commit": commit, "dirty": True},
+                        mlflow={"run_id": f"{run:0>32}", "parent_run_id": "f" * 32, "experiment_id": "1",
+                                "tracking_uri": "sqlite:///mlflow.db"},
+                        finished_at="2025-01-01T00:00:00+00:00", extra={"metrics": {"wall_time_s": 12.5}})
+    out = root / "lineage" / f"{stage}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec.to_dict(), indent=2, sort_keys=True))
+
+
+def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict] | None = None,
+                         train_prompts: list[str] | None = None) -> Path:
+    """Build the project under `dest` and return it (a clean git tree tagged v0.1.0)."""
+    from safetensors.torch import save_file
+    import torch
+
+    root = dest
+    root.mkdir(parents=True, exist_ok=True)
+    sources = SOURCES if sources is None else sources
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    shutil.copy(ROOT / ".gitignore", root / ".gitignore")
+    (root / "README.md").write_text("# test project\n")
+    p = load_params(root / "params.yaml").paths
+    # Tracked inputs: the sources and the evaluation prompts.
+    for s in sources:
+        f = root / s["path"]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"instruction": "hello", "completions": []}) + "\n")
+    for rel, prompts in ((p.eval_prompts, EVAL_PROMPTS), (p.general_prompts, ["What is the capital of France?"])):
+        f = root / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("".join(json.dumps({"id": f"e{i}", "prompt": t, "constraints": []}) + "\n"
+                             for i, t in enumerate(prompts)))
+    # Outputs (git-ignored, as DVC leaves them).
+    base = root / p.base_model
+    base.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", base / "config.json")
+    (root / p.ingested).mkdir(parents=True)
+    (root / p.ingested / "rows.jsonl").write_text('{"id": "r1"}\n')
+    (root / p.validated).mkdir(parents=True)
+    (root / p.validated / "summary.json").write_text('{"kept": 6}\n')
+    prompts = train_prompts or TRAIN_PROMPTS
+    write_parquet(root / p.dataset / "train.parquet", [_pair(i, t, "train") for i, t in enumerate(prompts)])
+    write_parquet(root / p.dataset / "test.parquet", [_pair(9, "Say hello in French, lowercase only.", "test")])
+    model = root / p.model
+    shutil.copytree(tiny_model_dir, model)
+    (model / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Model Card for Model ID\n(TRL template)\n")
+    (model / "adapter").mkdir()
+    (model / "adapter" / "adapter_config.json").write_text('{"r": 4, "peft_type": "LORA"}\n')
+    save_file({"lora_A": torch.zeros(4, 8)}, str(model / "adapter" / "adapter_model.safetensors"))
+    (model / "adapter" / "README.md").write_text("# PEFT template card\n")
+    metrics = root / p.metrics
+    metrics.mkdir(parents=True, exist_ok=True)
+    (metrics / "eval.json").write_text(json.dumps(EVAL, indent=2))
+    (metrics / "data.json").write_text(json.dumps({"read": 10, "quarantined": 1, "validated": 9,
+                                                   "filtered.decontaminated": 1, "pairs_train": 4, "pairs_test": 1}))
+    (metrics / "train.json").write_text(json.dumps({"train_loss": 0.52, "effective_batch_size": 8,
+                                                    "wall_time_s": 301.2}))
+    _png(root / p.plots / "train" / "loss.png")
+    reports = root / p.reports
+    (reports / "validation").mkdir(parents=True)
+    (reports / "validation" / "report.json").write_text(json.dumps({"status": "passed", "input_rows": 10, "kept": 9,
+                                                                    "quarantined": 1}))
+    (reports / "decontamination.json").write_text(json.dumps({"ngram": 13, "removed": 1,
+                                                              "sets": {"eval_prompts": {"removed": 1}}}))
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "build": {"cmd": "python -m pipeline.stages.build", "deps": [{"path": p.validated, "md5": "a" * 32 + ".dir"}],
+                  "outs": [{"path": p.dataset, "md5": "b" * 32 + ".dir"}]},
+        "train": {"cmd": "python -m pipeline.stages.train", "params": {"params.yaml": {"train.seed": 1}},
+                  "deps": [{"path": p.dataset, "md5": "b" * 32 + ".dir"}],
+                  "outs": [{"path": p.model, "md5": "c" * 32 + ".dir"}]}}}))
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "release inputs")
+    commit = git(root, "rev-parse", "HEAD")
+    params = load_params(root / "params.yaml")
+    bm = params.section_dump("base_model")
+    _record(root, "base_model", {"base_model": bm}, [(str(tiny_model_dir / "config.json"), None)], [(p.base_model, None)],
+            "1", commit)
+    _record(root, "ingest", {"data": {"sources": sources}}, [(s["path"], 1) for s in sources], [(p.ingested, 10)],
+            "2", commit)
+    _record(root, "validate", {}, [(p.ingested, 10)], [(p.validated, 9)], "3", commit)
+    _record(root, "build", {}, [(p.validated, 9), (p.eval_prompts, 2)], [(p.dataset, 5)], "4", commit)
+    _record(root, "train", {"train": {"dpo": {"beta": 0.1, "learning_rate": 2e-4, "seed": 42}, "global_batch_size": 8}},
+            [(p.base_model, None), (p.dataset, 5)], [(p.model, None)], "5", commit)
+    _record(root, "evaluate", {"evaluate": {"judge": {"kind": "local", "model": "models/base"}}},
+            [(p.model, None), (p.dataset, 5), (p.eval_prompts, 2)], [(f"{p.metrics}/eval.json", None)], "6", commit)
+    git(root, "tag", VERSION)
+    return root
