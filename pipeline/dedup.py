@@ -1,0 +1,216 @@
+"""Text normalisation, word n-gram hashing, MinHash near-duplicates and n-gram decontamination.
+
+Everything works on flat numpy arrays of 64-bit word hashes so a batch of thousands of prompts is a
+handful of vectorised operations:
+- `normalize` (NFKC, casefold, collapsed whitespace) and `words` (runs of word characters of it);
+- `window_hashes`: a polynomial hash of every k-word window that stays inside one text;
+- `minhash_signatures`: datasketch's "affine32" MinHash scheme (its own permutations, MurmurHash3
+  finaliser premix), computed for many documents at once; the signatures equal
+  `datasketch.MinHash(hashfunc=int).update_batch(shingles)` (tested) and are queried through
+  `datasketch.MinHashLSH`;
+- `EvalIndex`: exact-match and n-gram sets of evaluation prompts, and `EvalIndex.match` over a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+
+_WORD = re.compile(r"\w+")
+_BASE = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so the polynomial hash mixes every position
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def normalize(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(normalize(text))
+
+
+class WordHasher:
+    """Stable 64-bit hashes of words (blake2b), cached: a corpus has far fewer words than tokens."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, int] = {}
+
+    def ids(self, ws: list[str]) -> list[int]:
+        cache = self._cache
+        out = []
+        for w in ws:
+            h = cache.get(w)
+            if h is None:
+                h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                if len(cache) < 2_000_000:
+                    cache[w] = h
+            out.append(h)
+        return out
+
+
+def flatten(docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-document word-id lists; return (ids, starts) with starts[i] the offset of doc i."""
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    starts = np.zeros(len(docs), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    ids = np.fromiter((h for d in docs for h in d), dtype=np.uint64, count=int(lengths.sum()))
+    return ids, starts
+
+
+def window_hashes(ids: np.ndarray, starts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hash of every k-word window that lies inside one document: (hashes, doc index of each)."""
+    n = len(ids)
+    if n < k or len(starts) == 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        h = np.zeros(n - k + 1, dtype=np.uint64)
+        for j in range(k):
+            h = h * _BASE + ids[j : n - k + 1 + j]
+    doc_of = np.searchsorted(starts, np.arange(n - k + 1), side="right") - 1
+    ends = np.append(starts[1:], n)
+    valid = np.arange(n - k + 1) + k <= ends[doc_of]
+    return h[valid], doc_of[valid]
+
+
+def sequence_hash(ids: list[int]) -> int:
+    """The window hash of a whole word sequence (equal to window_hashes of it with k = len)."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0)
+        for i in ids:
+            h = h * _BASE + np.uint64(i)
+    return int(h)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, as datasketch's affine schemes premix inputs."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def shingles(docs: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit shingle hashes (k-word windows; a shorter document is one shingle) and each one's doc."""
+    ids, starts = flatten(docs)
+    h, doc = window_hashes(ids, starts, k)
+    short = [i for i, d in enumerate(docs) if len(d) < k]
+    if short:
+        h = np.concatenate([h, np.array([sequence_hash(docs[i]) for i in short], dtype=np.uint64)])
+        doc = np.concatenate([doc, np.array(short, dtype=np.int64)])
+    order = np.argsort(doc, kind="stable")
+    h32 = ((h ^ (h >> np.uint64(32))) & _M32).astype(np.uint32)
+    return h32[order], doc[order]
+
+
+def permutations(num_perm: int, seed: int) -> np.ndarray:
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+
+
+def minhash_signatures(docs: list[list[int]], k: int, perms: np.ndarray, chunk: int = 200_000) -> np.ndarray:
+    """(len(docs), num_perm) uint32 MinHash signatures; every document gets at least one shingle."""
+    h32, doc = shingles([d if d else [0] for d in docs], k)
+    a, b = perms[0].astype(np.uint32), perms[1].astype(np.uint32)
+    sig = np.full((len(docs), len(a)), np.iinfo(np.uint32).max, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        for s in range(0, len(h32), chunk):
+            hv = _fmix32(h32[s : s + chunk])
+            d = doc[s : s + chunk]
+            phv = hv[:, None] * a[None, :] + b[None, :]
+            starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
+            rows = d[starts]  # unique within a chunk: documents are contiguous
+            sig[rows] = np.minimum(sig[rows], np.minimum.reduceat(phv, starts, axis=0))
+    return sig
+
+
+class NearDuplicates:
+    """Sequential near-duplicate detection: a document is a near-duplicate when its estimated Jaccard
+    similarity with an earlier kept document reaches the threshold (LSH candidates, then verified)."""
+
+    def __init__(self, threshold: float, num_perm: int, seed: int) -> None:
+        from datasketch import MinHashLSH
+
+        self.threshold, self.seed = threshold, seed
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.kept: dict[str, np.ndarray] = {}
+
+    def check_and_add(self, key: str, sig: np.ndarray) -> tuple[str, float] | None:
+        """(key of the earlier document, estimated Jaccard) if `sig` is a near-duplicate; else remember it."""
+        from datasketch import LeanMinHash
+
+        m = LeanMinHash(seed=self.seed, hashvalues=sig, scheme="affine32")
+        best = None
+        for other in self.lsh.query(m):
+            j = float(np.mean(self.kept[other] == sig))
+            if j >= self.threshold and (best is None or j > best[1] or (j == best[1] and other < best[0])):
+                best = (other, j)
+        if best is None:
+            self.lsh.insert(key, m, check_duplication=False)
+            self.kept[key] = sig
+        return best
+
+
+@dataclass
+class Match:
+    eval_set: str
+    item: str
+    kind: str  # "exact" or "<k>-gram"
+    text: str  # the matching eval text (shortened)
+
+
+class EvalIndex:
+    """Evaluation texts indexed for exact matches and word n-gram overlap.
+
+    An eval text with at least `n` words contributes all its n-grams; one with fewer words but at least
+    `min_words` contributes itself as a single n-gram of its own length; shorter texts match exactly only.
+    """
+
+    def __init__(self, n: int, min_words: int, hasher: WordHasher | None = None) -> None:
+        self.n, self.min_words = n, min_words
+        self.hasher = hasher or WordHasher()
+        self.exact: dict[str, Match] = {}
+        self._grams: dict[int, dict[int, Match]] = {}
+        self._keys: dict[int, np.ndarray] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, eval_set: str, item: str, text: str) -> None:
+        ws = words(text)
+        if not ws:
+            return
+        self._keys.clear()
+        self.sizes[eval_set] = self.sizes.get(eval_set, 0) + 1
+        m = Match(eval_set, item, "exact", text[:120])
+        self.exact.setdefault(" ".join(ws), m)
+        ids = self.hasher.ids(ws)
+        if len(ws) >= self.n:
+            hs, _ = window_hashes(np.array(ids, dtype=np.uint64), np.zeros(1, dtype=np.int64), self.n)
+            grams = self._grams.setdefault(self.n, {})
+            for h in hs.tolist():
+                grams.setdefault(h, Match(eval_set, item, f"{self.n}-gram", text[:120]))
+        elif len(ws) >= self.min_words:
+            self._grams.setdefault(len(ws), {}).setdefault(sequence_hash(ids),
+                                                           Match(eval_set, item, f"{len(ws)}-gram", text[:120]))
+
+    def match(self, docs_words: list[list[str]], doc_ids: list[list[int]]) -> list[Match | None]:
+        """The first match of each document (its word list and word ids), or None."""
+        out: list[Match | None] = [self.exact.get(" ".join(ws)) for ws in docs_words]
+        if not self._grams:
+            return out
+        ids, starts = flatten(doc_ids)
+        for k in sorted(self._grams):
+            table = self._grams[k]
+            if k not in self._keys:
+                self._keys[k] = np.sort(np.fromiter(table.keys(), dtype=np.uint64, count=len(table)))
+            keys = self._keys[k]
+            h, doc = window_hashes(ids, starts, k)
+            hit = np.isin(h, keys)
+            for hv, d in zip(h[hit].tolist(), doc[hit].tolist(), strict=True):
+                if out[d] is None:
+                    out[d] = table[hv]
+        return out
