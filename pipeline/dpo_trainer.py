@@ -118,13 +118,7 @@ class OpenReleaseDPOTrainer(DPOTrainer):
                 return dataset.add_column("ref_rejected_logps", rejected.tolist())
             log.warning("reference log-prob cache %s has %d rows, expected %d: recomputing",
                         path.name, len(chosen), len(dataset))
-        # Longest first in length order: batches pad little, and an out-of-memory shows at once.
-        order = _order_by_length(dataset)
-        done = super()._precompute_ref_logps(dataset.select(order), name, batch_size)
-        chosen = torch.empty(len(dataset), dtype=torch.float32)
-        rejected = torch.empty(len(dataset), dtype=torch.float32)
-        chosen[order] = torch.tensor(done["ref_chosen_logps"], dtype=torch.float32)
-        rejected[order] = torch.tensor(done["ref_rejected_logps"], dtype=torch.float32)
+        chosen, rejected = self._reference_pass(dataset, name, batch_size)
         if path is not None and self.accelerator.is_main_process:
             _save_atomic(path, {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
                          {k: str(v) for k, v in self._ref_cache_key.items()})
@@ -133,6 +127,37 @@ class OpenReleaseDPOTrainer(DPOTrainer):
         self.accelerator.wait_for_everyone()
         dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
         return dataset.add_column("ref_rejected_logps", rejected.tolist())
+
+    def _reference_pass(self, dataset, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRL's reference pass (its `compute_ref_log_probs` per batch), without its Arrow cache file: that
+        file's name is random for in-memory datasets, so other ranks could not find rank 0's."""
+        from accelerate.utils import tqdm
+        from torch.utils.data import DataLoader
+        from trl.models import prepare_deepspeed
+
+        # Longest first: batches pad little, and an out-of-memory error shows at once.
+        order = _order_by_length(dataset)
+        loader = DataLoader(dataset.select(order), batch_size=batch_size, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, shuffle=False,
+                            pin_memory=self.args.dataloader_pin_memory)
+        loader = self.accelerator.prepare(loader)
+        if self.ref_model is None and self.is_deepspeed_enabled:  # parameters are not placed until train()
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen_parts, rejected_parts = [], []
+        for batch in tqdm(loader, desc=f"Reference log-probs ({name})"):
+            c, r = self.compute_ref_log_probs(model, batch)
+            c, r = self.accelerator.gather_for_metrics((c, r))
+            chosen_parts.append(c.float().cpu())
+            rejected_parts.append(r.float().cpu())
+        chosen = torch.empty(len(dataset), dtype=torch.float32)
+        rejected = torch.empty(len(dataset), dtype=torch.float32)
+        chosen[order] = torch.cat(chosen_parts)
+        rejected[order] = torch.cat(rejected_parts)
+        return chosen, rejected
 
 
 def _order_by_length(dataset) -> list[int]:

@@ -268,3 +268,141 @@ def test_completion_only_lm_head_matches_trl(tiny_model_dir):
     torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-6)
     import trl.trainer.utils as u
     assert u._use_triton(torch.device("cpu")) is False  # restored after the block
+
+
+# -- real training on the tiny model ---------------------------------------------------------------------
+def _run_kwargs(work: Path, tiny_model_dir: Path, data_dir: Path, p, *, ckpt: str = "ckpt", out: str = "out"):
+    from pipeline.stages.train import fingerprint
+
+    (work / out).mkdir(parents=True, exist_ok=True)
+    return dict(root=ROOT, base_dir=tiny_model_dir, dataset_dir=data_dir, out_dir=work / out,
+                checkpoints_dir=work / ckpt, ref_logps_dir=work / "ref", plots_dir=work / f"plots-{out}",
+                model_sha256="0" * 64, base_ref="models/base", fingerprint=fingerprint(p, "0" * 64, "1" * 64))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_model_dir):
+    """One uninterrupted 4-step run (cold reference cache); shared by the determinism and resume tests."""
+    from pipeline.stages.train import run
+
+    work = tmp_path_factory.mktemp("train")
+    data = write_pairs(work / "data")
+    p = tiny_params().train
+    logged = []
+    result = run(p, log_fn=lambda m, step: logged.append((step, m)), **_run_kwargs(work, tiny_model_dir, data, p))
+    return work, data, p, result, logged
+
+
+def test_training_writes_release_metrics_and_plots(first_run):
+    from safetensors import safe_open
+
+    work, _, p, result, logged = first_run
+    out = work / "out"
+    names = {f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth", "README.md")) for n in names)  # no pickle, no auto card
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not any("lora" in k for k in f.keys())  # merged: plain weights of the base architecture
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/base"
+    m = result["metrics"]
+    assert m["steps"] == 4 and m["world_size"] == 1 and m["global_batch_size"] == 4 and m["grad_accumulation"] == 2
+    assert m["tokens"] > 0 and m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 0 and m["ref_logps_cache_hit"] == 0.0
+    assert {"rewards_chosen", "rewards_rejected", "rewards_accuracies", "rewards_margins", "logps_chosen"} <= set(m)
+    steps = [s for s, metrics in logged if "loss" in metrics]
+    assert steps == [1, 2, 3, 4]  # every optimizer step reached the tracking function
+    assert {"rewards/margins", "rewards/accuracies", "logps/chosen", "learning_rate"} <= set(logged[0][1])
+    plots = work / "plots-out"
+    assert (plots / "metrics.csv").read_text().splitlines()[0].startswith("step,")
+    assert len((plots / "metrics.csv").read_text().splitlines()) == 5
+    assert {"loss.png", "rewards.png", "reward_accuracy.png"} <= {f.name for f in plots.iterdir()}
+    assert result["dpo_config"]["beta"] == p.dpo["beta"] and result["hardware"]["trl"]
+    assert sorted(f.name for f in (work / "ckpt").iterdir()) == ["RUN.json", "checkpoint-4"]  # pruned to final
+
+
+def test_same_inputs_same_weights_with_warm_reference_cache(first_run, tiny_model_dir):
+    """Determinism: a second run (now hitting the reference cache) gives byte-identical weights."""
+    from pipeline.stages.train import run
+
+    work, data, p, first, _ = first_run
+    again = run(p, **_run_kwargs(work, tiny_model_dir, data, p, ckpt="ckpt2", out="out2"))
+    assert again["metrics"]["ref_logps_cache_hit"] == 1.0
+    for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        assert sha256_file(work / "out2" / f) == sha256_file(work / "out" / f), f
+
+
+def test_sigkill_then_rerun_resumes_to_identical_weights(first_run, tiny_model_dir):
+    """Kill the training process after its step-2 checkpoint, leave a partial later checkpoint behind (a
+    kill during a write), rerun: it resumes from step 2 and ends with the uninterrupted run's weights."""
+    from pipeline import checkpoints
+    from pipeline.stages.train import run
+
+    work, data, p, first, _ = first_run
+    kw = _run_kwargs(work, tiny_model_dir, data, p, ckpt="ckpt-kill", out="out-kill")
+    spec = {k: str(v) for k, v in kw.items() if isinstance(v, Path)}
+    spec.update(train=p.model_dump(mode="json"), model_sha256=kw["model_sha256"], base_ref=kw["base_ref"],
+                fingerprint=kw["fingerprint"], result=str(work / "kill-result.json"))
+    (work / "spec.json").write_text(json.dumps(spec))
+    # The worker entry point, with each step slowed down (numerics untouched) so that the kill surely
+    # lands between checkpoint 2 and the end of training.
+    code = ("import sys, time; from pipeline import dpo_trainer as d; from pipeline.stages import train as t; "
+            "step = d.OpenReleaseDPOTrainer.training_step; "
+            "d.OpenReleaseDPOTrainer.training_step = lambda self, *a, **k: (time.sleep(1.0), step(self, *a, **k))[1]; "
+            "t._worker(sys.argv[1])")
+    log_file = work / "killed.log"
+    with open(log_file, "wb") as log:  # a file, not a pipe: progress bars would fill a pipe and block
+        proc = subprocess.Popen([sys.executable, "-c", code, str(work / "spec.json")], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+    ckpt = work / "ckpt-kill"
+    deadline = time.monotonic() + 240
+    while not checkpoints.is_complete(ckpt / "checkpoint-2"):
+        assert proc.poll() is None, log_file.read_text(errors="replace")[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt / "checkpoint-4").exists() and not (work / "kill-result.json").exists()
+    _fake_checkpoint(ckpt, 3, state=False)  # what a kill during checkpoint-3's write would leave
+    resumed = run(p, **kw)
+    assert resumed["resumed_from"] == "checkpoint-2" and resumed["metrics"]["steps"] == 4
+    assert sha256_file(work / "out-kill" / "model.safetensors") == sha256_file(work / "out" / "model.safetensors")
+    rows = (work / "plots-out-kill" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 5  # the curves cover the whole run, restored from the checkpoint's log history
+
+
+def test_stage_runs_two_ddp_processes_under_accelerate(tmp_path, tiny_model_dir, monkeypatch):
+    """The whole stage with launcher accelerate + configs/accelerate/ddp.yaml x 2 CPU processes (gloo):
+    world size 2, global batch kept (1 per device x 2 devices x 2 accumulation), MLflow metrics logged
+    live from rank 0, the LoggedModel registered, lineage and metrics written."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stage import run_stage
+    from pipeline.stages import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"]["base_model"] = str(tiny_model_dir)
+    t = raw["train"]
+    t["dpo"].update(max_steps=2, precompute_ref_batch_size=2, warmup_steps=0, max_length=128)
+    t.update(per_device_batch_size=1, global_batch_size=4, checkpoint_every=1,
+             launcher={"kind": "accelerate", "config": str(ROOT / "configs/accelerate/ddp.yaml"), "num_processes": 2})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_pairs(tmp_path / raw["paths"]["dataset"], n=8)
+    run_stage(train.STAGE, train.READS, train._body, params_file=tmp_path / "params.yaml", root=tmp_path)
+
+    metrics = json.loads((tmp_path / raw["paths"]["metrics"] / "train.json").read_text())
+    assert metrics["world_size"] == 2  # two processes formed one world (not two lone trainers)
+    assert (metrics["per_device_batch_size"], metrics["grad_accumulation"], metrics["global_batch_size"]) == (1, 2, 4)
+    assert metrics["steps"] == 2
+    lineage = json.loads((tmp_path / raw["paths"]["lineage"] / "train.json").read_text())
+    assert lineage["extra"]["train"]["world_size"] == 2
+    assert lineage["extra"]["train"]["plan"]["distributed_type"] == "MULTI_GPU"
+    assert {Path(o["path"]).name for o in lineage["outputs"]} >= {"trained", "train", "train.json"}
+    assert (tmp_path / raw["paths"]["model"] / "model.safetensors").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(lineage["mlflow"]["run_id"])
+    assert run.data.metrics["world_size"] == 2
+    history = client.get_metric_history(run.info.run_id, "rewards/margins")
+    assert sorted(m.step for m in history) == [1, 2]  # logged live by rank 0 of the accelerate workers
+    model = client.get_logged_model(lineage["extra"]["mlflow_model_id"])
+    assert model.source_run_id == run.info.run_id
