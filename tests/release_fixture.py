@@ -10,8 +10,10 @@ inputs and outputs chain together by sha256. No pipeline stage runs.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -88,10 +90,10 @@ def _record(root: Path, stage: str, params: dict, inputs: list, outputs: list, r
 
 
 def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict] | None = None,
-                         train_prompts: list[str] | None = None) -> Path:
+                         train_prompts: list[str] | None = None, dvc: bool = True) -> Path:
     """Build the project under `dest` and return it (a clean git tree tagged v0.1.0)."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     root = dest
     root.mkdir(parents=True, exist_ok=True)
@@ -149,6 +151,9 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
                   "deps": [{"path": p.dataset, "md5": "b" * 32 + ".dir"}],
                   "outs": [{"path": p.model, "md5": "c" * 32 + ".dir"}]}}}))
     git(root, "init", "-q", "-b", "main")
+    if dvc:  # a DVC repo without stages: `dvc status` is clean, as after a committed `dvc repro`
+        subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, capture_output=True,
+                       env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     git(root, "add", "-A")
     git(root, "commit", "-qm", "release inputs")
     commit = git(root, "rev-parse", "HEAD")

@@ -154,9 +154,15 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
             problems.append(f"model card model-index: {k} = {seen[k]} but eval/eval.json has {expected[k]}")
     ds_readme = dataset / "README.md"
     if ds_readme.is_file():
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        splits = {f.stem: pq.ParquetFile(f).metadata.num_rows for f in sorted((dataset / "data").glob("*.parquet"))}
+        splits = {}
+        for f in sorted((dataset / "data").glob("*.parquet")):
+            try:
+                splits[f.stem] = pq.ParquetFile(f).metadata.num_rows
+            except (pa.ArrowException, OSError) as e:
+                problems.append(f"{DATASET_DIR}/data/{f.name}: unreadable Parquet ({e})")
         if _table(["split", "pairs"], [[s, n] for s, n in splits.items()]) not in ds_readme.read_text(encoding="utf-8"):
             problems.append("dataset card: the split sizes do not match the Parquet files")
     else:
@@ -239,7 +245,7 @@ def lineage_tree(manifest: dict[str, Any]) -> str:
     for stage, rec in records.items():
         for art in rec.get("outputs", []):
             producers.setdefault(art["path"], stage)
-    licenses = _source_licenses(records)
+    licenses = _source_licenses(records, paths)
     repos = manifest.get("repos") or {}
     weights = [f for f in (manifest.get("files") or {}).get("model", []) if f["path"].endswith(".safetensors")
                and "/" not in f["path"]]
@@ -282,15 +288,17 @@ def lineage_tree(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _source_licenses(records: dict[str, Any]) -> dict[str, str]:
+def _source_licenses(records: dict[str, Any], paths: dict[str, Any]) -> dict[str, str]:
     """Input path -> 'source NAME, license X' for data sources and the base model's file."""
+    from pipeline.release.inputs import resolve_paths_ref
+
     out = {}
     for stage, rec in records.items():
         params = rec.get("params") or {}
         data = params.get("data") or {}
         for s in (data.get("sources") or []) if isinstance(data, dict) else []:
             if isinstance(s, dict) and s.get("path"):
-                out[s["path"]] = f"source {s.get('name')}, license {s.get('license')}"
+                out[resolve_paths_ref(str(s["path"]), paths)] = f"source {s.get('name')}, license {s.get('license')}"
         bm = params.get("base_model")
         if isinstance(bm, dict) and stage == "base_model":
             for art in rec.get("inputs", []):

@@ -26,8 +26,14 @@ from pipeline.release import gates as G
 from pipeline.release.gitinfo import CodeState, code_state, source_archive
 from pipeline.release.inputs import ReleaseInputs, dvc_stage_hashes, gather
 from pipeline.release.licenses import LicenseDecision, derive
-from pipeline.release.manifest import (BOM_FILE, DATASET_DIR, MANIFEST_FILE, MODEL_DIR, ReleaseInfo,
-                                       build_manifest)
+from pipeline.release.manifest import (
+    BOM_FILE,
+    DATASET_DIR,
+    MANIFEST_FILE,
+    MODEL_DIR,
+    ReleaseInfo,
+    build_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +65,23 @@ def license_decision(inp: ReleaseInputs) -> LicenseDecision:
     return derive(bm.name, bm.license, inp.data_sources(), override.model_dump() if override else None)
 
 
-def _copy_model(src: Path, dest: Path, include_adapter: bool) -> list[str]:
-    """The trained model folder without TRL's/PEFT's generated READMEs (the card replaces them)."""
-    copied = []
+def _model_files(src: Path, include_adapter: bool) -> list[str]:
+    """The trained model folder's files without TRL's/PEFT's generated READMEs (the card replaces them)."""
+    out = []
     for f in sorted(src.rglob("*")):
         rel = f.relative_to(src)
         if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name == "README.md":
             continue
         if rel.parts[0] == "adapter" and not include_adapter:
             continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, target)
-        copied.append(rel.as_posix())
-    return copied
+        out.append(rel.as_posix())
+    return out
+
+
+def _copy_files(src: Path, files: list[str], dest: Path) -> None:
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, dest / rel)
 
 
 def _copy_dataset(inp: ReleaseInputs, dest: Path) -> None:
@@ -93,10 +102,32 @@ def _copy_metrics(inp: ReleaseInputs, dest: Path) -> None:
             shutil.copyfile(f, dest / "eval" / f"{name}.json")
 
 
-def _published_files(inp: ReleaseInputs, model_files: list[str], model: Path, dataset: Path) -> dict[str, dict[str, str]]:
+def _published_files(inp: ReleaseInputs, model_files: list[str]) -> dict[str, dict[str, str]]:
     """What is published from paths.model / paths.dataset, keyed as their producers recorded them."""
-    data_files = {f.name: sha256_file(dataset / "data" / f"{split}.parquet") for split, f in inp.split_files.items()}
-    return {"model": {rel: sha256_file(model / rel) for rel in model_files}, "dataset": data_files}
+    return {"model": {rel: sha256_file(inp.model_dir / rel) for rel in model_files},
+            "dataset": {f.name: sha256_file(f) for f in inp.split_files.values()}}
+
+
+def run_gates(params: Params, root: Path, inp: ReleaseInputs, code: CodeState, lic: LicenseDecision,
+              model_files: list[str], *, dry_run: bool, strict: bool, check_dvc: bool) -> list[G.GateResult]:
+    """Every gate but the secret scan (which needs the finished bundle), in the order they are reported."""
+    pp = params.publish
+    results = [G.git_clean(code), G.git_version(code, root)]
+    results.append(G.dvc_status(root) if check_dvc else
+                   G.GateResult("dvc-status", "fail", "not checked inside dvc repro (DVC holds its lock)"))
+    results += [
+        G.validation(inp),
+        G.lineage(inp, _published_files(inp, model_files)),
+        G.eval_thresholds(inp.metrics.get("eval"), pp.thresholds),
+        G.regression(inp.metrics.get("eval"), _previous_eval(pp.previous_release, params), pp.previous_release,
+                     pp.regression_tolerance),
+        G.contamination(inp, pp.contamination_ngram),
+        G.licenses(lic, pp.allowed_licenses),
+    ]
+    results = G.finalize(results, dry_run=dry_run, strict=strict)
+    for r in results:
+        (log.warning if r.status in ("fail", "warn") else log.info)("gate %s", r.line())
+    return results
 
 
 def _previous_eval(name: str | None, params: Params) -> dict[str, Any] | None:
@@ -135,33 +166,20 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
     lic = license_decision(inp)
     key = signing.resolve_key(pp.signing_key, root / params.paths.keys)
     log.info("building release %s (%s) from %s into %s", info.version, code.version_from, code.short, out)
+    model_files = _model_files(inp.model_dir, pp.include_adapter)
+    results = run_gates(params, root, inp, code, lic, model_files, dry_run=dry_run, strict=strict, check_dvc=check_dvc)
+    G.enforce(results)  # fail before copying half a gigabyte
     with atomic_dir(out) as tmp:
         model, dataset = tmp / MODEL_DIR, tmp / DATASET_DIR
-        model_files = _copy_model(inp.model_dir, model, pp.include_adapter)
+        _copy_files(inp.model_dir, model_files, model)
         _copy_dataset(inp, dataset)
         _copy_metrics(inp, model)
         write_cards(inp, info, lic, model, dataset)
         archive = source_archive(root, code.commit, f"{PROJECT}-{info.version}",
                                  model / "source" / f"{PROJECT}-{info.version}.tar.gz")
         (model / signing.PUBLIC_KEY_FILE).write_bytes(key.public_pem)
-
-        results = [G.git_clean(code), G.git_version(code, root)]
-        results.append(G.dvc_status(root) if check_dvc else
-                       G.GateResult("dvc-status", "fail", "not checked inside dvc repro (DVC holds its lock)"))
-        results += [
-            G.validation(inp),
-            G.lineage(inp, _published_files(inp, model_files, model, dataset)),
-            G.eval_thresholds(inp.metrics.get("eval"), pp.thresholds),
-            G.regression(inp.metrics.get("eval"), _previous_eval(pp.previous_release, params), pp.previous_release,
-                         pp.regression_tolerance),
-            G.contamination(inp, pp.contamination_ngram),
-            G.licenses(lic, pp.allowed_licenses),
-        ]
         # The manifest records a passing secrets gate; if the scan below fails, no bundle is kept.
         results.append(G.GateResult("secrets", "pass", "no tokens or keys found"))
-        results = G.finalize(results, dry_run=dry_run, strict=strict)
-        for r in results:
-            (log.warning if r.status in ("fail", "warn") else log.info)("gate %s", r.line())
         lock_sha = sha256_file(inp.dvc_lock_path) if inp.dvc_lock_path and inp.dvc_lock_path.is_file() else None
         manifest_params = {k: params.section_dump(k) for k in MANIFEST_PARAMS}
         manifest = build_manifest(
@@ -173,11 +191,11 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
             "path": BOM_FILE, "sha256": sha256_file(bom), "size": bom.stat().st_size}], key=lambda f: f["path"])
         atomic_write_json(model / MANIFEST_FILE, manifest)
 
-        findings, partial = secretscan.scan_folder(tmp)
-        scan = G.secrets(findings, partial)
+        scan = G.secrets(*secretscan.scan_folder(tmp))
+        log.info("gate %s", scan.line())
         if scan.status != "pass":
             results[-1] = scan
-        G.enforce(results)
+            G.enforce(results)
         signing.sign_folder(model, key)
         problems = audit.check_bundle(tmp, public_key=None).problems
         if problems:  # a bug in this module, not a user error: say exactly what

@@ -124,7 +124,7 @@ def _sources_table(inp: ReleaseInputs) -> str:
         rows_by_path[a.get("path")] = a
     rows = []
     for s in sources:
-        path = str(s.get("path", ""))
+        path = inp.source_path(s)
         revision = path.rsplit("@", 1)[1] if path.startswith("hf://") and "@" in path else None
         art = rows_by_path.get(path)
         rows.append([str(s.get("name")), str(s.get("format", MISSING)), f"`{path}`",

@@ -24,7 +24,7 @@ def git(root: Path, *args: str, check: bool = True) -> str | None:
             msg = out.stderr.decode(errors="replace").strip().splitlines()
             raise SourceError(f"git {' '.join(args)} in {root}: {msg[0] if msg else f'exit {out.returncode}'}")
         return None
-    return out.stdout.decode(errors="replace").strip()
+    return out.stdout.decode(errors="replace").rstrip()  # porcelain lines start with a space
 
 
 @dataclass

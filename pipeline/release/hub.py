@@ -63,7 +63,8 @@ def make_api(endpoint: str, token: str | bool | None):
 
 def _hub_error(what: str, e: Exception) -> SourceError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return SourceError(f"{what}: {first}")
+    server = getattr(e, "server_message", None)
+    return SourceError(f"{what}: {first}" + (f" ({server.strip()})" if server and server.strip() not in first else ""))
 
 
 def git_blob_sha1(path: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from pipeline.params import Params
 log = logging.getLogger(__name__)
 
 METRIC_FILES = ("eval", "data", "train")
+RELEASE_STAGES = ("card", "publish")
 # Stages in pipeline order, for display; unknown stages follow in name order.
 STAGE_ORDER = ("base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate", "card", "publish")
 
@@ -61,9 +63,18 @@ class ReleaseInputs:
         sources = data.get("sources") if isinstance(data, dict) else None
         return [s for s in sources or [] if isinstance(s, dict)]
 
+    def source_path(self, source: dict[str, Any]) -> str:
+        return resolve_paths_ref(str(source.get("path", "")), self.params.section_dump("paths"))
+
     def train_params(self) -> dict[str, Any]:
         rec = self.record("train")
         return (rec or {}).get("params", {}).get("train") or self.params.section_dump("train") or {}
+
+
+def resolve_paths_ref(value: str, paths: dict[str, Any]) -> str:
+    """`${paths.rated}` (how data.sources refers to pipeline outputs) -> the path it names."""
+    m = re.fullmatch(r"\$\{paths\.(\w+)\}", value.strip())
+    return str(paths.get(m.group(1), value)) if m else value
 
 
 def read_dvc_lock(path: Path) -> dict[str, Any] | None:
@@ -128,7 +139,8 @@ def gather(params: Params, root: str | Path = ".", require_model: bool = True) -
     lineage_dir = root / p.lineage
     for f in sorted(lineage_dir.glob("*.json")) if lineage_dir.is_dir() else []:
         rec = read_json(f)
-        if isinstance(rec, dict) and "stage" in rec:
+        # The release's own stages are not part of what it releases (and would make cards differ between them).
+        if isinstance(rec, dict) and "stage" in rec and rec["stage"] not in RELEASE_STAGES:
             inp.lineage[rec["stage"]] = rec
     inp.dvc_lock_path = root / "dvc.lock"
     inp.dvc_lock = read_dvc_lock(inp.dvc_lock_path)
