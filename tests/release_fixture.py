@@ -166,8 +166,9 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     _record(root, "validate", {}, [(p.ingested, 10)], [(p.validated, 9)], "3", commit)
     _record(root, "build", {}, [(p.validated, 9), (p.eval_prompts, 2)], [(p.dataset, 5)], "4", commit)
     _record(root, "train", {"train": {"dpo": {"beta": 0.1, "learning_rate": 2e-4, "seed": 42}, "global_batch_size": 8}},
-            [(p.base_model, None), (p.dataset, 5)], [(p.model, None)], "5", commit)
+            [(p.base_model, None), (f"{p.dataset}/train.parquet", 4)], [(p.model, None)], "5", commit)
     _record(root, "evaluate", {"evaluate": {"judge": {"kind": "local", "model": "models/base"}}},
-            [(p.model, None), (p.dataset, 5), (p.eval_prompts, 2)], [(f"{p.metrics}/eval.json", None)], "6", commit)
+            [(p.model, None), (f"{p.dataset}/test.parquet", 1), (p.eval_prompts, 2)], [(f"{p.metrics}/eval.json", None)],
+            "6", commit)
     git(root, "tag", VERSION)
     return root

@@ -103,7 +103,7 @@ def test_lineage_gate_catches_stale_and_edited_outputs(inp):
     inp.lineage["train"]["inputs"][1]["sha256"] = "0" * 64
     r = G.lineage(inp, {"model": {"config.json": "1" * 64}})
     assert r.status == "fail"
-    assert "train read outputs/dataset 000000000000 but build last wrote" in r.detail
+    assert "train read outputs/dataset/train.parquet 000000000000 but build last wrote" in r.detail
     assert "models/trained/config.json differs from what train recorded writing" in r.detail
     del inp.lineage["evaluate"]
     assert "no lineage record for stage evaluate" in G.lineage(inp, {}).detail

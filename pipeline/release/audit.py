@@ -62,32 +62,33 @@ def _check_files(folder: Path, entries: list[dict[str, Any]], repo: str, exclude
     return problems
 
 
-def _record_output(manifest: dict[str, Any], stage: str, key: str) -> dict[str, str] | None:
-    rec = (manifest.get("lineage") or {}).get(stage) or {}
-    rel = ((manifest.get("params") or {}).get("paths") or {}).get(key)
-    for art in rec.get("outputs", []) + rec.get("inputs", []):
-        if art.get("path") == rel:
-            return art.get("files") or {}
-    return None
+def _files_under(artifacts: list[dict[str, Any]], folder: str | None) -> dict[str, str] | None:
+    """{relpath: sha256} of what a record lists under `folder`: the folder's files, or files inside it."""
+    if not folder:
+        return None
+    found: dict[str, str] | None = None
+    for art in artifacts:
+        if art.get("path") == folder:
+            found = {**(found or {}), **(art.get("files") or {})}
+        elif str(art.get("path", "")).startswith(folder.rstrip("/") + "/"):
+            found = {**(found or {}), art["path"][len(folder.rstrip("/")) + 1 :]: art["sha256"]}
+    return found
 
 
 def _check_lineage_links(manifest: dict[str, Any], model: Path, dataset: Path) -> list[str]:
     """The published weights are what train wrote; the published splits are what train read."""
     problems = []
-    wrote = _record_output(manifest, "train", "model")
+    rec = (manifest.get("lineage") or {}).get("train") or {}
+    paths = (manifest.get("params") or {}).get("paths") or {}
+    wrote = _files_under(rec.get("outputs", []), paths.get("model"))
     if wrote is None:
         problems.append("manifest: no train lineage record of the model folder")
     else:
-        for name in ("model.safetensors", *[k for k in wrote if k.endswith(".safetensors") and "/" not in k]):
-            if name in wrote and (model / name).is_file() and sha256_file(model / name) != wrote[name]:
+        for name in sorted(k for k in wrote if k.endswith(".safetensors") and "/" not in k):
+            if (model / name).is_file() and sha256_file(model / name) != wrote[name]:
                 problems.append(f"{MODEL_DIR}/{name}: not the weights the train stage wrote")
-    read = None
-    rec = (manifest.get("lineage") or {}).get("train") or {}
-    rel = ((manifest.get("params") or {}).get("paths") or {}).get("dataset")
-    for art in rec.get("inputs", []):
-        if art.get("path") == rel:
-            read = art.get("files") or {}
-    if read is None:
+    read = _files_under(rec.get("inputs", []), paths.get("dataset"))
+    if not read:
         problems.append("manifest: the train lineage record does not list the dataset it read")
     else:
         for name, sha in read.items():
@@ -245,6 +246,9 @@ def lineage_tree(manifest: dict[str, Any]) -> str:
     for stage, rec in records.items():
         for art in rec.get("outputs", []):
             producers.setdefault(art["path"], stage)
+
+    def producer(path: str) -> str | None:  # the artifact itself, or the folder artifact holding it
+        return producers.get(path) or next((s for f, s in producers.items() if path.startswith(f.rstrip("/") + "/")), None)
     licenses = _source_licenses(records, paths)
     repos = manifest.get("repos") or {}
     weights = [f for f in (manifest.get("files") or {}).get("model", []) if f["path"].endswith(".safetensors")
@@ -257,7 +261,7 @@ def lineage_tree(manifest: dict[str, Any]) -> str:
     seen: set[str] = set()
 
     def node(path: str, prefix: str, last: bool) -> None:
-        stage = producers.get(path)
+        stage = producer(path)
         branch = prefix + ("`-- " if last else "|-- ")
         child = prefix + ("    " if last else "|   ")
         if stage is None or stage in seen:
@@ -275,7 +279,7 @@ def lineage_tree(manifest: dict[str, Any]) -> str:
                 extra.append(f"{art['rows']} rows")
             if art["path"] in licenses:
                 extra.append(licenses[art["path"]])
-            if art["path"] == paths.get("dataset"):
+            if art["path"] == paths.get("dataset") or art["path"].startswith(f"{paths.get('dataset')}/"):
                 ds = repos.get("dataset") or {}
                 extra.append(f"published as {ds.get('repo_id')}@{ds.get('revision')}")
             lines.append(f"{child}{'`-- ' if end else '|-- '}{art['path']}  sha256 {art['sha256'][:16]}"

@@ -102,32 +102,48 @@ def validation(inp: ReleaseInputs) -> GateResult:
                                             f"{'passed' if verdict else 'has no pass/fail flag'}")
 
 
+def recorded_sha(outputs: dict[str, tuple[str, dict]], path: str) -> tuple[str, str | None] | None:
+    """(producing stage, sha256) of `path` as its producer recorded it: the artifact itself, or a file
+    inside a folder artifact (`outputs/dataset/train.parquet` inside `outputs/dataset`)."""
+    if path in outputs:
+        stage, art = outputs[path]
+        return stage, art["sha256"]
+    for folder, (stage, art) in outputs.items():
+        if path.startswith(folder.rstrip("/") + "/") and art.get("files") is not None:
+            return stage, art["files"].get(path[len(folder.rstrip("/")) + 1 :])
+    return None
+
+
+def produced_outputs(records: dict[str, dict[str, Any]]) -> dict[str, tuple[str, dict]]:
+    out: dict[str, tuple[str, dict]] = {}
+    for stage, rec in records.items():
+        for art in rec.get("outputs", []):
+            out[art["path"]] = (stage, art)
+    return out
+
+
 def lineage(inp: ReleaseInputs, published: dict[str, dict[str, str]]) -> GateResult:
     """Every stage read what its producer last wrote, and the files to publish are those train/build wrote.
 
     `published` maps a params path key (`model`, `dataset`) to {file relpath: sha256} of what is released.
     """
     problems = [f"no lineage record for stage {s}" for s in REQUIRED_STAGES if inp.record(s) is None]
-    produced: dict[str, tuple[str, dict]] = {}
-    for stage in inp.stages():
-        for art in inp.lineage[stage].get("outputs", []):
-            produced[art["path"]] = (stage, art)
+    produced = produced_outputs({s: inp.lineage[s] for s in inp.stages()})
     for stage in inp.stages():
         for art in inp.lineage[stage].get("inputs", []):
-            src = produced.get(art["path"])
-            if src and src[0] != stage and src[1]["sha256"] != art["sha256"]:
+            src = recorded_sha(produced, art["path"])
+            if src and src[0] != stage and src[1] != art["sha256"]:
                 problems.append(f"{stage} read {art['path']} {art['sha256'][:12]} but {src[0]} last wrote "
-                                f"{src[1]['sha256'][:12]} (stale; run dvc repro)")
+                                f"{str(src[1])[:12]} (stale; run dvc repro)")
     for key, files in published.items():
         rel = getattr(inp.params.paths, key)
-        src = produced.get(rel)
-        if src is None:
+        if rel not in produced:
             problems.append(f"no stage recorded writing {rel}")
             continue
-        recorded = src[1].get("files") or {}
+        stage = produced[rel][0]
         for name, sha in files.items():
-            if recorded.get(name) != sha:
-                problems.append(f"{rel}/{name} differs from what {src[0]} recorded writing (edited after the run?)")
+            if recorded_sha(produced, f"{rel}/{name}") != (stage, sha):
+                problems.append(f"{rel}/{name} differs from what {stage} recorded writing (edited after the run?)")
                 break
     return _result("lineage", problems, f"{len(inp.lineage)} stage records agree with each other and the files")
 
