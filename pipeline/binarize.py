@@ -16,6 +16,8 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
+
 METHODS = ("best_vs_worst", "best_vs_random", "all_pairs_above_margin")
 
 
@@ -71,3 +73,43 @@ def pairs_for(scores: list[float | None], method: str, min_margin: float, seed: 
                     out.append((hi[0], lo[0]))
         return out, dropped
     raise ValueError(f"unknown binarization method {method!r}; expected one of {METHODS}")
+
+
+def completion_scores(completions) -> tuple[np.ndarray, np.ndarray]:
+    """Score of every completion of a list<struct<content, generator, ratings>> Arrow array (NaN when
+    unrated), and the row each completion belongs to."""
+    import pyarrow.compute as pc
+
+    flat = completions.flatten()
+    row_of = pc.list_parent_indices(completions).to_numpy()
+    ratings = flat.field("ratings")
+    values = ratings.flatten().field("value").to_numpy(zero_copy_only=False)
+    owner = pc.list_parent_indices(ratings).to_numpy()
+    ok = ~np.isnan(values)
+    total = np.bincount(owner[ok], weights=values[ok], minlength=len(flat))
+    count = np.bincount(owner[ok], minlength=len(flat))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan), row_of
+
+
+def binarize_table(batch, prompt_hashes: list[str], method: str, min_margin: float, seed: int
+                   ) -> tuple[list[int], list[int], list[int], np.ndarray, list[tuple[int, Counter]]]:
+    """Pairs of a batch of prompt groups (an Arrow table with a `completions` column).
+
+    Returns the row, chosen and rejected completion (indices into the batch's flattened completions) of
+    every pair, the completion scores, and per row its drop Counter (see `pairs_for`).
+    """
+    comps = batch.column("completions").combine_chunks()
+    scores, row_of = completion_scores(comps)
+    bounds = np.searchsorted(row_of, np.arange(batch.num_rows + 1))
+    rows, chosen, rejected, drops = [], [], [], []
+    for r in range(batch.num_rows):
+        lo, hi = int(bounds[r]), int(bounds[r + 1])
+        s = [None if np.isnan(x) else float(x) for x in scores[lo:hi]]
+        pairs, dropped = pairs_for(s, method, min_margin, seed, prompt_hashes[r])
+        drops.append((r, dropped))
+        for ci, ri in pairs:
+            rows.append(r)
+            chosen.append(lo + ci)
+            rejected.append(lo + ri)
+    return rows, chosen, rejected, scores, drops

@@ -6,8 +6,8 @@ handful of vectorised operations:
 - `window_hashes`: a polynomial hash of every k-word window that stays inside one text;
 - `minhash_signatures`: datasketch's "affine32" MinHash scheme (its own permutations, MurmurHash3
   finaliser premix), computed for many documents at once; the signatures equal
-  `datasketch.MinHash(hashfunc=int).update_batch(shingles)` (tested) and are queried through
-  `datasketch.MinHashLSH`;
+  `datasketch.MinHash(hashfunc=int).update_batch(shingles)` (tested);
+- `near_duplicates`: LSH banding with datasketch's parameters, vectorised (see its docstring);
 - `EvalIndex`: exact-match and n-gram sets of evaluation prompts, and `EvalIndex.match` over a batch.
 """
 
@@ -129,31 +129,46 @@ def minhash_signatures(docs: list[list[int]], k: int, perms: np.ndarray, chunk: 
     return sig
 
 
-class NearDuplicates:
-    """Sequential near-duplicate detection: a document is a near-duplicate when its estimated Jaccard
-    similarity with an earlier kept document reaches the threshold (LSH candidates, then verified)."""
+def near_duplicates(sigs: np.ndarray, threshold: float, num_perm: int) -> dict[int, tuple[int, float]]:
+    """Near-duplicates among documents in order: document i is one when its estimated Jaccard similarity
+    with an earlier kept document reaches `threshold`; returns {i: (earlier kept document, Jaccard)}.
 
-    def __init__(self, threshold: float, num_perm: int, seed: int) -> None:
-        from datasketch import MinHashLSH
+    Candidates come from LSH banding with the (bands, rows) that `datasketch.MinHashLSH` picks for this
+    threshold and size; the buckets are found for all documents at once with numpy (datasketch's
+    per-document insert and query cost ~60 us, too slow for a million rows), and only documents that
+    share a bucket with another are then checked one by one. The decisions equal a sequential
+    MinHashLSH query-then-insert over the same signatures (tested)."""
+    from datasketch import MinHashLSH
 
-        self.threshold, self.seed = threshold, seed
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.kept: dict[str, np.ndarray] = {}
-
-    def check_and_add(self, key: str, sig: np.ndarray) -> tuple[str, float] | None:
-        """(key of the earlier document, estimated Jaccard) if `sig` is a near-duplicate; else remember it."""
-        from datasketch import LeanMinHash
-
-        m = LeanMinHash(seed=self.seed, hashvalues=sig, scheme="affine32")
-        best = None
-        for other in self.lsh.query(m):
-            j = float(np.mean(self.kept[other] == sig))
-            if j >= self.threshold and (best is None or j > best[1] or (j == best[1] and other < best[0])):
-                best = (other, j)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    bands, rows = lsh.b, lsh.r
+    n = len(sigs)
+    bucket = np.zeros((bands, n), dtype=np.int64)
+    shared = np.zeros(n, dtype=bool)
+    for band in range(bands):
+        keys = np.ascontiguousarray(sigs[:, band * rows:(band + 1) * rows]).view(np.dtype((np.void, 4 * rows))).ravel()
+        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        bucket[band] = inverse
+        shared |= counts[inverse] > 1
+    kept: list[dict[int, list[int]]] = [{} for _ in range(bands)]
+    out: dict[int, tuple[int, float]] = {}
+    for i in np.flatnonzero(shared).tolist():
+        best: tuple[int, float] | None = None
+        seen: set[int] = set()
+        for band in range(bands):
+            for j in kept[band].get(int(bucket[band, i]), ()):
+                if j in seen:
+                    continue
+                seen.add(j)
+                jac = float(np.mean(sigs[i] == sigs[j]))
+                if jac >= threshold and (best is None or jac > best[1] or (jac == best[1] and j < best[0])):
+                    best = (j, jac)
         if best is None:
-            self.lsh.insert(key, m, check_duplication=False)
-            self.kept[key] = sig
-        return best
+            for band in range(bands):
+                kept[band].setdefault(int(bucket[band, i]), []).append(i)
+        else:
+            out[i] = best
+    return out
 
 
 @dataclass
@@ -209,7 +224,7 @@ class EvalIndex:
                 self._keys[k] = np.sort(np.fromiter(table.keys(), dtype=np.uint64, count=len(table)))
             keys = self._keys[k]
             h, doc = window_hashes(ids, starts, k)
-            hit = np.isin(h, keys)
+            hit = keys[np.minimum(np.searchsorted(keys, h), len(keys) - 1)] == h
             for hv, d in zip(h[hit].tolist(), doc[hit].tolist(), strict=True):
                 if out[d] is None:
                     out[d] = table[hv]

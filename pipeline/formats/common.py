@@ -238,9 +238,43 @@ def arrow_schema():
                       ("completions", pa.list_(completion_t))])
 
 
-def to_arrow_row(row: dict) -> dict:
-    """A normalised row in the shape of `arrow_schema()`."""
-    return {**row, "completions": [
-        {"content": c["content"], "generator": c["generator"],
-         "ratings": [{"aspect": a, "value": v} for a, v in sorted(c["ratings"].items())]}
-        for c in row["completions"]]}
+def rows_to_arrow(rows: list[dict]):
+    """Normalised rows as an Arrow table of `arrow_schema()`, built column by column (nested
+    `Table.from_pylist` is several times slower). Raises KeyError / TypeError / pyarrow.ArrowException
+    when a row does not have the normalised shape."""
+    import pyarrow as pa
+
+    ids, sources, files, lines, licenses = [], [], [], [], []
+    p_off, p_role, p_content = [0], [], []
+    c_off, c_content, c_gen = [0], [], []
+    r_off, r_aspect, r_value = [0], [], []
+    for row in rows:
+        ids.append(row["id"])
+        sources.append(row["source"])
+        files.append(row["source_file"])
+        lines.append(row["source_line"])
+        licenses.append(row["license"])
+        for m in row["prompt"]:
+            p_role.append(m["role"])
+            p_content.append(m["content"])
+        p_off.append(len(p_role))
+        for c in row["completions"]:
+            c_content.append(c["content"])
+            c_gen.append(c["generator"])
+            for a, v in sorted(c["ratings"].items()):
+                if isinstance(v, bool):
+                    raise TypeError(f"rating {a} is a boolean")
+                r_aspect.append(a)
+                r_value.append(v)
+            r_off.append(len(r_aspect))
+        c_off.append(len(c_content))
+    string, i32 = pa.string(), pa.int32()
+    prompt = pa.ListArray.from_arrays(pa.array(p_off, i32), pa.StructArray.from_arrays(
+        [pa.array(p_role, string), pa.array(p_content, string)], names=["role", "content"]))
+    ratings = pa.ListArray.from_arrays(pa.array(r_off, i32), pa.StructArray.from_arrays(
+        [pa.array(r_aspect, string), pa.array(r_value, pa.float64())], names=["aspect", "value"]))
+    completions = pa.ListArray.from_arrays(pa.array(c_off, i32), pa.StructArray.from_arrays(
+        [pa.array(c_content, string), pa.array(c_gen, string), ratings], names=["content", "generator", "ratings"]))
+    cols = [pa.array(ids, string), pa.array(sources, string), pa.array(files, string), pa.array(lines, pa.int64()),
+            pa.array(licenses, string), prompt, completions]
+    return pa.Table.from_arrays(cols, schema=arrow_schema())
