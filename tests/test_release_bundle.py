@@ -81,6 +81,8 @@ def test_model_card_sections_and_numbers(bundle):
     results = {r.metric_type: r for r in card.data.eval_results}
     assert results["pass_rate_delta"].metric_value == EVAL["pass_rate_delta"]
     assert results["pref_accuracy"].dataset_revision == VERSION
+    assert "n_eval_prompts" not in results and "judge_order_consistency" not in results  # counts, diagnostics
+    assert "| `n_eval_prompts` | held-out constraint prompts evaluated | 36 |" in text
     for section in ("## Intended use", "## Out of scope", "## Training data", "### Decontamination",
                     "## Training procedure", "## Evaluation", "## Plots", "## Limitations", "## License",
                     "## Lineage", "## How to reproduce"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +125,7 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
     from huggingface_hub import ModelCard
 
     from pipeline.io import read_json
-    from pipeline.release.cards import _table, eval_metrics, eval_table
+    from pipeline.release.cards import _table, eval_table, model_index_metrics
 
     problems = []
     readme, results = model / "README.md", model / "eval" / "eval.json"
@@ -142,7 +141,7 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
         card = ModelCard(text, ignore_metadata_errors=False)
     except ValueError as e:
         return [*problems, f"model card metadata unreadable: {e}"]
-    expected = {k: v for k, v, _, _ in eval_metrics(metrics) if isinstance(v, (int, float)) and math.isfinite(v)}
+    expected = model_index_metrics(metrics)
     seen = {}
     for r in card.data.eval_results or []:
         seen[r.metric_type] = r.metric_value

@@ -31,7 +31,21 @@ EVAL_LABELS = {
     "lc_win_rate": "length-controlled win rate vs base",
     "length_ratio": "mean response length, this model / base",
     "kl": "estimated KL(this model || base) on evaluation prompts",
+    "constraint_pass_rate_base": "share of single constraints met, base model",
+    "constraint_pass_rate_policy": "share of single constraints met, this model",
+    "constraint_pass_rate_delta": "constraint-level pass rate difference (this model - base)",
+    "win_rate_soft": "win rate from the judge's probabilities instead of verdicts",
+    "judge_order_consistency": "share of pairs where both orders name the same winner",
+    "judge_unparsed": "judge answers that could not be read",
+    "length_base": "mean response length of the base model (tokens)",
+    "length_policy": "mean response length of this model (tokens)",
+    "kl_per_token": "estimated KL per generated token",
+    "n_eval_prompts": "held-out constraint prompts evaluated",
+    "n_constraints": "constraints checked over those prompts",
+    "n_general_prompts": "general prompts judged",
 }
+# Counts and judge diagnostics are in the table but are not results for the model-index.
+NOT_RESULTS = ("n_", "judge_")
 CI_SUFFIXES = (("_ci_low", "_ci_high"), ("_low", "_high"))
 PREF_PREFIXES = ("pref_", "reward_")
 
@@ -85,14 +99,18 @@ def eval_table(metrics: dict[str, Any] | None) -> str:
     return _table(["metric", "what it measures", "value", "95% interval"], rows)
 
 
+def model_index_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
+    """The metrics that go into the card's model-index: finite results, no counts or diagnostics."""
+    return {k: v for k, v, _, _ in eval_metrics(metrics) if isinstance(v, (int, float)) and
+            math.isfinite(v) and not k.startswith(NOT_RESULTS)}
+
+
 def model_index_results(metrics: dict[str, Any] | None, info: ReleaseInfo):
-    """EvalResult entries for the card metadata (numeric, finite metrics only)."""
+    """EvalResult entries for the card metadata."""
     from huggingface_hub import EvalResult
 
     out = []
-    for key, v, _, _ in eval_metrics(metrics):
-        if v is None or (isinstance(v, float) and not math.isfinite(v)):
-            continue
+    for key, v in model_index_metrics(metrics).items():
         if key.startswith(PREF_PREFIXES):
             ds = dict(dataset_type=info.dataset_repo, dataset_name="held-out preference pairs (test split)",
                       dataset_split="test", dataset_revision=info.version)
