@@ -125,7 +125,7 @@ def test_token_only_from_the_environment_and_checked(bundle, server, monkeypatch
     with pytest.raises(GateError, match="HF_TOKEN is not set"):
         hub.token_from_env()
     with pytest.raises(SourceError, match=r"401") as e:
-        hub.publish_bundle(bundle.path, _info(bundle, server), False, "hf_wrongwrongwrongwrongwrongwrongwrong")
+        hub.publish_bundle(bundle.path, _info(bundle, server), False, "hf_" + "wrong" * 7)
     assert "wrongwrong" not in str(e.value)
     assert server.repo(MODEL, "model") is None
 

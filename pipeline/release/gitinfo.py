@@ -65,7 +65,7 @@ def tag_commit(root: Path, tag: str) -> str | None:
 
 
 def _strip_credentials(url: str | None) -> str | None:
-    """A remote URL may embed a token (https://user:token@host/...): never record that part."""
+    """A remote URL may embed credentials (a user and a token before an @ in its host part): drop them."""
     if not url:
         return url
     return re.sub(r"(?<=://)[^/@]+@", "", url)

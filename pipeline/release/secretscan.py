@@ -5,7 +5,8 @@ credential plugins, not the entropy ones, which flag every sha256 in a manifest)
 patterns plus explicit ones (Hugging Face tokens, private-key blocks, ...) over every file's bytes,
 binary included; and the literal values of token-bearing environment variables (HF_TOKEN, ...). Parquet
 text is compressed on disk, so its string cells are read and scanned too. A finding names the file,
-line and kind, never the secret.
+line and kind, never the secret. A line marked `# pragma: allowlist secret` (detect-secrets' marker) is
+skipped by the pattern scans, so a test fixture can hold a fake key; a live token's value never is.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "AWS_SECRE
               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "OPENRELEASE_SIGNING_KEY_PASSWORD")
 PATTERN_MAX_BYTES = 16 << 20     # regex scans run at ~60 MB/s per pattern here: fine for text, not for weights
 DETECT_SECRETS_MAX_BYTES = 512 * 1024   # detect-secrets scans line by line: ~20 s for a 3.5 MB tokenizer.json
+ALLOWLIST = b"pragma: allowlist secret"
 TEXT_SUFFIXES = {".md", ".json", ".jsonl", ".txt", ".yaml", ".yml", ".jinja", ".csv", ".html", ".py", ".toml", ".cfg"}
 
 
@@ -74,10 +76,17 @@ def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
+def _allowlisted(data: bytes, offset: int) -> bool:
+    """detect-secrets' inline marker, honoured for pattern matches (never for a live token's value)."""
+    start = data.rfind(b"\n", 0, offset) + 1
+    end = data.find(b"\n", offset)
+    return ALLOWLIST in data[start : end if end >= 0 else len(data)]
+
+
 def scan_bytes(data: bytes, name: str, patterns: list[tuple[str, re.Pattern]]) -> list[Finding]:
     found = []
     for kind, rx in patterns:
-        m = rx.search(data)
+        m = next((m for m in rx.finditer(data) if not _allowlisted(data, m.start())), None)
         if m:
             found.append(Finding(name, _line_of(data, m.start()), kind))
     for kind, value in _env_values():
