@@ -203,3 +203,14 @@ def test_dvc_style_stage_processes_and_audit_cli(project, server, tmp_path):
         assert r.returncode == 0, f"{args}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
         assert TOKEN not in r.stdout + r.stderr
     assert "AUDIT PASSED" in r.stdout
+
+
+def test_unreachable_tracking_server_stops_the_release_before_any_upload(project, server, monkeypatch):
+    from pipeline.errors import TrackingError
+    from pipeline.release.publish import publish
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    params = load_params(project / "params.yaml")
+    with pytest.raises(TrackingError, match="cannot be reached"):
+        publish(params, project, endpoint=server.url)
+    assert server.state.repos == {}

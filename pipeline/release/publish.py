@@ -28,7 +28,13 @@ def dry_run(params: Params, root: Path, to: Path, *, strict: bool = False, versi
 
 def publish(params: Params, root: Path, *, version: str | None = None, keep: Path | None = None,
             **repos: str | None) -> tuple[Bundle, list[Any]]:
-    """Build the bundle with every gate enforced, then publish it. Returns the bundle and what was done."""
+    """Build the bundle with every gate enforced, then publish it. Returns the bundle and what was done.
+
+    The MLflow run is opened before anything is uploaded (an unreachable server stops the release
+    first) and records the version, the repos and the Hub commits, never the token.
+    """
+    from pipeline import tracking
+    from pipeline.lineage import git_state, sha256_json
     from pipeline.release import hub
 
     token = hub.token_from_env()   # fail before any work when it is missing
@@ -36,24 +42,17 @@ def publish(params: Params, root: Path, *, version: str | None = None, keep: Pat
     with tempfile.TemporaryDirectory(prefix="openrelease-publish-") as tmp:
         out = keep or Path(tmp) / "bundle"
         bundle = build_bundle(params, root, out, dry_run=False, version=version, **repos)
-        done = hub.publish_bundle(bundle.path, bundle.info, params.publish.private, token)
-    _track(params, root, bundle, done)
+        info = bundle.info
+        logged = {"version": info.version, "model_repo": info.model_repo, "dataset_repo": info.dataset_repo,
+                  "endpoint": info.endpoint, "commit": info.commit}
+        with tracking.stage_run("publish-hub", params.tracking.experiment, sha256_json(logged), git_state(root),
+                                root=root, timeout_s=params.tracking.connect_timeout_s) as run:
+            run.log_params(logged)
+            run.log_artifact(out / "model" / "manifest.json", artifact_path="release")
+            done = hub.publish_bundle(bundle.path, info, params.publish.private, token)
+            run.set_tags({f"openrelease.hub.{p.repo_type}": f"{p.repo_id}@{p.version} {p.commit} ({p.action})"
+                          for p in done})
     return bundle, done
-
-
-def _track(params: Params, root: Path, bundle: Bundle, done: list[Any]) -> None:
-    """One MLflow run per real publish, tagged with the version and the Hub commits (no token)."""
-    from pipeline import tracking
-    from pipeline.lineage import git_state, sha256_json
-
-    info = bundle.info
-    logged = {"version": info.version, "model_repo": info.model_repo, "dataset_repo": info.dataset_repo,
-              "endpoint": info.endpoint, "commit": info.commit}
-    with tracking.stage_run("publish-hub", params.tracking.experiment, sha256_json(logged), git_state(root),
-                            root=root, timeout_s=params.tracking.connect_timeout_s) as run:
-        run.log_params(logged)
-        run.set_tags({f"openrelease.hub.{p.repo_type}": f"{p.repo_id}@{p.version} {p.commit} ({p.action})"
-                      for p in done})
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
