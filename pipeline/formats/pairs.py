@@ -24,11 +24,13 @@ RATING_RANGE = (0.0, 1.0)
 
 
 def _char_prefix(a: str, b: str) -> int:
-    """trl.extract_prompt's rule for strings: the common prefix, minus a trailing space."""
-    idx = min(len(a), len(b))
-    for i in range(min(len(a), len(b))):
-        if a[i] != b[i]:
-            idx = i - 1 if i > 0 and a[i - 1] == " " else i
+    """trl.extract_prompt's rule for strings, quirks included: the common prefix minus a trailing space;
+    when one string starts with the other, the prompt stops one character short of the shorter one."""
+    idx = 0
+    for idx in range(min(len(a), len(b))):  # noqa: B007 - the loop variable is the result, as in TRL
+        if a[idx] != b[idx]:
+            if idx > 0 and a[idx - 1] == " ":
+                idx -= 1
             break
     return idx
 
