@@ -227,3 +227,29 @@ def test_signing_key_from_env_and_wrong_key_type(project, tmp_path, monkeypatch)
     monkeypatch.setenv(ENV_KEY, str(tmp_path / "nope.pem"))
     with pytest.raises(SourceError, match=r"nope.pem \(from env\) does not exist"):
         resolve_key(None, tmp_path)
+
+
+def test_cli_dry_run_to_a_folder_and_gate_failures_one_line_each(project, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(project)
+    assert main(["publish", "--dry-run", "--to", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "PASS licenses: Apache-2.0 (derived)" in out and f"dry run: release {VERSION} written to" in out
+    assert (tmp_path / "out" / "model" / "model.sig").is_file() and (tmp_path / "out" / "dataset" / "README.md").is_file()
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["publish"]["thresholds"] = {"pass_rate_delta": {"min": 0.5}, "kl": {"max": 0.01}}
+    raw["card"]["license_override"] = None
+    raw["publish"]["allowed_licenses"] = ["MIT"]
+    (tmp_path / "strict.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["publish", "--dry-run", "--to", str(tmp_path / "out2"), "--params", str(tmp_path / "strict.yaml")]) == 1
+    err = capsys.readouterr().err
+    fails = [ln for ln in err.splitlines() if ln.startswith("FAIL ")]
+    assert len(fails) == 2 and any("eval-thresholds: pass_rate_delta = 0.1667 < min 0.5; kl = 0.0831 > max 0.01" in ln
+                                   for ln in fails)
+    assert any("licenses: release license Apache-2.0 is not in publish.allowed_licenses" in ln for ln in fails)
+    assert "openrelease publish: error: 2 release gate(s) failed: eval-thresholds:" in err
+    assert not (tmp_path / "out2").exists()

@@ -314,4 +314,6 @@ def finalize(results: list[GateResult], dry_run: bool, strict: bool) -> list[Gat
 def enforce(results: list[GateResult]) -> None:
     failed = [r for r in results if r.status == "fail"]
     if failed:
-        raise GateError(f"{len(failed)} release gate(s) failed: " + " | ".join(f"{r.name}: {r.detail}" for r in failed))
+        err = GateError(f"{len(failed)} release gate(s) failed: " + " | ".join(f"{r.name}: {r.detail}" for r in failed))
+        err.results = results  # the CLI prints one line per gate
+        raise err

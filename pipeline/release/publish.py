@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,17 @@ def publish(params: Params, root: Path, *, version: str | None = None, keep: Pat
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
+    from pipeline.errors import GateError
+
+    try:
+        return _publish_cli(args)
+    except GateError as e:
+        for g in getattr(e, "results", []):
+            print(g.line(), file=sys.stderr)
+        raise
+
+
+def _publish_cli(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     root = Path.cwd()
     repos = {"model_repo": args.model_repo, "dataset_repo": args.dataset_repo, "endpoint": args.endpoint}
