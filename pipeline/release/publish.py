@@ -40,6 +40,7 @@ def publish(params: Params, root: Path, *, version: str | None = None, keep: Pat
 
     token = hub.token_from_env()   # fail before any work when it is missing
     hub.check_online()
+    tracking.check_reachable(tracking.default_tracking_uri(root), params.tracking.connect_timeout_s)
     with tempfile.TemporaryDirectory(prefix="openrelease-publish-") as tmp:
         out = keep or Path(tmp) / "bundle"
         bundle = build_bundle(params, root, out, dry_run=False, version=version, **repos)
