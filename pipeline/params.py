@@ -556,6 +556,8 @@ class Params(Section):
 
     def section_dump(self, dotted: str) -> Any:
         value = self.section(dotted)
+        if isinstance(value, list):  # e.g. data.sources: a list of sections
+            return [v.model_dump(mode="json", by_alias=True) if isinstance(v, BaseModel) else v for v in value]
         return value.model_dump(mode="json", by_alias=True) if isinstance(value, BaseModel) else value
 
 
