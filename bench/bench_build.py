@@ -68,7 +68,7 @@ def make_data(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     prompts: list[str] = []
     aspects = ("instruction_following", "honesty", "truthfulness", "helpfulness")
     with open(src, "w") as f:
-        for i in range(rows // 4):
+        for _ in range(rows // 4):
             r = rng.random()
             if r < 0.02 and prompts:
                 prompt = rng.choice(prompts)

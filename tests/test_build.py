@@ -15,7 +15,7 @@ import pytest
 from pipeline import dedup
 from pipeline.binarize import pairs_for, score
 from pipeline.errors import DataError
-from pipeline.params import DataParams, EvalPromptSet, PairRules, load_params
+from pipeline.params import DataParams, PairRules, load_params
 from pipeline.stages import build, ingest, validate
 from tests.conftest import ROOT, shared_data
 

@@ -146,8 +146,7 @@ def _iter_hub(path: str, split: str | None) -> Iterator[tuple[int, dict]]:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SourceError(f"{path}: cannot load dataset {m['id']}@{m['rev']} split "
                           f"{split or 'train'}{offline}: {first}") from None
-    for index, record in enumerate(ds):
-        yield index, record
+    yield from enumerate(ds)
 
 
 def _offline() -> bool:

@@ -49,7 +49,7 @@ def read(path: str, source_cfg: Any) -> Iterator[dict]:
             if not t or t[-1]["role"] != "assistant":
                 raise bad(path, where, "hh-rlhf transcript", f"{key} must end with an Assistant turn", name)
         if chosen[:-1] != rejected[:-1]:
-            n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+            n = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), min(len(chosen), len(rejected)))
             raise bad(path, where, "hh-rlhf shared prompt", f"chosen and rejected differ before their last "
                       f"assistant turn (at turn {n + 1})", name)
         completions = [completion(chosen[-1]["content"], None, {"preference": 1.0}),

@@ -25,9 +25,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import DataError
 from pipeline.formats import rating_range
 from pipeline.formats.common import arrow_schema, excerpt, rows_to_arrow
-from pipeline.errors import DataError
 from pipeline.io import atomic_dir, atomic_write_json, iter_jsonl
 from pipeline.params import DataSource, RowRules
 from pipeline.stage import StageContext, stage_main
