@@ -106,11 +106,23 @@ class BaseModelParams(Section):
 
 # Sections owned by later stages. Each stage module fills in its own section.
 class GenerateParams(Section):
-    pass
+    """Sampling completions from the base model for the project's constraint prompts (stage `generate`)."""
+
+    samples_per_prompt: int = Field(ge=2, le=64, description="Completions sampled per prompt; DPO pairs need at least two that differ.")
+    max_prompts: int | None = Field(default=None, ge=1, description="Use only the first N prompts of paths.train_prompts; null: all.")
+    max_new_tokens: int = Field(ge=1, le=4096, description="Longest completion, in new tokens; longer ones are cut (and usually fail length-sensitive constraints).")
+    temperature: float = Field(gt=0, le=2, description="Sampling temperature (top-k is off; only temperature and top_p shape the distribution).")
+    top_p: float = Field(gt=0, le=1, description="Nucleus sampling mass.")
+    batch_size: int = Field(ge=1, le=4096, description="Sequences per forward pass (prompts per batch = batch_size // samples_per_prompt, at least 1).")
+    seed: int = Field(ge=0, description="Base seed; each batch re-seeds from (seed, batch index), so output is a function of inputs and this seed.")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        description="transformers: always; vllm: needs vLLM and CUDA; auto: vLLM when both are present, else transformers.")
 
 
 class RateParams(Section):
-    pass
+    """Scoring each completion with the constraint checkers and writing UltraFeedback-shaped rows (stage `rate`)."""
+
+    source: str = Field(min_length=1, description="Value of the UltraFeedback top-level `source` field in paths.rated (where the instructions came from).")
 
 
 class DataSource(Section):

@@ -1,0 +1,179 @@
+"""Batched, seeded sampling from a chat model (used by `generate` and `evaluate`).
+
+`generate()` renders each conversation with the tokenizer's chat template (add_generation_prompt),
+sorts prompts by token length so a batch holds prompts of similar length (less left padding, less
+wasted compute), pads on the left, and samples with `model.generate`. Every batch re-seeds torch from
+(seed, batch index) inside a forked RNG, so a batch's samples do not depend on which batches ran
+before it, and the caller's global RNG state is left untouched. A tqdm bar shows sequences done and
+the ETA; on CPU all available cores are used.
+
+Decoding is exactly what the arguments say: temperature and top_p, with top-k disabled (transformers
+would otherwise apply its default top_k=50) and no repetition penalty from the model's defaults.
+
+`generate_vllm()` is an optional path for CUDA machines with vLLM installed (it is not a dependency of
+this project and is not exercised by the test suite, which runs on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """A well-mixed 63-bit seed for one batch, a pure function of (seed, batch_index)."""
+    digest = hashlib.sha256(f"openrelease-generate:{seed}:{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _batch_order(n_batches: int) -> list[int]:
+    # The order batches run in; results must not depend on it (tests reverse it).
+    return list(range(n_batches))
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for v in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for i in (v if isinstance(v, list) else [v]):
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _count_new_tokens(new_ids, eos_ids: list[int], pad_id: int | None) -> tuple[int, list[bool]]:
+    """Tokens actually generated (up to and including the first EOS; padding after it is free), and
+    per sequence whether it stopped by itself (True) or was cut at max_new_tokens (False)."""
+    total, finished = 0, []
+    stops = set(eos_ids) | ({pad_id} if pad_id is not None else set())
+    for row in new_ids.tolist():
+        n, done = len(row), False
+        for j, t in enumerate(row):
+            if t in stops:
+                n, done = j + 1, True
+                break
+        total += n
+        finished.append(done)
+    return total, finished
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool,
+             temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, batch_size: int,
+             seed: int, desc: str, stats: dict[str, Any] | None = None) -> list[list[str]]:
+    """Sample `num_return_sequences` completions per conversation; returns them in input order.
+
+    `batch_size` counts sequences per forward pass, so each batch holds
+    max(1, batch_size // num_return_sequences) prompts. When `stats` is a dict it receives
+    `new_tokens`, `seconds`, `sequences`, `tokens_per_s` and `finished` (per prompt, per sequence:
+    False when the sequence was cut at max_new_tokens instead of ending with EOS).
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1 or batch_size < 1 or num_return_sequences < 1:
+        raise ValueError("max_new_tokens, batch_size and num_return_sequences must be >= 1")
+    if not do_sample and num_return_sequences > 1:
+        raise ValueError("greedy decoding gives identical sequences; use do_sample=True for several per prompt")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        torch.set_num_threads(available_cpus())
+    model.eval()
+
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    # Longest first: a memory problem shows in the first batch and the ETA starts pessimistic.
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    per_batch = max(1, batch_size // num_return_sequences)
+    batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
+
+    eos = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
+                              eos_token_id=eos, pad_token_id=pad_id, repetition_penalty=1.0, **sampling)
+
+    results: list[list[str]] = [[] for _ in texts]
+    finished: list[list[bool]] = [[] for _ in texts]
+    new_tokens, t0 = 0, time.monotonic()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    bar = tqdm(total=len(texts) * num_return_sequences, desc=desc, unit="seq", dynamic_ncols=True, mininterval=1.0)
+    try:
+        for bi in _batch_order(len(batches)):
+            idx = batches[bi]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            forked = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=forked), torch.inference_mode():
+                torch.manual_seed(batch_seed(seed, bi))
+                out = model.generate(**enc, generation_config=config)
+            new = out[:, enc["input_ids"].shape[1]:].cpu()
+            n_tokens, done = _count_new_tokens(new, eos, pad_id)
+            new_tokens += n_tokens
+            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for k, i in enumerate(idx):
+                span = slice(k * num_return_sequences, (k + 1) * num_return_sequences)
+                results[i] = [s.strip() for s in decoded[span]]
+                finished[i] = done[span]
+            bar.update(len(idx) * num_return_sequences)
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.monotonic() - t0, 1e-9):.0f}", refresh=False)
+    finally:
+        bar.close()
+        tokenizer.padding_side = old_side
+    seconds = time.monotonic() - t0
+    if stats is not None:
+        stats.update(new_tokens=new_tokens, seconds=seconds, sequences=len(texts) * num_return_sequences,
+                     tokens_per_s=new_tokens / seconds if seconds > 0 else 0.0, finished=finished)
+    log.info("%s: %d sequences, %d new tokens in %.1fs (%.0f tokens/s)", desc, len(texts) * num_return_sequences,
+             new_tokens, seconds, new_tokens / max(seconds, 1e-9))
+    return results
+
+
+def vllm_available() -> bool:
+    """True when vLLM is importable and a CUDA device is present (the only case `generate_vllm` supports)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def generate_vllm(model_path: str, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool,
+                  temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, seed: int,
+                  stats: dict[str, Any] | None = None) -> list[list[str]]:
+    """The same contract as `generate()`, through vLLM (CUDA only; not tested by this project's CPU suite).
+
+    Each prompt gets its own seed derived from (seed, prompt index), so results do not depend on how
+    vLLM schedules requests. Token-for-token equality with the transformers path is not expected.
+    """
+    from vllm import LLM, SamplingParams  # optional; only reached when vllm_available()
+
+    llm = LLM(model=model_path, seed=seed, trust_remote_code=False)
+    params = [SamplingParams(n=num_return_sequences, max_tokens=max_new_tokens, seed=batch_seed(seed, i),
+                             temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0, top_k=-1)
+              for i in range(len(prompts))]
+    t0 = time.monotonic()
+    outputs = llm.chat(prompts, params, add_generation_prompt=True, use_tqdm=True)
+    seconds = time.monotonic() - t0
+    results = [[o.text.strip() for o in out.outputs] for out in outputs]
+    if stats is not None:
+        new_tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
+        stats.update(new_tokens=new_tokens, seconds=seconds, sequences=sum(map(len, results)),
+                     tokens_per_s=new_tokens / seconds if seconds > 0 else 0.0,
+                     finished=[[o.finish_reason == "stop" for o in out.outputs] for out in outputs])
+    return results

@@ -1,0 +1,196 @@
+"""Stage `rate`: score every sampled completion with the constraint checkers; write UltraFeedback rows.
+
+Reads:  `paths.generations` (written by `generate`), params `rate`.
+Writes: `paths.rated` (JSONL, one row per prompt in the `openbmb/UltraFeedback` layout),
+        `paths.metrics`/rate.json and `paths.lineage`/rate.json.
+Run:    `dvc repro rate` (or `python -m pipeline.stages.rate`).
+
+Row layout, following openbmb/UltraFeedback (github.com/OpenBMB/UltraFeedback, "Dataset Format"):
+
+    {"source": <params rate.source>, "instruction": <the user prompt>,
+     "models": [<generator>, ...],                 # one entry per completion, in completion order
+     "correct_answers": ["None"], "incorrect_answers": ["None"],   # as UltraFeedback outside TruthfulQA/FLAN
+     "completions": [
+       {"model": <generator>, "principle": null, "custom_system_prompt": null,   # no principle prompt used
+        "response": <completion text>,
+        "annotations": {
+          "instruction_following": {"Rating": "1".."5", "Rationale": <which constraints were met>},
+          "honesty":      {"Rating": "N/A", "Rationale": <why not rated>},
+          "truthfulness": {"Type": ["None"], "Rationale": ..., "Rating": "N/A", "Rationale For Rating": ...},
+          "helpfulness":  {"Type": ["None"], "Rationale": ..., "Rating": "N/A", "Rationale For Rating": ...}},
+        "critique": <the per-constraint verdicts in words>,
+        "fine-grained_score": <mean of the non-N/A ratings, i.e. the instruction_following rating, float>,
+        "overall_score": null,                       # UltraFeedback's GPT-4 critique score: not produced here
+        # extra fields (not in UltraFeedback), for audit:
+        "constraint_results": [{"type", "ok", "detail"}, ...], "pass_fraction": float, "completion_index": int,
+        "finished": bool (false: cut at max_new_tokens) or null when unknown}],
+     # extra top-level fields: "id" (prompt id), "constraints", "prompt_line", "decoding"}
+
+Only instruction following is verified, so only it gets a number: Rating = 1 + round_half_up(4 * f),
+where f is the fraction of the prompt's constraints the completion meets (0 -> "1", 1/3 -> "2",
+1/2 -> "3", 2/3 -> "4", 1 -> "5"). Honesty, truthfulness and helpfulness are "N/A" (UltraFeedback's own
+marker for an aspect that was not rated), never an invented number; `overall_score` is null for the
+same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.constraints import check, constraint_problem, pass_fraction
+from pipeline.errors import DataError
+from pipeline.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
+from pipeline.params import RateParams
+from pipeline.stage import StageContext, stage_main
+
+STAGE = "rate"
+READS = ["rate", "paths.generations", "paths.rated", "paths.metrics"]
+METRICS_FILE = "rate.json"
+ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
+NOT_RATED = ("Not rated: the open-release default data path verifies only instruction following "
+             "(with deterministic constraint checkers); this aspect was not assessed.")
+
+log = logging.getLogger(__name__)
+
+
+def rating(fraction: float) -> int:
+    """UltraFeedback-style 1..5 rating for the fraction of constraints met (round half up)."""
+    return 1 + math.floor(4 * fraction + 0.5)
+
+
+def _not_rated(aspect: str) -> dict[str, Any]:
+    if aspect == "honesty":
+        return {"Rating": "N/A", "Rationale": NOT_RATED}
+    return {"Type": ["None"], "Rationale": NOT_RATED, "Rating": "N/A", "Rationale For Rating": NOT_RATED}
+
+
+def _verdicts(results: list[dict]) -> str:
+    return "; ".join(f"{r['type']}: {'met' if r['ok'] else 'NOT met'} ({r['detail']})" for r in results)
+
+
+def rate_completion(text: str, constraints: list[dict], model: str, index: int, finished: bool | None = None) -> dict[str, Any]:
+    """One UltraFeedback completion object for `text`, rated on its verifiable constraints."""
+    results = check(text, constraints)
+    frac = pass_fraction(results)
+    r = rating(frac)
+    met = sum(x["ok"] for x in results)
+    annotations = {a: _not_rated(a) for a in ASPECTS}
+    annotations["instruction_following"] = {
+        "Rating": str(r),
+        "Rationale": f"Met {met} of {len(results)} verifiable constraints: {_verdicts(results)}.",
+    }
+    return {
+        "model": model, "principle": None, "custom_system_prompt": None, "response": text,
+        "annotations": annotations,
+        "critique": f"Checked by rule, not by a judge. {_verdicts(results)}.",
+        "fine-grained_score": float(r), "overall_score": None,
+        "constraint_results": results, "pass_fraction": frac, "completion_index": index, "finished": finished,
+    }
+
+
+_REQUIRED = {"prompt_id": str, "messages": list, "constraints": list, "completion_index": int, "text": str, "generator": str}
+
+
+def read_generations(path: str | Path) -> list[dict]:
+    """Rows of a generations file; a missing key or wrong type is a DataError with file:line."""
+    rows: list[dict] = []
+    firsts: dict[str, tuple[int, list, list]] = {}
+    seen: dict[tuple[str, int], int] = {}
+    for lineno, obj in iter_jsonl(path):
+        for key, kind in _REQUIRED.items():
+            if not isinstance(obj.get(key), kind) or isinstance(obj.get(key), bool):
+                raise DataError(path, lineno, f"generation row key {key!r}", f"must be {kind.__name__}, got {obj.get(key)!r:.60}")
+        msgs = obj["messages"]
+        if not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs) or msgs[-1].get("role") != "user":
+            raise DataError(path, lineno, "messages", "must be a list of {role, content} ending with a user turn")
+        for i, c in enumerate(obj["constraints"]):
+            if problem := constraint_problem(c):
+                raise DataError(path, lineno, "constraints", f"constraint {i}: {problem}")
+        if obj.get("finished") is not None and not isinstance(obj["finished"], bool):
+            raise DataError(path, lineno, "generation row key 'finished'", f"must be true, false or absent, got {obj['finished']!r:.60}")
+        pid, idx = obj["prompt_id"], obj["completion_index"]
+        first = firsts.setdefault(pid, (lineno, msgs, obj["constraints"]))
+        if (first[1], first[2]) != (msgs, obj["constraints"]):
+            raise DataError(path, lineno, "one prompt per id", f"{pid!r} has other messages or constraints than on line {first[0]}")
+        if (pid, idx) in seen:
+            raise DataError(path, lineno, "unique completion", f"{pid!r} completion {idx} already on line {seen[pid, idx]}")
+        seen[pid, idx] = lineno
+        rows.append({**obj, "line": lineno})
+    return rows
+
+
+def run(p: RateParams, generations: list[dict]) -> tuple[list[dict], dict[str, float]]:
+    """Group completions by prompt (file order), rate each; return UltraFeedback rows and flat metrics."""
+    groups: dict[str, list[dict]] = {}
+    for g in generations:
+        groups.setdefault(g["prompt_id"], []).append(g)
+    rows: list[dict] = []
+    type_total: Counter[str] = Counter()
+    type_ok: Counter[str] = Counter()
+    for pid, gs in groups.items():
+        gs = sorted(gs, key=lambda g: g["completion_index"])
+        first = gs[0]
+        completions = [rate_completion(g["text"], g["constraints"], g["generator"], g["completion_index"], g.get("finished"))
+                       for g in gs]
+        for c in completions:
+            for res in c["constraint_results"]:
+                type_total[res["type"]] += 1
+                type_ok[res["type"]] += res["ok"]
+        rows.append({
+            "source": p.source, "instruction": first["messages"][-1]["content"],
+            "models": [c["model"] for c in completions],
+            "correct_answers": ["None"], "incorrect_answers": ["None"],
+            "completions": completions,
+            "id": pid, "constraints": first["constraints"], "prompt_line": first.get("prompt_line"),
+            "decoding": first.get("decoding"),
+        })
+    return rows, summarize(rows, type_total, type_ok)
+
+
+def summarize(rows: list[dict], type_total: Counter, type_ok: Counter) -> dict[str, float]:
+    fracs = [[c["pass_fraction"] for c in r["completions"]] for r in rows]
+    flat = [f for fs in fracs for f in fs]
+    metrics: dict[str, float] = {
+        "prompts": len(rows),
+        "completions": len(flat),
+        "mean_pass_fraction": round(sum(flat) / len(flat), 4) if flat else 0.0,
+        "all_constraints_met_rate": round(sum(f == 1.0 for f in flat) / len(flat), 4) if flat else 0.0,
+        # A prompt with a completion meeting every constraint and one that does not: a clean DPO pair.
+        "prompts_pass_and_fail": sum(max(fs) == 1.0 and min(fs) < 1.0 for fs in fracs),
+        # A prompt whose completions got different ratings: `build` can pair them (margin permitting).
+        "contrastive_prompts": sum(max(fs) > min(fs) for fs in fracs),
+        "empty_completions": sum(not c["response"].strip() for r in rows for c in r["completions"]),
+        "truncated_completions": sum(c["finished"] is False for r in rows for c in r["completions"]),
+    }
+    for t in sorted(type_total):
+        metrics[f"pass_rate_{t}"] = round(type_ok[t] / type_total[t], 4)
+    return metrics
+
+
+def _body(ctx: StageContext) -> None:
+    src = ctx.path("generations")
+    generations = read_generations(src)
+    ctx.add_input(src, rows=len(generations), name="generations")
+    rows, metrics = run(ctx.params.rate, generations)
+    out = ctx.path("rated")
+    atomic_write_jsonl(out, rows)
+    ctx.add_output(out, rows=len(rows))
+    metrics_file = ctx.path("metrics") / METRICS_FILE
+    atomic_write_json(metrics_file, metrics)
+    ctx.add_output(metrics_file)
+    ctx.log_metrics(metrics)
+    log.info("rate: %d prompts, %d completions, mean pass fraction %.3f, %d contrastive prompts (%d pass-and-fail)",
+             metrics["prompts"], metrics["completions"], metrics["mean_pass_fraction"],
+             metrics["contrastive_prompts"], metrics["prompts_pass_and_fail"])
+
+
+def main() -> None:
+    stage_main(STAGE, READS, _body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Stages generate and rate: on-policy sampling on the tiny model, constraint ratings in the UltraFeedback layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import DataError
+from pipeline.params import GenerateParams, RateParams
+from pipeline.stages import generate, rate
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    {"id": "p1", "line": 1, "prompt": "Say hi in lowercase.", "constraints": [{"type": "lowercase"}]},
+    {"id": "p2", "line": 2, "prompt": "Name a fruit, no commas, under 5 words.",
+     "constraints": [{"type": "no_commas"}, {"type": "word_count", "max": 5}]},
+    {"id": "p3", "line": 3, "prompt": "Give JSON.", "constraints": [{"type": "json_format"}]},
+]
+GEN = GenerateParams(samples_per_prompt=2, max_new_tokens=6, temperature=1.0, top_p=0.95, batch_size=4, seed=7,
+                     backend="transformers")
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_model_dir):
+    return generate.run(GEN, PROMPTS, tiny_model_dir, generator="tiny-llama")
+
+
+def test_generate_run_rows(generated):
+    rows, stats = generated
+    assert [(r["prompt_id"], r["completion_index"]) for r in rows] == [(p, i) for p in ("p1", "p2", "p3") for i in (0, 1)]
+    r = rows[2]
+    assert r["messages"] == [{"role": "user", "content": PROMPTS[1]["prompt"]}]
+    assert r["constraints"] == PROMPTS[1]["constraints"] and r["prompt_line"] == 2
+    assert r["generator"] == "tiny-llama" and isinstance(r["text"], str) and isinstance(r["finished"], bool)
+    assert r["decoding"] == {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": None,
+                             "max_new_tokens": 6, "seed": 7, "backend": "transformers"}
+    assert (stats["prompts"], stats["completions"]) == (3, 6) and stats["new_tokens"] > 0
+    # a random tiny model rarely samples EOS within 6 tokens; cut ones have exactly the budget
+    assert stats["truncated_completions"] == sum(not r["finished"] for r in rows)
+
+
+def test_generate_max_prompts_and_generator_name(tiny_model_dir, tmp_path):
+    rows, stats = generate.run(GEN.model_copy(update={"max_prompts": 1, "samples_per_prompt": 2}), PROMPTS, tiny_model_dir)
+    assert {r["prompt_id"] for r in rows} == {"p1"} and stats["prompts"] == 1
+    assert rows[0]["generator"] == Path(tiny_model_dir).name  # no SOURCE.json: the folder name
+    (tmp_path / "SOURCE.json").write_text(json.dumps({"name": "SmolLM2-135M-Instruct"}))
+    assert generate.generator_name(tmp_path) == "SmolLM2-135M-Instruct"
+
+
+def test_vllm_backend_needs_vllm_and_cuda(monkeypatch):
+    from pipeline import generation
+    from pipeline.errors import ParamsError
+
+    monkeypatch.setattr(generation, "vllm_available", lambda: False)
+    assert generate.choose_backend(GEN.model_copy(update={"backend": "auto"})) == "transformers"
+    with pytest.raises(ParamsError, match="needs the vllm package and a CUDA device"):
+        generate.choose_backend(GEN.model_copy(update={"backend": "vllm"}))
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [(0, 1), (1 / 3, 2), (0.5, 3), (2 / 3, 4), (1, 5), (0.25, 2), (0.75, 4)])
+def test_rating_scale(fraction, expected):
+    assert rate.rating(fraction) == expected
+
+
+def test_rate_completion_layout():
+    c = rate.rate_completion("hello, world", [{"type": "lowercase"}, {"type": "no_commas"}], "m", 3)
+    ann = c["annotations"]
+    assert set(ann) == {"instruction_following", "honesty", "truthfulness", "helpfulness"}
+    assert ann["instruction_following"]["Rating"] == "3"  # 1 of 2 met
+    assert ann["instruction_following"]["Rationale"].startswith("Met 1 of 2 verifiable constraints: lowercase: met")
+    assert ann["honesty"] == {"Rating": "N/A", "Rationale": rate.NOT_RATED}
+    assert set(ann["truthfulness"]) == set(ann["helpfulness"]) == {"Type", "Rationale", "Rating", "Rationale For Rating"}
+    assert ann["truthfulness"]["Rating"] == ann["helpfulness"]["Rating"] == "N/A"
+    assert c["fine-grained_score"] == 3.0 and c["overall_score"] is None
+    assert c["pass_fraction"] == 0.5 and c["completion_index"] == 3 and c["model"] == "m" and c["response"] == "hello, world"
+    assert [r["ok"] for r in c["constraint_results"]] == [True, False]
+
+
+def _gen_rows(texts: dict[str, list[str]]) -> list[dict]:
+    cons = {p["id"]: p["constraints"] for p in PROMPTS}
+    return [{"prompt_id": pid, "prompt_line": 1, "messages": [{"role": "user", "content": f"prompt {pid}"}],
+             "constraints": cons[pid], "completion_index": i, "text": t, "finished": True, "generator": "g",
+             "decoding": {"seed": 1}}
+            for pid, ts in texts.items() for i, t in enumerate(ts)]
+
+
+def test_rate_run_groups_and_metrics():
+    rows, m = rate.run(RateParams(source="src"), _gen_rows({
+        "p1": ["all lower", "Not Lower", "fine"],          # pass, fail, pass -> pass-and-fail
+        "p2": ["apple", "apple, pear", "one two three four five six"],  # 1, 1/2, 1/2 -> pass-and-fail
+        "p3": ["nope", "still no"],                           # both fail -> not contrastive
+    }))
+    assert [r["id"] for r in rows] == ["p1", "p2", "p3"]
+    r = rows[1]
+    assert (r["source"], r["instruction"], r["models"]) == ("src", "prompt p2", ["g", "g", "g"])
+    assert r["correct_answers"] == r["incorrect_answers"] == ["None"]
+    assert [c["annotations"]["instruction_following"]["Rating"] for c in r["completions"]] == ["5", "3", "3"]
+    assert m["prompts"] == 3 and m["completions"] == 8
+    assert m["prompts_pass_and_fail"] == 2 and m["contrastive_prompts"] == 2
+    assert m["pass_rate_json_format"] == 0.0 and m["pass_rate_lowercase"] == pytest.approx(2 / 3, abs=1e-4)
+    assert m["mean_pass_fraction"] == pytest.approx((1 + 0 + 1 + 1 + 0.5 + 0.5 + 0 + 0) / 8, abs=1e-4)
+
+
+def test_rated_rows_read_by_the_ultrafeedback_reader(generated, tmp_path):
+    """The ingest side's reader for the real UltraFeedback layout reads what `rate` writes."""
+    from pipeline.io import atomic_write_jsonl
+
+    ultrafeedback = pytest.importorskip("pipeline.formats.ultrafeedback")
+    rows, _ = rate.run(RateParams(source="openrelease_constraints"), generated[0])
+    path = tmp_path / "rated.jsonl"
+    atomic_write_jsonl(path, rows)
+    cfg = type("Cfg", (), {"name": "onpolicy", "license": "Apache-2.0", "split": None, "max_rows": None})()
+    got = list(ultrafeedback.read(str(path), cfg))
+    assert len(got) == 3
+    assert got[0]["prompt"] == [{"role": "user", "content": PROMPTS[0]["prompt"]}]
+    for g, r in zip(got, rows, strict=True):
+        assert [c["content"] for c in g["completions"]] == [c["response"] for c in r["completions"]]
+        for c, rc in zip(g["completions"], r["completions"], strict=True):
+            assert c["generator"] == "tiny-llama"
+            assert c["ratings"]["instruction_following"] == float(rc["annotations"]["instruction_following"]["Rating"])
+            assert c["ratings"]["honesty"] is None and c["ratings"]["helpfulness"] is None
+
+
+def _write(tmp_path, rows: list) -> Path:
+    p = tmp_path / "generations.jsonl"
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (lambda r: "{broken", r"generations.jsonl:2: valid JSON"),
+    (lambda r: {**r, "constraints": [{"type": "rhyme"}]}, r"generations.jsonl:2: constraints: .*unknown constraint type 'rhyme'"),
+    (lambda r: {k: v for k, v in r.items() if k != "text"}, r"generations.jsonl:2: generation row key 'text'"),
+    (lambda r: {**r, "completion_index": "1"}, r"generations.jsonl:2: generation row key 'completion_index'"),
+    (lambda r: {**r, "messages": [{"role": "assistant", "content": "x"}]}, r"generations.jsonl:2: messages"),
+    (lambda r: {**r, "completion_index": 0}, r"generations.jsonl:2: unique completion: 'p1' completion 0 already on line 1"),
+    (lambda r: {**r, "constraints": [{"type": "no_commas"}]}, r"generations.jsonl:2: one prompt per id"),
+    (lambda r: {**r, "finished": "yes"}, r"generations.jsonl:2: generation row key 'finished'"),
+])
+def test_read_generations_bad_lines(tmp_path, mutate, match):
+    good = _gen_rows({"p1": ["a", "b"]})
+    with pytest.raises(DataError, match=match):
+        rate.read_generations(_write(tmp_path, [good[0], mutate(good[1])]))
+
+
+def _stage_params(tmp_path: Path, tiny_model_dir: Path, prompts: list[str]) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"]["base_model"] = str(tiny_model_dir)
+    raw["paths"]["train_prompts"] = "prompts.jsonl"
+    raw["generate"].update(samples_per_prompt=2, max_new_tokens=4, batch_size=8, max_prompts=None)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "prompts.jsonl").write_text("".join(line + "\n" for line in prompts), encoding="utf-8")
+    return tmp_path / "params.yaml"
+
+
+def test_stages_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
+    """generate then rate through run_stage: outputs, metrics files and lineage records."""
+    from pipeline.stage import run_stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    lines = [json.dumps({"id": p["id"], "prompt": p["prompt"], "constraints": p["constraints"]}) for p in PROMPTS]
+    params_file = _stage_params(tmp_path, tiny_model_dir, lines)
+    run_stage(generate.STAGE, generate.READS, generate._body, params_file=params_file, root=tmp_path)
+    run_stage(rate.STAGE, rate.READS, rate._body, params_file=params_file, root=tmp_path)
+    raw = yaml.safe_load(params_file.read_text())
+    gen_lines = (tmp_path / raw["paths"]["generations"]).read_text().splitlines()
+    rated = [json.loads(x) for x in (tmp_path / raw["paths"]["rated"]).read_text().splitlines()]
+    assert len(gen_lines) == 6 and [r["id"] for r in rated] == ["p1", "p2", "p3"]
+    gm = json.loads((tmp_path / raw["paths"]["metrics"] / "generate.json").read_text())
+    rm = json.loads((tmp_path / raw["paths"]["metrics"] / "rate.json").read_text())
+    assert gm["completions"] == 6 and gm["tokens_per_s"] > 0
+    assert rm["completions"] == 6 and rm["prompts"] == 3
+    lineage = json.loads((tmp_path / raw["paths"]["lineage"] / "rate.json").read_text())
+    assert lineage["inputs"][0]["rows"] == 6 and lineage["outputs"][0]["rows"] == 3
+
+
+def test_generate_stage_bad_prompt_line(tmp_path, tiny_model_dir, monkeypatch):
+    """The stage stops on the first bad row with its line (every other rule: tests/test_constraints.py)."""
+    from pipeline.stage import run_stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    good = json.dumps({"id": "a", "prompt": "hi", "constraints": [{"type": "lowercase"}]})
+    bad = json.dumps({"id": "z", "prompt": "x", "constraints": [{"type": "lowercase"}, {"type": "haiku"}]})
+    params_file = _stage_params(tmp_path, tiny_model_dir, [good, bad, "{not json"])
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: constraints: constraint 1: unknown constraint type 'haiku'"):
+        run_stage(generate.STAGE, generate.READS, generate._body, params_file=params_file, root=tmp_path)
+    assert not (tmp_path / yaml.safe_load(params_file.read_text())["paths"]["generations"]).exists()
