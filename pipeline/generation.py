@@ -163,7 +163,7 @@ def generate_vllm(model_path: str, prompts: list[list[dict]], *, max_new_tokens:
     """
     from vllm import LLM, SamplingParams  # optional; only reached when vllm_available()
 
-    llm = LLM(model=model_path, seed=seed, trust_remote_code=False)
+    llm = LLM(model=model_path, seed=seed, trust_remote_code=False, load_format="safetensors")
     params = [SamplingParams(n=num_return_sequences, max_tokens=max_new_tokens, seed=batch_seed(seed, i),
                              temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0, top_k=-1)
               for i in range(len(prompts))]
