@@ -39,6 +39,10 @@ class Models:
             self._sha[folder] = sha256_path(folder)
         return self._sha[folder]
 
+    def known(self, folder: Path, sha256: str) -> None:
+        """Record a folder's sha256 computed elsewhere (the lineage record hashes it already)."""
+        self._sha[Path(folder).resolve()] = sha256
+
     def load(self, folder: Path) -> tuple[Any, Any]:
         folder = Path(folder).resolve()
         if folder not in self._loaded:

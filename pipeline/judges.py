@@ -20,6 +20,7 @@ judge against human labels (`openrelease judge-agreement FILE`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -119,6 +120,8 @@ class LocalJudge:
         model.eval()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(model.parameters()).device
+        # Only the last position's logits are needed: skip the vocabulary projection elsewhere.
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         bs = self.p.batch_size
         with torch.inference_mode():
             for k in tqdm(range(0, len(seqs), bs), desc="judge (local)", unit="batch"):
@@ -126,12 +129,13 @@ class LocalJudge:
                 width = max(map(len, batch))
                 ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 mask = torch.zeros_like(ids)
-                for r, s in enumerate(batch):  # right padding: positions stay 0..n-1
-                    ids[r, :len(s)] = torch.tensor(s)
-                    mask[r, :len(s)] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-                last = mask.sum(1) - 1
-                probs = torch.softmax(logits[torch.arange(len(batch)), last], dim=-1)
+                for r, s in enumerate(batch):  # left padding: every row ends at the last column
+                    ids[r, width - len(s):] = torch.tensor(s)
+                    mask[r, width - len(s):] = 1
+                positions = (mask.cumsum(1) - 1).clamp(min=0)  # padding must not shift positions
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device), **keep).logits[:, -1].float().cpu()
+                probs = torch.softmax(logits, dim=-1)
                 pa, pb = probs[:, ids_a].sum(-1), probs[:, ids_b].sum(-1)
                 out.extend((pa / (pa + pb)).tolist())
         return out

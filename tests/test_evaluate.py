@@ -274,3 +274,57 @@ def test_run_with_identical_models_is_neutral(eval_inputs, tmp_path):
     assert m["kl"] == pytest.approx(0, abs=1e-4) and m["reward_margin"] == pytest.approx(0, abs=1e-4)
     assert m["win_rate"] == 0.5 and m["n_ties"] == 4  # identical answers: the orders cancel exactly
     assert m["pass_rate_delta"] == 0 and m["length_ratio"] == 1.0
+
+
+# ---------------------------------------------------------------- the stage's wiring (_body)
+
+def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inputs, tmp_path, monkeypatch):
+    import mlflow
+    import yaml
+
+    import pipeline.generation
+    from pipeline.io import read_json
+    from pipeline.stage import run_stage
+    from pipeline.stages import evaluate
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    for name in ("eval.jsonl", "general.jsonl", "pairwise.txt"):
+        shutil.copy(tmp_path / name, root / "data" / name)
+    shutil.copytree(eval_inputs.base, root / "models" / "base")
+    shutil.copytree(eval_inputs.policy, root / "models" / "trained")
+    (root / "dataset").mkdir()
+    shutil.copy(eval_inputs.test, root / "dataset" / "test.parquet")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"].update(eval_prompts="data/eval.jsonl", general_prompts="data/general.jsonl",
+                           judge_template="data/pairwise.txt", dataset="dataset", model="models/trained",
+                           base_model="models/base")
+    params["evaluate"] = _params(bootstrap={"n_resamples": 200}).model_dump(mode="json")
+    params["train"]["dpo"]["beta"] = 0.2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.set_experiment(params["tracking"]["experiment"])
+    model_id = mlflow.create_external_model(name="trained", experiment_id=exp.experiment_id).model_id
+    (root / "lineage").mkdir()
+    (root / "lineage" / "train.json").write_text(json.dumps({"extra": {"mlflow_model_id": model_id}}))
+    monkeypatch.setattr(pipeline.generation, "generate", FakeGenerate())
+
+    run_stage(evaluate.STAGE, evaluate.READS, evaluate._body, params_file=root / "params.yaml", root=root)
+
+    metrics = read_json(root / params["paths"]["metrics"] / "eval.json")
+    for key in REQUIRED:
+        assert key in metrics, key
+    assert metrics["beta"] == 0.2  # read from train.dpo, not restated in evaluate
+    for png in ("eval_pass_rates.png", "eval_win_rate.png"):
+        assert (root / params["paths"]["plots"] / png).read_bytes()[:4] == b"\x89PNG"
+    out = root / params["paths"]["eval_dir"]
+    assert sorted(p.name for p in out.iterdir()) == ["constraints.parquet", "general.parquet", "preference.parquet"]
+    assert any((root / params["paths"]["eval_cache"]).rglob("*.json"))
+    record = read_json(root / "lineage" / "evaluate.json")
+    assert record["extra"]["logged_model_id"] == model_id
+    assert {"models/base", "models/trained", "dataset/test.parquet"} <= {a["path"] for a in record["inputs"]}
+    linked = mlflow.get_logged_model(model_id)
+    assert {m.key for m in linked.metrics} >= {"pref_accuracy", "pass_rate_delta", "win_rate", "kl"}

@@ -3,7 +3,7 @@
 Reads:  `paths.model` (trained), `paths.base_model` (reference), `paths.dataset/test.parquet`,
         `paths.eval_prompts` (held-out constraint prompts), `paths.general_prompts` and
         `paths.judge_template`; params `evaluate` and `train.dpo` (beta and max_length, so the implicit
-        reward is the one training optimised); `paths.lineage/train.json` `extra.logged_model_id`
+        reward is the one training optimised); `paths.lineage/train.json` `extra.mlflow_model_id`
         when present (the MLflow LoggedModel the metrics are attached to).
 Writes: `paths.metrics/eval.json` (flat DVC metrics), `paths.eval_dir/{preference,constraints,general}.parquet`
         (one row per test pair / prompt), `paths.plots/eval_pass_rates.png`, `paths.plots/eval_win_rate.png`,
@@ -37,8 +37,11 @@ no model is even loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +90,7 @@ class Inputs:
 class Result:
     metrics: dict[str, float]
     tables: dict[str, Any] = field(default_factory=dict)  # name -> pandas DataFrame
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (MLflow only, not DVC metrics)
 
 
 def _ci(prefix: str, est_lo_hi: tuple[float, float, float], metrics: dict[str, float]) -> None:
@@ -190,13 +194,16 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
     if judge is None:
         judge = JUDGES[p.judge.kind](p.judge, default_model=inp.base, sha256_of=models.sha256, loader=models.load)
 
-    metrics, tables = {}, {}
-    m, tables["preference"] = preference(models, inp, p, cache, ci)
+    metrics, tables, timings = {}, {}, {}
+    with _timed("preference", timings):
+        m, tables["preference"] = preference(models, inp, p, cache, ci)
     metrics.update(m)
 
     convs = [[{"role": "user", "content": r["prompt"]}] for r in rows + general]
-    resp_b = generations(models, inp.base, convs, p, cache, generate_fn, "evaluate: base")
-    resp_p = generations(models, inp.policy, convs, p, cache, generate_fn, "evaluate: policy")
+    with _timed("generate_base", timings):
+        resp_b = generations(models, inp.base, convs, p, cache, generate_fn, "evaluate: base")
+    with _timed("generate_policy", timings):
+        resp_p = generations(models, inp.policy, convs, p, cache, generate_fn, "evaluate: policy")
     k = len(rows)
     m, tables["constraints"] = verifiable(rows, resp_b[:k], resp_p[:k], ci)
     metrics.update(m)
@@ -204,11 +211,13 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
     tok = models.tokenizer(inp.base)
     len_b = np.array([len(tok.encode(r, add_special_tokens=False)) for r in resp_b], dtype=float)
     len_p = np.array([len(tok.encode(r, add_special_tokens=False)) for r in resp_p], dtype=float)
-    m, tables["general"] = judged(p, general, resp_b[k:], resp_p[k:], len_b[k:], len_p[k:], judge, template,
-                                  cache, ci)
+    with _timed("judge", timings):
+        m, tables["general"] = judged(p, general, resp_b[k:], resp_p[k:], len_b[k:], len_p[k:], judge,
+                                      template, cache, ci)
     metrics.update(m)
 
-    kl = np.array(kls(models, inp.policy, inp.base, convs, resp_p, p, cache), dtype=float)
+    with _timed("kl", timings):
+        kl = np.array(kls(models, inp.policy, inp.base, convs, resp_p, p, cache), dtype=float)
     metrics.update({"length_base": float(len_b.mean()), "length_policy": float(len_p.mean()),
                     "length_ratio": float(len_p.mean() / len_b.mean()) if len_b.mean() > 0 else float("nan"),
                     "kl": float(kl[:, 0].mean()),
@@ -218,7 +227,17 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
     for name, df in tables.items():
         df.to_parquet(out_dir / f"{name}.parquet", index=False)
     log.info("cache: %s", cache.stats())
-    return Result(metrics=metrics, tables=tables)
+    log.info("seconds per phase (wall/cpu): %s", timings)
+    return Result(metrics=metrics, tables=tables, timings=timings)
+
+
+@contextlib.contextmanager
+def _timed(name: str, into: dict[str, float]):
+    """Wall and process CPU seconds of a phase (CPU time tells load from work on a shared machine)."""
+    w, c = time.perf_counter(), time.process_time()
+    yield
+    into[f"time_{name}_s"] = round(time.perf_counter() - w, 2)
+    into[f"cpu_{name}_s"] = round(time.process_time() - c, 2)
 
 
 def dpo_setting(dpo: dict[str, Any], name: str) -> Any:
@@ -231,11 +250,13 @@ def dpo_setting(dpo: dict[str, Any], name: str) -> Any:
 
 
 def _logged_model_id(lineage_dir: Path) -> str | None:
-    """The trained model's MLflow LoggedModel id from `train`'s lineage record (`extra.logged_model_id`)."""
+    """The trained model's MLflow LoggedModel id from `train`'s lineage record: `extra.mlflow_model_id`
+    (what `train` writes) or `extra.logged_model_id`."""
     path = lineage_dir / "train.json"
     if not path.is_file():
         return None
-    return read_json(path).get("extra", {}).get("logged_model_id")
+    extra = read_json(path).get("extra", {})
+    return extra.get("mlflow_model_id") or extra.get("logged_model_id")
 
 
 def _body(ctx: StageContext) -> None:
@@ -248,30 +269,34 @@ def _body(ctx: StageContext) -> None:
                  eval_prompts=ctx.path("eval_prompts"), general_prompts=ctx.path("general_prompts"),
                  judge_template=ctx.path("judge_template"), beta=float(dpo_setting(P.train.dpo, "beta")),
                  max_length=dpo_setting(P.train.dpo, "max_length"))
+    models = Models()
     for path in (inp.base, inp.policy):
-        ctx.add_input(path, log_dataset=False)
-    for path in (test, inp.eval_prompts, inp.general_prompts, inp.judge_template):
+        models.known(path, ctx.add_input(path, log_dataset=False).sha256)  # hash each model folder once
+    test_art = ctx.add_input(test, name="test split")
+    for path in (inp.eval_prompts, inp.general_prompts, inp.judge_template):
         ctx.add_input(path)
     cache = EvalCache(ctx.path("eval_cache"))
     out = ctx.path("eval_dir")
     with atomic_dir(out) as tmp:
-        result = run(P.evaluate, inp, cache, tmp)
+        result = run(P.evaluate, inp, cache, tmp, models=models)
     ctx.add_output(out)
     metrics_path = ctx.path("metrics") / METRICS_FILE
-    atomic_write_json(metrics_path, result.metrics)
+    # JSON has no NaN (e.g. kappa-like stats on degenerate data): write null so every reader parses it
+    atomic_write_json(metrics_path, {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                     for k, v in result.metrics.items()})
     ctx.add_output(metrics_path)
     for png in write_plots(result.metrics, ctx.path("plots")):
         ctx.add_output(png)
         ctx.run.log_artifact(png, artifact_path="plots")
     ctx.log_metrics(result.metrics)
-    ctx.run.log_metrics(cache.stats())
+    ctx.run.log_metrics({**cache.stats(), **result.timings})
     ctx.run.log_artifact(out, artifact_path="eval")
     ctx.record.extra["cache"] = cache.stats()
     model_id = _logged_model_id(ctx.path("lineage"))
-    if model_id and tracking.log_model_metrics(model_id, result.metrics, dataset=(test, ctx.record.inputs[2].sha256)):
+    if model_id and tracking.log_model_metrics(model_id, result.metrics, dataset=(test, test_art.sha256)):
         ctx.record.extra["logged_model_id"] = model_id
     elif not model_id:
-        log.info("no logged_model_id in %s/train.json: metrics are on the evaluate run only", P.paths.lineage)
+        log.info("no LoggedModel id in %s/train.json: metrics are on the evaluate run only", P.paths.lineage)
 
 
 def main() -> None:
