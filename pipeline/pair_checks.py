@@ -11,8 +11,11 @@ Rendering and tokenizing every conversation costs ~0.3 ms, so it is done only wh
 1. an upper bound (UTF-8 bytes of the contents + the template's bytes, measured on probe conversations,
    + a margin per message) proves a pair fits: a token never covers less than one byte of the rendered
    text, except a SentencePiece word-start marker (the margin);
-2. otherwise an estimate: the tokens of each content on its own (a prompt once per prompt group) plus
-   the template's tokens, again measured on probes;
+2. otherwise an estimate: the tokens of each content on its own plus the template's tokens, again
+   measured on probes; a content's tokens are summed over its pre-tokens, each tokenized once and
+   cached (BPE never merges across pre-tokens), for byte-level BPE tokenizers whose pre-token split
+   this module reproduces; a sample of every batch is checked against the tokenizer and any difference
+   turns the cache off;
 3. a pair whose estimate is within a band of max_length (32 tokens + 4 per message: merges across the
    template's boundaries change a count by a token or two) is rendered and tokenized exactly.
 If the template does not behave linearly on the probes, every pair is counted exactly.
@@ -49,6 +52,7 @@ class TokenCounter:
         self.stats = Counter()
         self._bytes = self._probe(lambda t: len(t.encode()))
         self._tokens = self._probe(lambda t: self.lengths([t])[0])
+        self._pretokens = PretokenCounter.for_tokenizer(self.backend)
 
     def _render(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False)
@@ -87,41 +91,120 @@ class TokenCounter:
         prompt+rejected, or a bound proving both fit in max_length."""
         n = len(prompt)
         p_bytes, p_msgs, p_sys = _per_row(prompt, n, _utf8_bytes)
-        out = np.zeros(n, dtype=np.int64)
-        for completion in (chosen, rejected):
+        completions = (chosen, rejected)
+        counts = np.full((2, n), -1, dtype=np.int64)
+        msgs, todo = [], []
+        for k, completion in enumerate(completions):
             c_bytes, c_msgs, _ = _per_row(completion, n, _utf8_bytes)
-            msgs = p_msgs + c_msgs
-            todo = np.arange(n)
-            counts = np.full(n, -1, dtype=np.int64)
+            msgs.append(p_msgs + c_msgs)
+            todo.append(np.arange(n))
             if self._bytes is not None:
-                bound = p_bytes + c_bytes + _overhead_v(self._bytes, p_sys, msgs, safe=True) + MARGIN + MARGIN_PER_MESSAGE * msgs
+                bound = (p_bytes + c_bytes + _overhead_v(self._bytes, p_sys, msgs[k], safe=True) + MARGIN
+                         + MARGIN_PER_MESSAGE * msgs[k])
                 fits = bound <= self.max_length
-                counts[fits] = bound[fits]
-                todo = np.flatnonzero(~fits)
+                counts[k, fits] = bound[fits]
+                todo[k] = np.flatnonzero(~fits)
                 self.stats["byte_bound"] += int(fits.sum())
-            if len(todo) and self._tokens is not None:
-                sub_p, sub_c = prompt.take(pa.array(todo)), completion.take(pa.array(todo))
-                p_tok, _, _ = _per_row(sub_p, len(todo), self._content_tokens)
-                c_tok, _, _ = _per_row(sub_c, len(todo), self._content_tokens)
-                est = p_tok + c_tok + _overhead_v(self._tokens, p_sys[todo], msgs[todo])
-                band = BAND + BAND_PER_MESSAGE * msgs[todo]
+        if self._tokens is not None and (len(todo[0]) or len(todo[1])):
+            need = np.union1d(todo[0], todo[1])
+            p_tok = np.zeros(n, dtype=np.int64)
+            p_tok[need] = _per_row(prompt.take(pa.array(need)), len(need), self._content_tokens)[0]
+            for k, completion in enumerate(completions):
+                t = todo[k]
+                c_tok = _per_row(completion.take(pa.array(t)), len(t), self._content_tokens)[0]
+                est = p_tok[t] + c_tok + _overhead_v(self._tokens, p_sys[t], msgs[k][t])
+                band = BAND + BAND_PER_MESSAGE * msgs[k][t]
                 sure = (est + band < self.max_length) | (est - band > self.max_length)
-                counts[todo[sure]] = est[sure]
+                counts[k, t[sure]] = est[sure]
                 self.stats["estimated"] += int(sure.sum())
-                todo = todo[~sure]
-            if len(todo):
-                convs = [[*a, *b] for a, b in zip(prompt.take(pa.array(todo)).to_pylist(),
-                                                  completion.take(pa.array(todo)).to_pylist(), strict=True)]
-                counts[todo] = self.lengths([self._render(c) for c in convs])
-                self.stats["exact"] += len(todo)
-            out = np.maximum(out, counts)
-        return out
+                todo[k] = t[~sure]
+        for k, completion in enumerate(completions):
+            t = todo[k]
+            if len(t):
+                convs = [[*a, *b] for a, b in zip(prompt.take(pa.array(t)).to_pylist(),
+                                                  completion.take(pa.array(t)).to_pylist(), strict=True)]
+                counts[k, t] = self.lengths([self._render(c) for c in convs])
+                self.stats["exact"] += len(t)
+        return counts.max(axis=0)
 
     def _content_tokens(self, contents) -> np.ndarray:
-        texts = contents.to_pylist()
-        unique = list(dict.fromkeys(t or "" for t in texts))
+        """Token count of each content on its own (for estimates): through the pre-token cache when it
+        reproduces this tokenizer, else the tokenizer itself."""
+        texts = [t or "" for t in contents.to_pylist()]
+        unique = list(dict.fromkeys(texts))
+        if self._pretokens is not None:
+            fast = self._pretokens.count(unique)
+            checked = unique[:: max(1, len(unique) // 16)]  # keep checking a sample against the tokenizer
+            if [fast[i] for i in range(0, len(unique), max(1, len(unique) // 16))] != self.lengths(checked):
+                log.warning("pre-token counts differ from the tokenizer's; counting with the tokenizer from now on")
+                self._pretokens = None
+            else:
+                n = dict(zip(unique, fast, strict=True))
+                return np.array([n[t] for t in texts], dtype=np.int64)
         n = dict(zip(unique, self.lengths(unique), strict=True))
-        return np.array([n[t or ""] for t in texts], dtype=np.int64)
+        return np.array([n[t] for t in texts], dtype=np.int64)
+
+
+# The pre-tokenizer regex of GPT-2-style byte-level BPE (tokenizers' ByteLevel with use_regex=True).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class PretokenCounter:
+    """Token counts of byte-level BPE texts as the sum over their pre-tokens, each counted once by the
+    tokenizer and cached: BPE never merges across pre-tokens, so the sum is exact when the pre-token split
+    is the tokenizer's (TokenCounter keeps checking samples against the tokenizer). Used only for
+    tokenizers without a normalizer whose pre-tokenizer is ByteLevel with its GPT-2 regex, or a regex
+    Split followed by ByteLevel without one (Llama 3 / Qwen style)."""
+
+    def __init__(self, pattern: str, backend) -> None:
+        import regex
+
+        self.re, self.backend = regex.compile(pattern), backend
+        self.cache: dict[str, int] = {}
+        # Added tokens (<|im_end|>, ...) inside a text are split off by the tokenizer first: such texts
+        # are left to the tokenizer.
+        added = sorted((t.content for t in backend.get_added_tokens_decoder().values()), key=len, reverse=True)
+        self.added = regex.compile("|".join(regex.escape(a) for a in added)) if added else None
+
+    @classmethod
+    def for_tokenizer(cls, backend) -> PretokenCounter | None:
+        import json
+
+        try:
+            import regex  # noqa: F401 - a transformers dependency; without it, no fast path
+        except ImportError:
+            return None
+        if backend is None:
+            return None
+        cfg = json.loads(backend.to_str())
+        model, pre = cfg.get("model") or {}, cfg.get("pre_tokenizer") or {}
+        if cfg.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
+            return None
+        if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+            return cls(GPT2_PATTERN, backend)
+        steps = pre.get("pretokenizers") or []
+        if (pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split"
+                and "Regex" in (steps[0].get("pattern") or {}) and steps[0].get("behavior") == "Isolated"
+                and not steps[0].get("invert") and steps[1].get("type") == "ByteLevel"
+                and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
+            return cls(steps[0]["pattern"]["Regex"], backend)
+        return None
+
+    def count(self, texts: list[str]) -> list[int]:
+        pieces = [self.re.findall(t) for t in texts]
+        missing = list({p for ps in pieces for p in ps if p not in self.cache})
+        if missing:
+            for p, e in zip(missing, self.backend.encode_batch(missing, add_special_tokens=False), strict=True):
+                self.cache[p] = len(e.ids)
+        out = []
+        for t, ps in zip(texts, pieces, strict=True):
+            if sum(map(len, ps)) != len(t) or (self.added is not None and self.added.search(t)):
+                out.append(len(self.backend.encode(t, add_special_tokens=False).ids))
+            else:
+                out.append(sum(self.cache[p] for p in ps))
+        if len(self.cache) > 2_000_000:
+            self.cache.clear()
+        return out
 
 
 def _utf8_bytes(contents) -> np.ndarray:

@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 EXAMPLES_PER_RULE = 5
 
 
+def stepper(stage: str):
+    """A function that logs (INFO) a finished step with the elapsed time and current resident memory."""
+    import psutil
+
+    t0, proc, logger = time.monotonic(), psutil.Process(), logging.getLogger(f"pipeline.stages.{stage}")
+
+    def step(what: str) -> None:
+        logger.info("%s (%.1fs, RSS %.0f MB)", what, time.monotonic() - t0, proc.memory_info().rss / 2**20)
+    return step
+
+
 @dataclass
 class RuleResult:
     rule: str

@@ -233,6 +233,17 @@ def test_token_counts_match_the_chat_template(counter, smollm_tokenizer_dir):
     assert sum(int(a) == b for a, b in zip(est, exact, strict=True)) > len(exact) // 4
 
 
+def test_pretoken_counts_equal_the_tokenizer(counter):
+    from pipeline.pair_checks import PretokenCounter
+
+    fast = PretokenCounter.for_tokenizer(counter.backend)
+    assert fast is not None  # SmolLM2: byte-level BPE with the GPT-2 pre-tokenizer
+    texts = ["Hello world", "  leading and trailing  ", "tabs\tand\nnewlines\n\n", "numbers 12345 and 3.14",
+             "punctuation!!! ?? ... (ok)", "café naïve 東京 😀", "don't won't it's", "", " ", "a" * 300,
+             "<|im_end|> is just text here"]
+    assert fast.count(texts) == counter.lengths(texts)
+
+
 # --- ingest -> validate -> build ---------------------------------------------------------------------
 
 UF = {"instruction": "Name a colour of the sky.", "completions": [

@@ -17,9 +17,14 @@ from typing import Any
 from pipeline.formats.common import bad, completion, excerpt, iter_records, make_row, rating, require
 
 RATING_RANGE = (1.0, 5.0)
+_COMMON = {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0, "5": 5.0, "N/A": None}  # nearly every rating: skip parsing
 
 
 def _aspect_rating(value: Any, aspect: str, path: str, where: int, source: str) -> float | None:
+    if type(value) is dict:
+        r = value.get("Rating")
+        if type(r) is str and r in _COMMON:
+            return _COMMON[r]
     items = value if isinstance(value, list) else [value]
     found = []
     for item in items:

@@ -39,7 +39,7 @@ from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, read_j
 from pipeline.lineage import sha256_file
 from pipeline.params import BuildParams, DataParams, EvalPromptSet, ValidateParams
 from pipeline.stage import StageContext, stage_main
-from pipeline.validation import decide, run_suite
+from pipeline.validation import decide, run_suite, stepper
 
 STAGE = "build"
 READS = ["build", "data", "validate.pairs", "validate.max_length", "validate.max_quarantine_fraction",
@@ -135,34 +135,44 @@ def column(ds, name: str) -> list:
     return ds.with_format("arrow")[name].to_pylist()
 
 
-def filter_rows(prep, ids: list[str], sources: list[str], source_rows: list[str], data: DataParams,
-                p: BuildParams, decon_info: dict) -> tuple[list[int], list[dict], Counter]:
+def filter_rows(prep, rows, data: DataParams, p: BuildParams, decon_info: dict) -> tuple[list[int], list[dict], Counter]:
     """Decide, in order, which prompt groups go on to binarization; every other one gets a reason:
-    decontaminated, weight (source mixing), exact_duplicate, near_duplicate (of an earlier kept group)."""
+    decontaminated, weight (source mixing), exact_duplicate, near_duplicate (of an earlier kept group).
+    Per-row strings (ids, file:line) are looked up only for the rows that are filtered."""
+    table = rows.with_format("arrow").select_columns(["id", "source", "source_file", "source_line"])[:]
+    ident = table.column("id")
+
+    def where(i: int) -> str:
+        return f"{table.column('source_file')[i].as_py()}:{table.column('source_line')[i].as_py()}"
+
     weights = {s.name: s.weight for s in data.sources}
+    sources = table.column("source").to_pylist() if any(w < 1.0 for w in weights.values()) else None
     hashes, contamination = column(prep, "prompt_hash"), column(prep, "contamination")
     reasons: dict[int, tuple[str, Any]] = {}
-    first: dict[str, str] = {}
+    first: dict[str, int] = {}
     for i, h in enumerate(hashes):
         if contamination[i]:
             m = json.loads(contamination[i])
             reasons[i] = ("decontaminated", m)
             decon_info[m["eval_set"]]["removed"] += 1
-            decon_info[m["eval_set"]]["rows"].append({"id": ids[i], "source_row": source_rows[i], "match": m["kind"],
+            decon_info[m["eval_set"]]["rows"].append({"id": ident[i].as_py(), "source_row": where(i), "match": m["kind"],
                                                       "eval_item": m["item"], "eval_text": m["text"]})
-        elif weights.get(sources[i], 1.0) < 1.0 and _unit("weight", p.seed, h) >= weights[sources[i]]:
+        elif sources is not None and weights.get(sources[i], 1.0) < 1.0 and _unit("weight", p.seed, h) >= weights[sources[i]]:
             reasons[i] = ("weight", None)
         elif h in first:
-            reasons[i] = ("exact_duplicate", {"of": first[h]})
+            reasons[i] = ("exact_duplicate", {"of": ident[first[h]].as_py()})
         else:
-            first[h] = ids[i]
+            first[h] = i
+    del first, contamination
     if "minhash" in prep.column_names:
         eligible = np.array([i for i in range(len(hashes)) if i not in reasons], dtype=np.int64)
         arr = prep.with_format("arrow")["minhash"]
         arr = arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr
         sigs = arr.flatten().to_numpy().reshape(len(prep), -1)[eligible]
         for k, (j, jac) in dedup.near_duplicates(sigs, p.near_dup_threshold, p.near_dup_num_perm).items():
-            reasons[int(eligible[k])] = ("near_duplicate", {"of": ids[int(eligible[j])], "jaccard": round(jac, 4)})
+            reasons[int(eligible[k])] = ("near_duplicate", {"of": ident[int(eligible[j])].as_py(),
+                                                            "jaccard": round(jac, 4)})
+        del sigs
     kept, filtered, counts = [], [], Counter()
     for i in range(len(hashes)):
         if i not in reasons:
@@ -172,7 +182,7 @@ def filter_rows(prep, ids: list[str], sources: list[str], source_rows: list[str]
         counts[reason] += 1
         if reason == "decontaminated":
             counts[f"decontaminated.{detail['eval_set']}"] += 1
-        filtered.append({"id": ids[i], "source_row": source_rows[i], "reason": reason, "detail": detail})
+        filtered.append({"id": ident[i].as_py(), "source_row": where(i), "reason": reason, "detail": detail})
     return kept, filtered, counts
 
 
@@ -271,6 +281,20 @@ def check_pairs(pairs, counter: pair_checks.TokenCounter | None, v: ValidatePara
     return outcome, frame, describe
 
 
+def write_parquet(table, rows: np.ndarray, columns, path: Path, chunk: int = 50_000) -> None:
+    """The given rows and columns of an Arrow table (memory-mapped) to one Parquet file, chunk by chunk so
+    memory stays flat. pyarrow's writer is deterministic: same table, same bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = table.select(list(columns))
+    with pq.ParquetWriter(path, table.schema) as writer:
+        for s in range(0, len(rows), chunk):
+            writer.write_table(table.take(pa.array(rows[s : s + chunk], pa.int64())))
+        if len(rows) == 0:
+            writer.write_table(table.schema.empty_table())
+
+
 def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams, eval_sets: list[EvalPromptSet],
         tokenizer_dir: Path | None, out_dir: Path, reports_dir: Path, root: Path) -> dict[str, Any]:
     """Build the dataset into `out_dir` and the reports into `reports_dir`; return the flat counts.
@@ -280,21 +304,23 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
     from datasets import Dataset, disable_caching
 
     disable_caching()
+    step = stepper("build")
     summary = read_json(validated_dir / "summary.json")
     index, decon_info = load_eval_index(eval_sets, p, root)
+    step(f"indexed {sum(index.sizes.values())} eval texts")
     perms = dedup.permutations(p.near_dup_num_perm, p.seed) if p.near_dup_threshold is not None else None
     with tempfile.TemporaryDirectory(prefix="openrelease-build-") as scratch:
         rows = Dataset.from_parquet(str(validated_dir / "rows.parquet"), cache_dir=scratch)
+        step(f"loaded {len(rows)} rows as memory-mapped Arrow")
         hasher = dedup.WordHasher()
         prep = rows.with_format("arrow").map(
                         _prepare, batched=True, batch_size=p.batch_size, remove_columns=rows.column_names,
                         new_fingerprint="prepare",
                         fn_kwargs={"index": index, "hasher": hasher, "p": p, "perms": perms},
                         desc="Hashing prompts (dedup, decontamination)")
-        source_rows = [f"{f}:{ln}" for f, ln in zip(column(rows, "source_file"), column(rows, "source_line"),
-                                                     strict=True)]
-        kept, filtered, counts = filter_rows(prep, column(rows, "id"), column(rows, "source"), source_rows, data, p,
-                                             decon_info)
+        step("hashed prompts")
+        kept, filtered, counts = filter_rows(prep, rows, data, p, decon_info)
+        step(f"filtered: {len(kept)} prompt groups kept, {len(filtered)} removed")
         no_pair: list[dict] = []
         bin_counts: Counter = Counter()
         features = _pair_features()
@@ -305,23 +331,24 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
             remove_columns=rows.column_names, features=features, new_fingerprint="binarize",
             fn_kwargs={"p": p, "hashes": kept_hashes, "features": features, "no_pair": no_pair, "counts": bin_counts},
             desc=f"Binarizing ({p.binarize})").with_format(None)
+        step(f"binarized: {len(pairs)} pairs")
         counter = pair_checks.TokenCounter(tokenizer_dir, v.max_length) if tokenizer_dir else None
         pairs_report = reports_dir / PAIRS_REPORT_DIR  # kept when the suite fails, so not an atomic dir
         shutil.rmtree(pairs_report, ignore_errors=True)
         pairs_report.mkdir(parents=True)
         outcome, frame, describe = check_pairs(pairs, counter, v, pairs_report, f"{PAIRS_REPORT_DIR}/report.json",
                                                p.batch_size)
+        step("pairs suite done")
         if outcome.error is not None:
             raise outcome.error
         q = np.zeros(len(frame), dtype=bool)
         q[list(outcome.quarantined)] = True
         split = np.array(frame["split"], dtype=object) if len(frame) else np.zeros(0, dtype=object)
+        table = pairs.with_format("arrow")[:]  # a zero-copy slice of the memory-mapped pairs
         for name in ("train", "test"):
-            idx = np.flatnonzero((split == name) & ~q)
-            pairs.select(idx).select_columns(list(pair_checks.COLUMNS)).to_parquet(
-                str(out_dir / f"{name}.parquet"), use_content_defined_chunking=False)
-        pairs.select(np.flatnonzero(~q)).select_columns(list(PROVENANCE)).to_parquet(
-            str(out_dir / "provenance.parquet"), use_content_defined_chunking=False)
+            write_parquet(table, np.flatnonzero((split == name) & ~q), pair_checks.COLUMNS, out_dir / f"{name}.parquet")
+        write_parquet(table, np.flatnonzero(~q), PROVENANCE, out_dir / "provenance.parquet")
+        step("wrote Parquet")
         quarantine_lines = []
         for i in sorted(outcome.quarantined):
             rules = outcome.quarantined[i]

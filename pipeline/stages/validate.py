@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from pipeline.formats.common import arrow_schema, excerpt, rows_to_arrow
 from pipeline.io import atomic_dir, atomic_write_json, iter_jsonl
 from pipeline.params import DataSource, RowRules
 from pipeline.stage import StageContext, stage_main
-from pipeline.validation import Outcome, decide, run_suite
+from pipeline.validation import Outcome, decide, run_suite, stepper
 
 STAGE = "validate"
 READS = ["validate.rows", "validate.max_quarantine_fraction", "data.sources", "paths.ingested",
@@ -63,6 +64,23 @@ def _texts(row: dict) -> list[tuple[str, Any]]:
     return out
 
 
+def _shortest_text(row: dict) -> int:
+    """Length of the shortest stripped text (prompt contents, completion contents and generators); 0 when
+    one is missing or not a string. The labels of _texts are built only for messages about failures."""
+    shortest = None
+    prompt, completions = row.get("prompt"), row.get("completions")
+    values = [m.get("content") if type(m) is dict else None for m in (prompt if type(prompt) is list else ())]
+    for c in completions if type(completions) is list else ():
+        values += [c.get("content"), c.get("generator")] if type(c) is dict else [None, None]
+    for v in values:
+        n = len(v.strip()) if type(v) is str else 0
+        if shortest is None or n < shortest:
+            shortest = n
+            if n == 0:
+                break
+    return shortest or 0
+
+
 def _roles(row: dict) -> list[str]:
     prompt = row.get("prompt") if isinstance(row.get("prompt"), list) else []
     return [m.get("role") if isinstance(m, dict) and isinstance(m.get("role"), str) else "?" for m in prompt]
@@ -87,23 +105,45 @@ def _ratings(row: dict) -> list[float]:
 
 
 def _facts_of(row: dict, line: int, cols: dict[str, list]) -> None:
+    """Append one row's facts. Only small values are kept (strings that repeat are interned); the
+    details a failure message needs are read back from the file for the few rows that fail."""
     for k in REQUIRED:
-        cols[k].append(_light(k, row.get(k)))
-    texts = _texts(row)
-    lengths = [len(t.strip()) if isinstance(t, str) else 0 for _, t in texts]
+        v = _light(k, row.get(k))
+        cols[k].append(sys.intern(v) if isinstance(v, str) and k != "id" else v)
     cols["line"].append(line)
-    cols["text_min_chars"].append(min(lengths) if lengths and cols["prompt"][-1] else 0)
-    cols["blank_at"].append(next((w for (w, _), n in zip(texts, lengths, strict=True) if n == 0), None))
+    cols["text_min_chars"].append(_shortest_text(row) if cols["prompt"][-1] else 0)
     roles = _roles(row)
-    cols["roles"].append(",".join(roles))
     cols["roles_ok"].append(roles_ok(roles))
-    cols["last_prompt_role"].append(roles[-1] if roles else "<none>")
+    cols["last_prompt_role"].append(sys.intern(roles[-1]) if roles else "<none>")
     ratings = _ratings(row)
     cols["rating_min"].append(min(ratings) if ratings else float("nan"))
     cols["rating_max"].append(max(ratings) if ratings else float("nan"))
-    prompt = row.get("prompt")
-    last = prompt[-1].get("content") if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) else prompt
-    cols["excerpt"].append(excerpt(last, 60))
+
+
+class RowFetcher:
+    """Row i of rows.jsonl again, for messages about the (few) rows that fail: an index of line offsets
+    is built on first use, and rows handed over by a pass that already parsed them are reused."""
+
+    def __init__(self, path: Path, lines: list[int]) -> None:
+        self.path, self.lines = path, lines
+        self._offsets: dict[int, int] | None = None
+        self._known: dict[int, dict] = {}
+
+    def put(self, i: int, row: dict) -> None:
+        self._known = {i: row}
+
+    def get(self, i: int) -> dict:
+        if i in self._known:
+            return self._known[i]
+        if self._offsets is None:
+            self._offsets, pos = {}, 0
+            with open(self.path, "rb") as f:
+                for n, raw in enumerate(f, start=1):
+                    self._offsets[n] = pos
+                    pos += len(raw)
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[self.lines[i]])
+            return json.loads(f.readline())
 
 
 def _to_arrow(batch: list[dict], first: int):
@@ -132,8 +172,8 @@ def scan(rows_path: Path, staging: Path) -> tuple[dict[str, list], list[int]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols: dict[str, list] = {k: [] for k in (*REQUIRED, "line", "text_min_chars", "blank_at", "roles",
-                                             "roles_ok", "last_prompt_role", "rating_min", "rating_max", "excerpt")}
+    cols: dict[str, list] = {k: [] for k in (*REQUIRED, "line", "text_min_chars", "roles_ok", "last_prompt_role",
+                                             "rating_min", "rating_max")}
     unconvertible: list[int] = []
     batch: list[dict] = []
     schema = arrow_schema()
@@ -176,19 +216,27 @@ def expectations(sources: list[DataSource]) -> dict[str, list]:
     return rules
 
 
-def _describer(cols: dict[str, list], rows_path: Path, sources: list[DataSource]):
+def _excerpt(row: dict) -> str:
+    prompt = row.get("prompt")
+    last = prompt[-1].get("content") if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) else prompt
+    return excerpt(last, 60)
+
+
+def _describer(cols: dict[str, list], fetch: RowFetcher, rows_path: Path, sources: list[DataSource]):
     ranges = {s.name: rating_range(s) for s in sources}
     ids = Counter(cols["id"])
 
     def describe(i: int, rule: str) -> dict[str, Any]:
         source = cols["source"][i] or "?"
+        row = fetch.get(i)
         if rule == "required_fields":
             missing = [k for k in REQUIRED if cols[k][i] is None]
             reason = f"missing or wrong type: {missing}" if missing else f"source {source!r} is not in data.sources"
         elif rule == "text_not_blank":
-            reason = f"blank text at {cols['blank_at'][i] or 'prompt (empty)'}"
+            blank = next((w for w, t in _texts(row) if not (isinstance(t, str) and t.strip())), "prompt (empty)")
+            reason = f"blank text at {blank}"
         elif rule == "roles_alternate":
-            reason = f"prompt roles [{cols['roles'][i]}] do not alternate user/assistant from user"
+            reason = f"prompt roles [{','.join(_roles(row))}] do not alternate user/assistant from user"
         elif rule == "prompt_ends_with_user":
             reason = f"prompt ends with {cols['last_prompt_role'][i]!r}, not a user turn"
         elif rule == "ratings_in_range":
@@ -199,7 +247,7 @@ def _describer(cols: dict[str, list], rows_path: Path, sources: list[DataSource]
         else:
             reason = rule
         located = cols["source_file"][i] is not None and cols["source_line"][i] is not None
-        return {"source": source, "id": cols["id"][i], "reason": reason, "excerpt": cols["excerpt"][i],
+        return {"source": source, "id": cols["id"][i], "reason": reason, "excerpt": _excerpt(row),
                 "path": cols["source_file"][i] if located else str(rows_path),
                 "where": cols["source_line"][i] if located else cols["line"][i],
                 "ingested_line": cols["line"][i]}
@@ -208,16 +256,19 @@ def _describer(cols: dict[str, list], rows_path: Path, sources: list[DataSource]
 
 
 def check(cols: dict[str, list], rows_path: Path, sources: list[DataSource], rules: RowRules,
-          max_fraction: float, report_dir: Path | None, report_name: str = REPORT_FILE) -> Outcome:
+          max_fraction: float, report_dir: Path | None, report_name: str = REPORT_FILE):
     """Run the rows suite over the facts; write report.json (+ Data Docs) into `report_dir`. Bad rows
-    raise nothing here: the Outcome carries the error, so the report is written before the stage stops."""
+    raise nothing here: the Outcome carries the error, so the report is written before the stage stops.
+    Returns the Outcome, its `describe(i, rule)` and the RowFetcher behind it."""
     import pandas as pd
 
     frame = pd.DataFrame(cols)
     actions = rules.model_dump()
     results = run_suite("rows", frame, expectations(sources), actions,
                         docs_dir=report_dir / DOCS_DIR if report_dir else None)
-    outcome = decide(results, len(frame), max_fraction, _describer(cols, rows_path, sources), report_name)
+    fetch = RowFetcher(rows_path, cols["line"])
+    describe = _describer(cols, fetch, rows_path, sources)
+    outcome = decide(results, len(frame), max_fraction, describe, report_name)
     by_source: dict[str, dict[str, int]] = {}
     for i, s in enumerate(cols["source"]):
         b = by_source.setdefault(s or "?", {"rows": 0, "kept": 0, "quarantined": 0})
@@ -228,11 +279,11 @@ def check(cols: dict[str, list], rows_path: Path, sources: list[DataSource], rul
     if report_dir is not None:
         outcome.report["data_docs"] = f"{DOCS_DIR}/index.html"
         atomic_write_json(report_dir / REPORT_FILE, outcome.report)
-    return outcome
+    return outcome, describe, fetch
 
 
 def write_outputs(rows_path: Path, staging: Path, outcome: Outcome, unconvertible: list[int], describe,
-                  out_dir: Path) -> dict:
+                  fetch: RowFetcher, out_dir: Path) -> dict:
     """Kept rows: the staged Arrow rows minus the quarantined ones, to Parquet batch by batch.
     Quarantined rows: their original JSON lines, with rules and reasons."""
     import numpy as np
@@ -259,6 +310,7 @@ def write_outputs(rows_path: Path, staging: Path, outcome: Outcome, unconvertibl
             for i, (_, row) in enumerate(iter_jsonl(rows_path)):
                 rules = outcome.quarantined.get(i)
                 if rules:
+                    fetch.put(i, row)
                     d = describe(i, rules[0])
                     entry = {"rules": rules, "reasons": {r: describe(i, r)["reason"] for r in rules},
                              "where": f"{d['path']}:{d['where']}", "row": row}
@@ -274,17 +326,21 @@ def run(rows_path: Path, sources: list[DataSource], rules: RowRules, max_fractio
         report_dir: Path | None = None, report_name: str = REPORT_FILE) -> dict:
     """Validate rows.jsonl into `out_dir` (kept, quarantined, summary); the report goes to `report_dir`
     (replaced, and kept when validation fails). Raises DataError on failure, after the report."""
+    step = stepper("validate")
     staging = out_dir / ".staging.parquet"
     cols, unconvertible = scan(rows_path, staging)
+    step(f"read {len(cols['line'])} rows")
     if report_dir is not None:
         shutil.rmtree(report_dir, ignore_errors=True)
         report_dir.mkdir(parents=True)
-    outcome = check(cols, rows_path, sources, rules, max_fraction, report_dir, report_name)
+    outcome, describe, fetch = check(cols, rows_path, sources, rules, max_fraction, report_dir, report_name)
+    step(f"rows suite done: {outcome.report['quarantined']} quarantined")
     if outcome.error is not None:
         staging.unlink(missing_ok=True)
         raise outcome.error
-    summary = write_outputs(rows_path, staging, outcome, unconvertible, _describer(cols, rows_path, sources), out_dir)
+    summary = write_outputs(rows_path, staging, outcome, unconvertible, describe, fetch, out_dir)
     staging.unlink()
+    step("wrote kept and quarantined rows")
     return summary
 
 
