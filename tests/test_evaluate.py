@@ -328,3 +328,43 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     assert {"models/base", "models/trained", "dataset/test.parquet"} <= {a["path"] for a in record["inputs"]}
     linked = mlflow.get_logged_model(model_id)
     assert {m.key for m in linked.metrics} >= {"pref_accuracy", "pass_rate_delta", "win_rate", "kl"}
+
+
+@pytest.mark.slow
+def test_dvc_repro_evaluate_rejudges_without_regenerating(eval_inputs, tmp_path):
+    """`dvc repro` of the evaluate stage in a fresh copy: the cache survives reruns (persist), and
+    changing only the judge re-judges without generating or scoring again."""
+    import subprocess
+
+    from pipeline.io import read_json
+    from tests.helpers import dvc, edit_params, make_project_copy
+
+    project = make_project_copy(tmp_path / "proj")
+    small = {"generation": {"max_new_tokens": 8, "batch_size": 8}, "general": {"max_prompts": 3},
+             "bootstrap": {"n_resamples": 200}, "score_batch_size": 4}
+    edit_params(project, evaluate=small)
+    shutil.copytree(eval_inputs.base, project / "models" / "base")
+    shutil.copytree(eval_inputs.policy, project / "models" / "trained")
+    (project / "outputs" / "dataset").mkdir(parents=True)
+    shutil.copy(eval_inputs.test, project / "outputs" / "dataset" / "test.parquet")
+    (project / "lineage").mkdir(exist_ok=True)
+    (project / "lineage" / "train.json").write_text("{}")
+    git = ["git", "-c", "user.email=t@e", "-c", "user.name=t"]
+    subprocess.run([*git, "commit", "-qam", "small evaluate"], cwd=project, check=True)
+
+    first = dvc(project, "repro", "--single-item", "evaluate")
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics = read_json(project / "metrics" / "eval.json")
+    assert all(k in metrics for k in REQUIRED)
+    cache1 = read_json(project / "lineage" / "evaluate.json")["extra"]["cache"]
+    assert cache1["cache_generation_misses"] > 0 and cache1["cache_generation_hits"] == 0
+
+    edit_params(project, evaluate={"judge": {"local": {"max_length": 1024}}})
+    second = dvc(project, "repro", "--single-item", "evaluate")
+    assert second.returncode == 0, second.stderr[-3000:]
+    cache2 = read_json(project / "lineage" / "evaluate.json")["extra"]["cache"]
+    assert cache2["cache_generation_misses"] == 0 and cache2["cache_logp_misses"] == 0
+    assert cache2["cache_kl_misses"] == 0 and cache2["cache_judgment_misses"] == 2 * 3
+
+    again = dvc(project, "repro", "--single-item", "evaluate")
+    assert again.returncode == 0 and "didn't change, skipping" in again.stdout
