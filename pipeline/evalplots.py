@@ -35,9 +35,11 @@ def pass_rates(m: dict[str, float], path: Path) -> Path:
     keys = ["pass_rate_base", "pass_rate_policy"]
     vals = [m[k] for k in keys]
     errs = list(zip(*[_err(m, k) for k in keys], strict=True))
-    ax.bar(["base", "trained"], vals, yerr=errs, capsize=6, color=["#9aa5b1", "#2b6cb0"])
-    ax.scatter(["base", "trained"], [m["constraint_pass_rate_base"], m["constraint_pass_rate_policy"]],
+    ax.bar([0, 1], vals, yerr=errs, capsize=6, color=["#9aa5b1", "#2b6cb0"], width=0.6,
+           label="prompt-level (95% CI)")
+    ax.scatter([0.38, 1.38], [m["constraint_pass_rate_base"], m["constraint_pass_rate_policy"]],
                marker="D", color="black", zorder=3, label="constraint-level")
+    ax.set_xticks([0, 1], ["base", "trained"])
     ax.set_ylim(0, 1)
     ax.set_ylabel("prompt-level pass rate")
     ax.set_title(f"Held-out constraint prompts (n={int(m['n_eval_prompts'])})")
@@ -68,7 +70,8 @@ def win_rate(m: dict[str, float], path: Path) -> Path:
         left += m[key] / n
     ax.set_xlim(0, 1)
     ax.set_yticks([])
-    ax.set_title(f"Judged pairs, both orders (n={n})")
+    consistent = m.get("judge_order_consistency", float("nan"))
+    ax.set_title(f"Judged pairs, both orders (n={n}; same verdict in both orders: {consistent:.0%})")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8)
     ax2.bar(["win rate"], [m["win_rate"]], yerr=[[e] for e in _err(m, "win_rate")], capsize=6, color="#2b6cb0")
     ax2.bar(["LC win rate"], [m["lc_win_rate"]], color="#4c9f70")

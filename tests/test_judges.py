@@ -303,3 +303,23 @@ def test_agreement_against_human_labels(tmp_path, template):
     assert s["n"] == 5 and s["agreement"] == pytest.approx(4 / 5)
     assert s["n_no_tie"] == 4 and s["agreement_no_tie"] == pytest.approx(3 / 4)
     assert judge.calls == 10
+
+
+def test_judge_agreement_cli(tmp_path, tiny_model_dir, capsys):
+    import yaml
+
+    from pipeline.judge_agreement import main
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"].update(base_model=str(tiny_model_dir), judge_template=str(TEMPLATE),
+                           eval_cache=str(tmp_path / "cache"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"instruction": f"Q{i}", "response_a": "yes", "response_b": "no",
+                                         "label": "AB"[i % 2]}) + "\n" for i in range(4)))
+    assert main([str(pairs), "--params", str(tmp_path / "params.yaml")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 4 and out["judge"]["kind"] == "local" and 0 <= out["agreement"] <= 1
+    assert any((tmp_path / "cache" / "judgment").rglob("*.json"))
+    assert main([str(tmp_path / "missing.jsonl"), "--params", str(tmp_path / "params.yaml")]) == 1
+    assert "missing.jsonl: file exists: no such file" in capsys.readouterr().err
