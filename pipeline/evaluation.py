@@ -19,7 +19,7 @@ from pipeline.lineage import sha256_json, sha256_path
 from pipeline.params import EvaluateParams, GeneralPromptsParams
 
 # Bump when the way a cached value is computed changes, so old entries stop matching.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,9 @@ def generations(models: Models, folder: Path, convs: list[list[dict]], p: Evalua
 
 
 def logps(models: Models, folder: Path, pairs: list[tuple[list[dict], list[dict]]], p: EvaluateParams,
-          max_length: int | None, cache: EvalCache, desc: str) -> list[float]:
-    """Summed completion log-probs of (prompt, completion) pairs under the model in `folder`."""
+          max_length: int | None, cache: EvalCache, desc: str) -> list[tuple[float, int]]:
+    """(summed completion log-prob, completion tokens scored) of (prompt, completion) pairs under the
+    model in `folder`; 0 tokens when truncation at `max_length` left none of the completion."""
     from pipeline.scoring import completion_logps, tokenize_completion
 
     sha = models.sha256(folder)
@@ -163,10 +164,10 @@ def logps(models: Models, folder: Path, pairs: list[tuple[list[dict], list[dict]
         model, tok = models.load(folder)
         items = [tokenize_completion(tok, *pairs[i], max_length=max_length) for i in todo]
         fresh = completion_logps(model, items, pad_id=tok.pad_token_id, batch_size=p.score_batch_size, desc=desc)
-        for i, v in zip(todo, fresh, strict=True):
-            out[i] = v
-            cache.put("logp", keys[i], v)
-    return out
+        for i, v, item in zip(todo, fresh, items, strict=True):
+            out[i] = [v, item.n_completion]
+            cache.put("logp", keys[i], out[i])
+    return [tuple(v) for v in out]
 
 
 def kls(models: Models, policy: Path, base: Path, convs: list[list[dict]], responses: list[str],

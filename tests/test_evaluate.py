@@ -368,3 +368,16 @@ def test_dvc_repro_evaluate_rejudges_without_regenerating(eval_inputs, tmp_path)
 
     again = dvc(project, "repro", "--single-item", "evaluate")
     assert again.returncode == 0 and "didn't change, skipping" in again.stdout
+
+
+def test_pairs_truncated_to_nothing_are_counted_not_scored(eval_inputs, tmp_path):
+    from pipeline.stages.evaluate import preference
+
+    ci = {"n_resamples": 200, "confidence_level": 0.95, "seed": 0}
+    eval_inputs.max_length = 12  # the system prompt alone is longer: no completion token survives
+    m, table = preference(Models(), eval_inputs, _params(), EvalCache(tmp_path / "c"), ci)
+    assert m["pref_n"] == 0 and m["pref_n_truncated_away"] == 5 and math.isnan(m["pref_accuracy"])
+    assert not table["scored"].any() and (table["tokens_chosen"] == 0).all()
+    eval_inputs.max_length = 256
+    m, table = preference(Models(), eval_inputs, _params(), EvalCache(tmp_path / "c"), ci)
+    assert m["pref_n"] == 5 and m["pref_n_truncated_away"] == 0 and table["scored"].all()

@@ -104,19 +104,32 @@ def preference(models: Models, inp: Inputs, p: EvaluateParams, cache: EvalCache,
 
     pairs = read_test_pairs(inp.test, p.pref_max_pairs)
     comp = [(r["prompt"], r[k]) for r in pairs for k in ("chosen", "rejected")]
-    lp_pol = np.array(logps(models, inp.policy, comp, p, inp.max_length, cache, "logp policy"))
-    lp_ref = np.array(logps(models, inp.base, comp, p, inp.max_length, cache, "logp reference"))
+    pol = np.array(logps(models, inp.policy, comp, p, inp.max_length, cache, "logp policy"))
+    ref = np.array(logps(models, inp.base, comp, p, inp.max_length, cache, "logp reference"))
+    lp_pol, lp_ref, n_tok = pol[:, 0], ref[:, 0], pol[:, 1]
     reward = inp.beta * (lp_pol - lp_ref)
     r_c, r_r = reward[0::2], reward[1::2]
-    correct = (r_c > r_r).astype(float)
-    m: dict[str, float] = {"pref_n": len(pairs), "beta": inp.beta, "reward_margin": float(np.mean(r_c - r_r)),
-                           "reward_chosen": float(np.mean(r_c)), "reward_rejected": float(np.mean(r_r))}
-    _ci("pref_accuracy", paired_bootstrap_ci((correct,), mean_stat, **ci), m)
+    # Like TRL, leave out pairs whose prompt fills max_length (a completion with no tokens left has
+    # no reward); they are counted, not silently dropped.
+    scored = (n_tok[0::2] > 0) & (n_tok[1::2] > 0)
+    correct = (r_c > r_r).astype(float)  # a tie is not a win, as in TRL's rewards/accuracies
+    margin = r_c - r_r
+    m: dict[str, float] = {"pref_n": int(scored.sum()), "pref_n_truncated_away": int((~scored).sum()),
+                           "beta": inp.beta}
+    if scored.any():
+        m.update({"reward_margin": float(np.mean(margin[scored])), "reward_chosen": float(np.mean(r_c[scored])),
+                  "reward_rejected": float(np.mean(r_r[scored]))})
+        _ci("pref_accuracy", paired_bootstrap_ci((correct[scored],), mean_stat, **ci), m)
+    else:
+        log.warning("no test pair has completion tokens within max_length %s", inp.max_length)
+        m.update(dict.fromkeys(["reward_margin", "reward_chosen", "reward_rejected", "pref_accuracy",
+                                "pref_accuracy_ci_low", "pref_accuracy_ci_high"], float("nan")))
     table = pd.DataFrame({"id": [r["id"] for r in pairs],
                           "logp_policy_chosen": lp_pol[0::2], "logp_policy_rejected": lp_pol[1::2],
                           "logp_ref_chosen": lp_ref[0::2], "logp_ref_rejected": lp_ref[1::2],
-                          "reward_chosen": r_c, "reward_rejected": r_r, "margin": r_c - r_r,
-                          "correct": correct.astype(bool)})
+                          "tokens_chosen": n_tok[0::2].astype(int), "tokens_rejected": n_tok[1::2].astype(int),
+                          "reward_chosen": r_c, "reward_rejected": r_r, "margin": margin,
+                          "correct": correct.astype(bool), "scored": scored})
     return m, table
 
 
