@@ -3,7 +3,6 @@ training runs: determinism, cache reuse, resume after SIGKILL, and two DDP proce
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random

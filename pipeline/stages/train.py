@@ -19,6 +19,7 @@ gradient accumulation is derived from it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -88,18 +89,17 @@ def fingerprint(p: TrainParams, model_sha256: str, data_sha256: str) -> dict[str
             "code": _code_hash(), "versions": {k: hw[k] for k in ("torch", "transformers", "trl", "peft")}}
 
 
-def _save_release(trainer, p: TrainParams, base_dir: Path, out_dir: Path, base_ref: str, tokenizer) -> None:
-    """Merged safetensors model + tokenizer + config in `out_dir` (and `adapter/` with LoRA). All ranks
-    call this (saving under FSDP/ZeRO-3 gathers); only the main process merges and writes the rest."""
+def _save_trained(trainer, p: TrainParams, out_dir: Path) -> None:
+    """The trained adapter (LoRA) or full weights; every rank calls this (FSDP/ZeRO-3 gather here)."""
+    trainer.save_model(str(out_dir / "adapter" if p.lora.enabled else out_dir))
+
+
+def _finish_release(p: TrainParams, base_dir: Path, out_dir: Path, base_ref: str, tokenizer) -> None:
+    """Main process, after the trainer is freed: merge the adapter into a fresh base model (so the
+    release is plain safetensors weights of the base architecture), add the tokenizer, drop the rest."""
     from pipeline.models import load_causal_lm
 
     adapter_dir = out_dir / "adapter"
-    if p.lora.enabled:
-        trainer.save_model(str(adapter_dir))
-    else:
-        trainer.save_model(str(out_dir))
-    if not trainer.accelerator.is_main_process:
-        return
     if p.lora.enabled:
         from peft import PeftModel
 
@@ -107,8 +107,7 @@ def _save_release(trainer, p: TrainParams, base_dir: Path, out_dir: Path, base_r
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         cfg["base_model_name_or_path"] = base_ref  # not this machine's absolute path
         atomic_write_json(cfg_file, cfg)
-        base = load_causal_lm(base_dir)
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged = PeftModel.from_pretrained(load_causal_lm(base_dir), adapter_dir).merge_and_unload()
         merged.save_pretrained(out_dir, safe_serialization=True)
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             (adapter_dir / f).unlink(missing_ok=True)  # the tokenizer lives once, beside the merged model
@@ -166,34 +165,40 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
         t1 = time.monotonic()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         train_s = time.monotonic() - t1
-    _save_release(trainer, p, base_dir, out_dir, base_ref, tokenizer)
+    peak_train_mb = peak_rss_mb()
+    _save_trained(trainer, p, out_dir)
     if not state.is_main_process:
         return None
+    history, global_step, epoch = trainer.state.log_history, trainer.state.global_step, trainer.state.epoch
+    ref_events, world_size, resolved = trainer.ref_cache_events, cfg.world_size, json.loads(cfg.to_json_string())
+    del trainer, model  # free the training memory before a fresh base model is loaded for the merge
+    gc.collect()
+    _finish_release(p, base_dir, out_dir, base_ref, tokenizer)
 
-    rows = step_rows(trainer.state.log_history)
+    rows = step_rows(history)
     write_plots(rows, plots_dir)
     checkpoints.prune(checkpoints_dir, checkpoints.last_complete(checkpoints_dir))
     last = rows[-1] if rows else {}
-    trained_steps = trainer.state.global_step - (checkpoints.checkpoint_step(resume) if resume else 0)
+    trained_steps = global_step - (checkpoints.checkpoint_step(resume) if resume else 0)
     # TRL counts tokens (non-padding, all ranks) from the start of this process, so the rate is this run's.
     tokens = float(last.get("num_tokens", 0.0)) if trained_steps > 0 else float("nan")
     metrics = {
         "train_loss": float(output.training_loss), "final_loss": last.get("loss", float("nan")),
         **{k.replace("/", "_"): v for k, v in last.items() if k.startswith(("rewards/", "logps/"))},
-        "steps": trainer.state.global_step, "epochs": float(trainer.state.epoch or 0), "pairs": len(train),
-        "world_size": cfg.world_size, "per_device_batch_size": plan.per_device_batch_size,
+        "steps": global_step, "epochs": float(epoch or 0), "pairs": len(train),
+        "world_size": world_size, "per_device_batch_size": plan.per_device_batch_size,
         "grad_accumulation": plan.grad_accumulation, "global_batch_size": plan.global_batch_size,
         "train_runtime_s": train_s, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_train_mb": peak_train_mb,
         "tokens": tokens, "tokens_per_s": tokens / train_s if train_s > 0 else float("nan"),
         "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else 0,
-        "ref_logps_cache_hit": float(all(e["hit"] for e in trainer.ref_cache_events))
-        if trainer.ref_cache_events else float("nan"),
+        "ref_logps_cache_hit": float(all(e["hit"] for e in ref_events)) if ref_events else float("nan"),
     }
     if plan.device == "cuda":
         metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return {"metrics": metrics, "plan": plan.to_dict(), "dpo_config": json.loads(cfg.to_json_string()),
+    return {"metrics": metrics, "plan": plan.to_dict(), "dpo_config": resolved,
             "hardware": hardware(), "resumed_from": resume.name if resume else None,
-            "ref_logps": trainer.ref_cache_events, "world_size": cfg.world_size}
+            "ref_logps": ref_events, "world_size": world_size}
 
 
 # -- launching -------------------------------------------------------------------------------------------
@@ -203,7 +208,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_accelerate(p: TrainParams, root: Path, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def launch_accelerate(p: TrainParams, root: Path, spec: dict[str, Any], workdir: Path,
+                      expect_result: bool = True) -> dict[str, Any]:
     """Run the training under `accelerate launch` and return rank 0's result."""
     from pipeline.dpo_setup import read_accelerate_config
 
@@ -219,6 +225,8 @@ def launch_accelerate(p: TrainParams, root: Path, spec: dict[str, Any], workdir:
     proc = subprocess.run(cmd, cwd=root, check=False)
     if proc.returncode != 0:
         raise OpenReleaseError(f"train: `accelerate launch` exited with status {proc.returncode} (see the log above)")
+    if not expect_result:
+        return {}
     if not result_file.is_file():
         raise OpenReleaseError("train: the training processes exited without a result from rank 0")
     return json.loads(result_file.read_text(encoding="utf-8"))
@@ -306,9 +314,42 @@ def _body(ctx: StageContext) -> None:
              ctx.params.paths.model, model_id)
 
 
+def _secondary() -> None:
+    """`python -m pipeline.stages.train --secondary` on the other machines of a multi-node run: launch
+    this machine's workers with the same params; only global rank 0 (on the main machine, started by
+    `dvc repro train`) tracks and writes outputs. Checkpoints resume only from a shared filesystem."""
+    from pipeline.lineage import sha256_path
+    from pipeline.params import load_params
+    from pipeline.stage import configure_logging
+
+    configure_logging()
+    root = Path.cwd()
+    try:
+        params = load_params(root / "params.yaml")
+        p, paths = params.train, params.paths
+        if p.launcher.kind != "accelerate":
+            raise OpenReleaseError("train --secondary needs train.launcher.kind: accelerate (a multi-node config)")
+        base, data = root / paths.base_model, root / paths.dataset / "train.parquet"
+        model_sha, data_sha = sha256_path(base), sha256_path(data)
+        scratch = root / ".openrelease" / "train-secondary"
+        spec = {"root": str(root), "base_dir": str(base), "dataset_dir": str(root / paths.dataset),
+                "out_dir": str(scratch / "model"), "checkpoints_dir": str(root / paths.checkpoints),
+                "ref_logps_dir": str(root / paths.ref_logps), "plots_dir": str(scratch / "plots"),
+                "model_sha256": model_sha, "base_ref": paths.base_model, "train": p.model_dump(mode="json"),
+                "fingerprint": fingerprint(p, model_sha, data_sha)}
+        scratch.mkdir(parents=True, exist_ok=True)
+        launch_accelerate(p, root, spec, scratch, expect_result=False)
+    except OpenReleaseError as e:
+        print(f"{STAGE}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2])
+        return
+    if sys.argv[1:] == ["--secondary"]:
+        _secondary()
         return
     stage_main(STAGE, READS, _body)
 
