@@ -229,7 +229,7 @@ def test_run_end_to_end_then_cache_hits_then_judge_change(eval_inputs, tmp_path)
     assert m["pass_rate_base"] == 0.0 and m["pass_rate_policy"] == 1.0 and m["pass_rate_delta"] == 1.0
     assert m["constraint_pass_rate_base"] == 0.5 and m["n_constraints"] == 12
     assert m["pass_rate_delta_ci_low"] <= m["pass_rate_delta"] <= m["pass_rate_delta_ci_high"]
-    assert m["pref_n"] == 5 and 0 <= m["pref_accuracy"] <= 1
+    assert m["pref_n"] == 5 and m["pref_n_truncated_away"] == 0 and 0 <= m["pref_accuracy"] <= 1
     assert m["n_wins"] + m["n_ties"] + m["n_losses"] == m["n_general_prompts"] == 4
     assert m["kl"] > 0 and 0 < m["length_ratio"]
     pref = pd.read_parquet(out1 / "preference.parquet")
@@ -378,6 +378,3 @@ def test_pairs_truncated_to_nothing_are_counted_not_scored(eval_inputs, tmp_path
     m, table = preference(Models(), eval_inputs, _params(), EvalCache(tmp_path / "c"), ci)
     assert m["pref_n"] == 0 and m["pref_n_truncated_away"] == 5 and math.isnan(m["pref_accuracy"])
     assert not table["scored"].any() and (table["tokens_chosen"] == 0).all()
-    eval_inputs.max_length = 256
-    m, table = preference(Models(), eval_inputs, _params(), EvalCache(tmp_path / "c"), ci)
-    assert m["pref_n"] == 5 and m["pref_n_truncated_away"] == 0 and table["scored"].all()
