@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import logging
 import os
 import types
@@ -35,7 +36,7 @@ class Plan:
     global_batch_size: int
     torch_threads: int | None
     attn_implementation: str
-    precision: str  # "fp32" | "bf16"
+    precision: str  # "fp32" (CPU) | "bf16" | "fp16"
     gradient_checkpointing: bool
     liger: bool
     distributed_type: str  # from the accelerate config ("NO" for the python launcher)
@@ -79,8 +80,6 @@ def derive_accumulation(global_batch: int, per_device: int, world_size: int) -> 
 
 
 def _flash_attn_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -115,11 +114,17 @@ def make_plan(p: TrainParams, root: Path, *, world_size: int | None = None,
         attn = p.attn_implementation
         if attn.startswith("flash_attention") and (device != "cuda" or not _flash_attn_installed()):
             raise ParamsError(f"train.attn_implementation = {attn!r} needs CUDA and the flash-attn package")
+    if device == "cuda" and p.liger and importlib.util.find_spec("liger_kernel") is None:
+        raise ParamsError("train.liger = true but the liger-kernel package is not installed "
+                          "(pip install liger-kernel), or set it false")
+    precision = "fp32"
+    if device == "cuda":  # bf16 autocast where the GPU has it (Ampere+), else fp16 with loss scaling
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     threads = p.torch_threads or (max(1, cores_available() // local) if device == "cpu" else None)
     return Plan(device=device, world_size=world, local_processes=local,
                 per_device_batch_size=p.per_device_batch_size, grad_accumulation=accumulation,
                 global_batch_size=p.global_batch_size, torch_threads=threads, attn_implementation=attn,
-                precision="bf16" if device == "cuda" else "fp32",
+                precision=precision,
                 gradient_checkpointing=p.gradient_checkpointing and device == "cuda",
                 liger=p.liger and device == "cuda", distributed_type=dist_type, fsdp_version=fsdp_version)
 
@@ -179,7 +184,7 @@ def build_dpo_config(p: TrainParams, plan: Plan, output_dir: str | Path, *, max_
         "gradient_checkpointing": plan.gradient_checkpointing,
         "use_liger_kernel": plan.liger,
         "bf16": plan.precision == "bf16",
-        "fp16": False,
+        "fp16": plan.precision == "fp16",
         "use_cpu": plan.device == "cpu",
         "report_to": [],  # the stage's own callback logs to MLflow (pipeline.tracking owns mlflow)
         "disable_tqdm": False,  # progress bar with ETA, also when logging is quiet

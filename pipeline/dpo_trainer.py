@@ -94,7 +94,8 @@ class OpenReleaseDPOTrainer(DPOTrainer):
             return None
         key = sha256_json({"version": REF_LOGPS_VERSION, "split": name, "data": tokenized_data_hash(dataset),
                            "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
-                           "ld_alpha": self.ld_alpha, "precision": "bf16" if self.args.bf16 else "fp32",
+                           "ld_alpha": self.ld_alpha,
+                           "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32",
                            "device": self.accelerator.device.type, **self._ref_cache_key})
         return self._ref_cache_dir / f"{name}-{key[:32]}.safetensors"
 

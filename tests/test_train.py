@@ -405,3 +405,19 @@ def test_stage_runs_two_ddp_processes_under_accelerate(tmp_path, tiny_model_dir,
     assert sorted(m.step for m in history) == [1, 2]  # logged live by rank 0 of the accelerate workers
     model = client.get_logged_model(lineage["extra"]["mlflow_model_id"])
     assert model.source_run_id == run.info.run_id
+
+
+@pytest.mark.gpu
+def test_cuda_training_uses_bf16_and_writes_release(tmp_path, tiny_model_dir):
+    """On a CUDA machine (`pytest -m gpu`): mixed precision, no CPU-only patch, same outputs."""
+    import torch
+
+    from pipeline.stages.train import run
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    p = tiny_params(device="cuda", gradient_checkpointing=True).train
+    result = run(p, **_run_kwargs(tmp_path, tiny_model_dir, write_pairs(tmp_path / "data"), p))
+    assert result["plan"]["precision"] in ("bf16", "fp16") and result["plan"]["gradient_checkpointing"] is True
+    assert result["dpo_config"]["use_cpu"] is False and result["metrics"]["peak_gpu_mem_mb"] > 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -191,6 +191,7 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
         "train_runtime_s": train_s, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb(),
         "peak_rss_train_mb": peak_train_mb,
         "tokens": tokens, "tokens_per_s": tokens / train_s if train_s > 0 else float("nan"),
+        "tokens_per_s_with_setup": tokens / (setup_s + train_s),  # the reference pass counted
         "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else 0,
         "ref_logps_cache_hit": float(all(e["hit"] for e in ref_events)) if ref_events else float("nan"),
     }
