@@ -378,3 +378,11 @@ def test_pairs_truncated_to_nothing_are_counted_not_scored(eval_inputs, tmp_path
     m, table = preference(Models(), eval_inputs, _params(), EvalCache(tmp_path / "c"), ci)
     assert m["pref_n"] == 0 and m["pref_n_truncated_away"] == 5 and math.isnan(m["pref_accuracy"])
     assert not table["scored"].any() and (table["tokens_chosen"] == 0).all()
+
+
+def test_missing_trained_model_is_a_clear_error(eval_inputs, tmp_path):
+    from pipeline.errors import SourceError
+
+    shutil.rmtree(eval_inputs.policy)
+    with pytest.raises(SourceError, match=r"policy: no safetensors model here \(run `dvc repro train`\)"):
+        run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=FakeGenerate())

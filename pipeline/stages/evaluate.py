@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import SourceError
 from pipeline.evalcache import EvalCache
 from pipeline.evalstats import (
     lc_win_rate,
@@ -196,6 +197,9 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
     from pipeline.constraints import read_prompts
     from pipeline.judges import JUDGES, load_template
 
+    for folder, stage in ((inp.base, "base_model"), (inp.policy, "train")):
+        if not any(Path(folder).glob("*.safetensors")):
+            raise SourceError(f"{folder}: no safetensors model here (run `dvc repro {stage}`)")
     if generate_fn is None:
         from pipeline.generation import generate as generate_fn
     models = models or Models()
