@@ -25,13 +25,14 @@ from pipeline.io import atomic_write_bytes, atomic_write_text
 log = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int | None], None]
-# Curves drawn as PNG: file name -> metric keys (TRL names).
+# Curves drawn as PNG: file name -> (title, metric keys as TRL names them).
 CURVES = {
-    "loss.png": ["loss"],
-    "rewards.png": ["rewards/chosen", "rewards/rejected", "rewards/margins"],
-    "reward_accuracy.png": ["rewards/accuracies"],
-    "logps.png": ["logps/chosen", "logps/rejected"],
-    "learning_rate.png": ["learning_rate"],
+    "loss.png": ("DPO loss", ["loss"]),
+    "rewards.png": ("implicit rewards (beta x log-ratio to the reference)",
+                    ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+    "reward_accuracy.png": ("reward accuracy (chosen scored above rejected)", ["rewards/accuracies"]),
+    "logps.png": ("policy log-probability of the completions", ["logps/chosen", "logps/rejected"]),
+    "learning_rate.png": ("learning rate", ["learning_rate"]),
 }
 
 
@@ -84,7 +85,7 @@ def write_plots(rows: list[dict[str, float]], folder: Path) -> list[Path]:
     for r in rows:
         writer.writerow({k: r.get(k, "") for k in ["step", *keys]})
     written = [atomic_write_text(folder / "metrics.csv", buf.getvalue())]
-    for name, metrics in CURVES.items():
+    for name, (title, metrics) in CURVES.items():
         present = [m for m in metrics if any(m in r for r in rows)]
         if not present:
             continue
@@ -94,7 +95,7 @@ def write_plots(rows: list[dict[str, float]], folder: Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
                     markersize=3, label=m)
         ax.set_xlabel("optimizer step")
-        ax.set_title(name.removesuffix(".png").replace("_", " "))
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         if len(present) > 1:
             ax.legend(fontsize=8)
