@@ -13,22 +13,29 @@ Run:    `dvc repro evaluate` (or `python -m pipeline.stages.evaluate`).
 What is measured:
 1. Held-out preference accuracy: the implicit DPO reward r = beta * (log p_policy - log p_ref) of the
    chosen and the rejected completion, log-probs summed over completion tokens (tokenized as TRL
-   does); accuracy = fraction with r_chosen > r_rejected, margin = mean(r_chosen - r_rejected).
+   does, truncated at train's max_length keeping the start); accuracy = fraction with
+   r_chosen > r_rejected (a tie is not a win, as in TRL's rewards/accuracies), margin =
+   mean(r_chosen - r_rejected). Pairs with no completion token left after truncation are counted
+   (`pref_n_truncated_away`) and left out, as TRL leaves them out of training.
 2. Verifiable instruction following: greedy responses of both models to the held-out constraint
    prompts, checked by `pipeline.constraints.check`. Prompt-level pass = every constraint holds;
    constraint-level = pooled fraction of constraints that hold. Deltas (policy - base) get a paired
    bootstrap interval that resamples prompts.
 3. Judged win rate on the general prompts: each (policy, base) pair judged in both orders; a pair
    judged differently in the two orders is a tie; ties count half. Length-controlled win rate:
-   see `pipeline.evalstats.lc_win_rate`.
+   see `pipeline.evalstats.lc_win_rate`. `judge_order_consistency` (the share of pairs the judge
+   decides the same way in both orders) says how much the judge's verdicts are worth: a judge that
+   always picks one position scores 0 there, and its win rate is 0.5 by construction.
 4. Length and drift: mean response length in tokens of each model over all evaluation prompts, their
    ratio, and `kl`, an estimate of KL(policy || base). Along each of the policy's greedy responses,
    the exact next-token KL over the whole vocabulary is computed at every completion position (given
-   the prefix so far) and summed: by the chain rule, the sum of these per-token KLs over a path is
-   the sequence KL's integrand, so its mean over sampled paths would be an unbiased (Rao-Blackwellised)
-   estimate of the sequence KL. Greedy paths are used instead (no extra generation, deterministic),
-   which makes `kl` the KL along the policy's most likely responses rather than its expectation;
-   `kl` is in nats per response and `kl_per_token` divides by the tokens scored.
+   the prefix so far) and summed. By the chain rule, the expectation of this sum over responses
+   *sampled* from the policy is exactly the sequence-level KL, so averaging it over sampled responses
+   would be an unbiased, lower-variance (Rao-Blackwellised) version of the usual mean of
+   log p_policy - log p_ref. Greedy responses are used instead (no extra generation, deterministic),
+   so `kl` is the KL accumulated along the policy's most likely responses, a proxy for the expected
+   sequence KL rather than an unbiased estimate of it. `kl` is in nats per response; `kl_per_token`
+   divides by the tokens scored. Identical models give exactly 0.
 
 Every model output (generation, log-prob, KL, judgment) is cached under a key naming the model
 sha256, the prompt hash, the decoding params, the judge id and the template hash; with a warm cache
