@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands defined next to their logic (audit, publish); absent modules are skipped."""
-    for name in ("pipeline.release.audit", "pipeline.release.publish"):
+    for name in ("pipeline.release.audit", "pipeline.release.publish", "pipeline.judge_agreement"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
