@@ -5,7 +5,9 @@ sorts prompts by token length so a batch holds prompts of similar length (less l
 wasted compute), pads on the left, and samples with `model.generate`. Every batch re-seeds torch from
 (seed, batch index) inside a forked RNG, so a batch's samples do not depend on which batches ran
 before it, and the caller's global RNG state is left untouched. A tqdm bar shows sequences done and
-the ETA; on CPU all available cores are used.
+the ETA; on CPU all available cores are used. On a shared CPU, set OMP_WAIT_POLICY=PASSIVE before torch
+is imported (the `generate` stage does): OpenMP's default spin-waiting is several times slower when
+the cores are oversubscribed.
 
 Decoding is exactly what the arguments say: temperature and top_p, with top-k disabled (transformers
 would otherwise apply its default top_k=50) and no repetition penalty from the model's defaults.
