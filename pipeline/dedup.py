@@ -1,4 +1,4 @@
-"""Text normalisation, word n-gram hashing, MinHash near-duplicates and n-gram decontamination.
+"""Text normalisation, word n-gram hashing and MinHash near-duplicates.
 
 Everything works on flat numpy arrays of 64-bit word hashes so a batch of thousands of prompts is a
 handful of vectorised operations:
@@ -7,8 +7,8 @@ handful of vectorised operations:
 - `minhash_signatures`: datasketch's "affine32" MinHash scheme (its own permutations, MurmurHash3
   finaliser premix), computed for many documents at once; the signatures equal
   `datasketch.MinHash(hashfunc=int).update_batch(shingles)` (tested);
-- `near_duplicates`: LSH banding with datasketch's parameters, vectorised (see its docstring);
-- `EvalIndex`: exact-match and n-gram sets of evaluation prompts, and `EvalIndex.match` over a batch.
+- `near_duplicates`: LSH banding with datasketch's parameters, vectorised (see its docstring).
+Decontamination against evaluation prompts builds on these in `pipeline.decontam`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,6 +30,11 @@ def normalize(text: str) -> str:
 
 def words(text: str) -> list[str]:
     return _WORD.findall(normalize(text))
+
+
+def words_of_normalized(norm: str) -> list[str]:
+    """words() of a text already passed through normalize()."""
+    return _WORD.findall(norm)
 
 
 class WordHasher:
@@ -169,63 +173,3 @@ def near_duplicates(sigs: np.ndarray, threshold: float, num_perm: int) -> dict[i
         else:
             out[i] = best
     return out
-
-
-@dataclass
-class Match:
-    eval_set: str
-    item: str
-    kind: str  # "exact" or "<k>-gram"
-    text: str  # the matching eval text (shortened)
-
-
-class EvalIndex:
-    """Evaluation texts indexed for exact matches and word n-gram overlap.
-
-    An eval text with at least `n` words contributes all its n-grams; one with fewer words but at least
-    `min_words` contributes itself as a single n-gram of its own length; shorter texts match exactly only.
-    """
-
-    def __init__(self, n: int, min_words: int, hasher: WordHasher | None = None) -> None:
-        self.n, self.min_words = n, min_words
-        self.hasher = hasher or WordHasher()
-        self.exact: dict[str, Match] = {}
-        self._grams: dict[int, dict[int, Match]] = {}
-        self._keys: dict[int, np.ndarray] = {}
-        self.sizes: dict[str, int] = {}
-
-    def add(self, eval_set: str, item: str, text: str) -> None:
-        ws = words(text)
-        if not ws:
-            return
-        self._keys.clear()
-        self.sizes[eval_set] = self.sizes.get(eval_set, 0) + 1
-        m = Match(eval_set, item, "exact", text[:120])
-        self.exact.setdefault(" ".join(ws), m)
-        ids = self.hasher.ids(ws)
-        if len(ws) >= self.n:
-            hs, _ = window_hashes(np.array(ids, dtype=np.uint64), np.zeros(1, dtype=np.int64), self.n)
-            grams = self._grams.setdefault(self.n, {})
-            for h in hs.tolist():
-                grams.setdefault(h, Match(eval_set, item, f"{self.n}-gram", text[:120]))
-        elif len(ws) >= self.min_words:
-            self._grams.setdefault(len(ws), {}).setdefault(sequence_hash(ids),
-                                                           Match(eval_set, item, f"{len(ws)}-gram", text[:120]))
-
-    def match(self, docs_words: list[list[str]], doc_ids: list[list[int]]) -> list[Match | None]:
-        """The first match of each document (its word list and word ids), or None."""
-        out: list[Match | None] = [self.exact.get(" ".join(ws)) for ws in docs_words]
-        if not self._grams:
-            return out
-        ids, starts = flatten(doc_ids)
-        for k in sorted(self._grams):
-            table = self._grams[k]
-            if k not in self._keys:
-                self._keys[k] = np.sort(np.fromiter(table.keys(), dtype=np.uint64, count=len(table)))
-            keys = self._keys[k]
-            h, doc = window_hashes(ids, starts, k)
-            hit = keys[np.minimum(np.searchsorted(keys, h), len(keys) - 1)] == h
-            for hv, d in zip(h[hit].tolist(), doc[hit].tolist(), strict=True):
-                if out[d] is None:
-                    out[d] = table[hv]
-        return out

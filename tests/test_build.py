@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import dedup
+from pipeline import decontam, dedup
 from pipeline.binarize import pairs_for, score
 from pipeline.errors import DataError
 from pipeline.params import DataParams, PairRules, load_params
@@ -103,7 +103,7 @@ def test_near_duplicates_equal_a_sequential_datasketch_lsh():
 
 
 def test_eval_index_exact_ngram_and_short_texts():
-    index = dedup.EvalIndex(n=13, min_words=8)
+    index = decontam.EvalIndex(n=13, min_words=8)
     long_q = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences."
     index.add("mt", "81", long_q)
     index.add("mt", "81#turn2", "Rewrite your previous response. Start every sentence with the letter A.")

@@ -16,6 +16,13 @@ overlap of any user turn with an eval prompt), source weights, exact duplicates 
 hash), near duplicates (MinHash LSH), binarization (ties and margins below min_margin dropped),
 the pairs suite (GX), the split (by a hash of seed and prompt hash). Rows are processed as
 memory-mapped Arrow (`datasets`) in batched maps. Same inputs and seed give byte-identical files.
+
+metrics/data.json (flat): read, read.<source>, quarantined, quarantined.<rule>, validated (rows kept by
+validate); filtered.decontaminated, filtered.decontaminated.<eval set>, filtered.weight,
+filtered.exact_duplicate, filtered.near_duplicate, filtered.no_pair (prompt groups); groups_binarized;
+binarize.too_few_rated (groups), binarize.tie and binarize.below_margin (candidate pairs dropped),
+binarize.unrated (completions without any rating); pairs_built, pairs_quarantined, pairs_train,
+pairs_test, prompts_train, prompts_test; rows_unaccounted (always 0: the build stops otherwise).
 """
 
 from __future__ import annotations
@@ -33,10 +40,9 @@ import numpy as np
 
 from pipeline import dedup, pair_checks
 from pipeline.binarize import binarize_table
-from pipeline.errors import DataError, SourceError
-from pipeline.formats.common import excerpt, iter_records
+from pipeline.decontam import EvalIndex, load_index
+from pipeline.formats.common import excerpt
 from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
-from pipeline.lineage import sha256_file
 from pipeline.params import BuildParams, DataParams, EvalPromptSet, ValidateParams
 from pipeline.stage import StageContext, stage_main
 from pipeline.validation import decide, run_suite, stepper
@@ -53,9 +59,10 @@ PAIRS_REPORT_DIR, DECONTAM_FILE, METRICS_FILE = "pairs_validation", "decontamina
 log = logging.getLogger(__name__)
 
 
-def prompt_key(prompt: list[dict]) -> str:
+def prompt_key(prompt: list[dict], norms: list[str] | None = None) -> str:
     """sha256 of the normalised prompt (roles + normalised text): the dedup and split key."""
-    text = "\x1e".join(f"{m['role']}\x1f{dedup.normalize(m['content'])}" for m in prompt)
+    norms = norms if norms is not None else [dedup.normalize(m["content"]) for m in prompt]
+    text = "\x1e".join(f"{m['role']}\x1f{n}" for m, n in zip(prompt, norms, strict=True))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -64,53 +71,18 @@ def _unit(*parts: Any) -> float:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16], 16) / 2**64
 
 
-def eval_texts(record: dict, field: str, path: str, where: int) -> list[str]:
-    value = record.get(field)
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        out = []
-        for v in value:
-            if isinstance(v, str):
-                out.append(v)
-            elif isinstance(v, dict) and isinstance(v.get("content"), str) and v.get("role", "user") == "user":
-                out.append(v["content"])
-        if out or not value:
-            return out
-    raise DataError(path, where, "eval prompt field", f"{field!r} must be a string, a list of turns or of "
-                    f"{{role, content}} messages; got {excerpt(value)}")
-
-
-def load_eval_index(sets: list[EvalPromptSet], p: BuildParams, root: Path) -> tuple[dedup.EvalIndex, dict]:
-    index = dedup.EvalIndex(p.decontam_ngram, p.decontam_min_words)
-    info: dict[str, Any] = {}
-    for s in sets:
-        path = Path(s.path) if Path(s.path).is_absolute() else root / s.path
-        if not path.is_file():
-            raise SourceError(f"decontamination set {s.name}: {s.path} does not exist")
-        digest = sha256_file(path)
-        if s.sha256 and digest != s.sha256:
-            raise SourceError(f"decontamination set {s.name}: {s.path} has sha256 {digest}, params pin {s.sha256}")
-        n = 0
-        for where, rec in iter_records(str(path)):
-            item = next((str(rec[k]) for k in ("id", "question_id", "uid") if k in rec), str(where))
-            for t, text in enumerate(eval_texts(rec, s.field, str(path), where)):
-                index.add(s.name, f"{item}" if t == 0 else f"{item}#turn{t + 1}", text)
-            n += 1
-        info[s.name] = {"path": s.path, "field": s.field, "sha256": digest, "prompts": n, "removed": 0, "rows": []}
-    return index, info
-
-
-def _prepare(batch, index: dedup.EvalIndex, hasher: dedup.WordHasher, p: BuildParams, perms):
+def _prepare(batch, index: EvalIndex, hasher: dedup.WordHasher, p: BuildParams, perms):
     """Per row: the prompt hash, the first eval-set match (JSON, "" if none) and the MinHash signature."""
     import pyarrow as pa
 
     prompts = batch.column("prompt").to_pylist()
-    user_words, user_ids, user_row, all_ids = [], [], [], []
+    user_words, user_ids, user_row, all_ids, keys = [], [], [], [], []
     for r, prompt in enumerate(prompts):
         row_ids: list[int] = []
-        for m in prompt:
-            ws = dedup.words(m["content"])
+        norms = [dedup.normalize(m["content"]) for m in prompt]
+        keys.append(prompt_key(prompt, norms))
+        for m, norm in zip(prompt, norms, strict=True):
+            ws = dedup.words_of_normalized(norm)
             ids = hasher.ids(ws)
             row_ids += ids
             if m["role"] == "user":
@@ -122,7 +94,7 @@ def _prepare(batch, index: dedup.EvalIndex, hasher: dedup.WordHasher, p: BuildPa
     for r, match in zip(user_row, index.match(user_words, user_ids), strict=True):
         if match is not None and not contamination[r]:
             contamination[r] = json.dumps(match.__dict__, sort_keys=True, ensure_ascii=False)
-    cols = {"prompt_hash": pa.array([prompt_key(pr) for pr in prompts], pa.string()),
+    cols = {"prompt_hash": pa.array(keys, pa.string()),
             "contamination": pa.array(contamination, pa.string())}
     if perms is not None:
         sig = dedup.minhash_signatures(all_ids, p.near_dup_shingle, perms)
@@ -306,7 +278,7 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
     disable_caching()
     step = stepper("build")
     summary = read_json(validated_dir / "summary.json")
-    index, decon_info = load_eval_index(eval_sets, p, root)
+    index, decon_info = load_index(eval_sets, p.decontam_ngram, p.decontam_min_words, root)
     step(f"indexed {sum(index.sizes.values())} eval texts")
     perms = dedup.permutations(p.near_dup_num_perm, p.seed) if p.near_dup_threshold is not None else None
     with tempfile.TemporaryDirectory(prefix="openrelease-build-") as scratch:
