@@ -116,7 +116,7 @@ class Outcome:
 
 
 def decide(results: dict[str, RuleResult], n_rows: int, max_fraction: float,
-           describe: Callable[[int, str], dict[str, Any]], report_path: str) -> Outcome:
+           describe: Callable[[int, str], dict[str, Any]], report_path: str, unit: str = "rows") -> Outcome:
     """Apply each rule's action. `describe(index, rule)` gives {path, where, source, reason, excerpt}
     for a failing row (used for the examples in the report and the error message)."""
     quarantined: dict[int, list[str]] = {}
@@ -138,12 +138,12 @@ def decide(results: dict[str, RuleResult], n_rows: int, max_fraction: float,
         d = describe(i, rule)
         more = f"; {len(fatal) - 1} more failing rule(s)" if len(fatal) > 1 else ""
         error = DataError(d["path"], d["where"], f"[{d['source']}] {rule}",
-                          f"{d['reason']}: {d['excerpt']} ({len(results[rule].failed)} row(s) break this rule"
+                          f"{d['reason']}: {d['excerpt']} ({len(results[rule].failed)} {unit[:-1]}(s) break this rule"
                           f"{more}; see {report_path})")
     elif fraction > max_fraction:
         worst = max((r for r in results.values() if r.action == "quarantine"), key=lambda r: len(r.failed))
         error = DataError(report_path, None, "max_quarantine_fraction",
-                          f"{len(quarantined)} of {n_rows} rows quarantined ({fraction:.1%}) > "
+                          f"{len(quarantined)} of {n_rows} {unit} quarantined ({fraction:.1%}) > "
                           f"{max_fraction:.1%}; most by rule {worst.rule} ({len(worst.failed)})")
     report = {
         "status": "failed" if error else "passed", "error": str(error) if error else None,

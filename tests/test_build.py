@@ -167,7 +167,7 @@ def test_pairs_suite_each_rule_fails_with_file_line(rule, counter, tmp_path):
         **{r: ("fail" if r == rule else "quarantine") for r in PairRules.model_fields})})
     outcome, _, _ = build.check_pairs(Dataset.from_list(rows), counter, v, None, "report.json", 4)
     assert isinstance(outcome.error, DataError)
-    assert re.match(rf"f\.jsonl:\d: \[s\] {rule}: .+\(\d row\(s\) break this rule", str(outcome.error))
+    assert re.match(rf"f\.jsonl:\d: \[s\] {rule}: .+\(\d pair\(s\) break this rule", str(outcome.error))
 
 
 def test_pairs_suite_required_columns(counter):

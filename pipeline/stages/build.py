@@ -245,7 +245,7 @@ def check_pairs(pairs, counter: pair_checks.TokenCounter | None, v: ValidatePara
         return excerpt(prompt[-1].get("content") or "", 60)
 
     describe = pair_checks.describer(frame, v.max_length, excerpt_of)
-    outcome = decide(results, len(frame), v.max_quarantine_fraction, describe, report_name)
+    outcome = decide(results, len(frame), v.max_quarantine_fraction, describe, report_name, unit="pairs")
     if report_dir is not None:
         outcome.report["data_docs"] = "docs/index.html"
         outcome.report["token_counting"] = dict(counter.stats) if counter else "off (no tokenizer)"
@@ -308,8 +308,9 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
         pairs_report = reports_dir / PAIRS_REPORT_DIR  # kept when the suite fails, so not an atomic dir
         shutil.rmtree(pairs_report, ignore_errors=True)
         pairs_report.mkdir(parents=True)
-        outcome, frame, describe = check_pairs(pairs, counter, v, pairs_report, f"{PAIRS_REPORT_DIR}/report.json",
-                                               p.batch_size)
+        shown = pairs_report / "report.json"
+        shown = shown.relative_to(root) if shown.is_relative_to(root) else shown
+        outcome, frame, describe = check_pairs(pairs, counter, v, pairs_report, str(shown), p.batch_size)
         step("pairs suite done")
         if outcome.error is not None:
             raise outcome.error
