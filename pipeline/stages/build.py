@@ -393,9 +393,11 @@ def _body(ctx: StageContext) -> None:
     ctx.add_output(ctx.path("metrics") / METRICS_FILE)
     ctx.record.extra["counts"] = metrics
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    ctx.run.log_artifact(reports / DECONTAM_FILE, artifact_path="build")
-    ctx.run.log_artifact(out / "train.parquet", artifact_path="dataset")
-    ctx.run.log_artifact(out / "test.parquet", artifact_path="dataset")
+    ctx.add_output(reports / PAIRS_REPORT_DIR)
+    # Reports only: the dataset itself is DVC's (cached, sha256 in lineage); copying it into MLflow's
+    # artifact store would double the disk a million-row build takes.
+    for f in (reports / DECONTAM_FILE, reports / PAIRS_REPORT_DIR / "report.json", ctx.path("metrics") / METRICS_FILE):
+        ctx.run.log_artifact(f, artifact_path="build")
 
 
 def main() -> None:
