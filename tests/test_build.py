@@ -355,3 +355,17 @@ def test_same_inputs_and_seed_give_identical_bytes(built, smollm_tokenizer_dir):
     other = _pipeline(tmp, smollm_tokenizer_dir, seed=7, out="seed7")
     assert (tmp / "seed7" / "test.parquet").read_bytes() != (tmp / "dataset" / "test.parquet").read_bytes()
     assert other["pairs_train"] + other["pairs_test"] == first["pairs_train"] + first["pairs_test"]
+
+
+def test_source_weights_and_near_dup_off(built, smollm_tokenizer_dir):
+    tmp, first = built
+    data = _sources(tmp)
+    data.sources[0].weight = 0.5  # hh: keep about half of its prompt groups, chosen by hash and seed
+    p = PARAMS.build.model_copy(update={"near_dup_threshold": None, "test_fraction": 0.2, "batch_size": 16})
+    v = PARAMS.validate_.model_copy(update={"max_length": 1024, "max_quarantine_fraction": 0.5})
+    (tmp / "weighted").mkdir()
+    m = build.run(tmp / "validated", data, p, v, build.eval_sets_for(data, str(tmp / "eval.jsonl")),
+                  smollm_tokenizer_dir, tmp / "weighted", tmp / "reports-weighted", tmp)
+    assert 15 <= m["filtered.weight"] <= 45 and m["filtered.near_duplicate"] == 0 and m["rows_unaccounted"] == 0
+    filtered = [json.loads(x) for x in (tmp / "weighted" / "filtered.jsonl").read_text().splitlines()]
+    assert all(f["id"].startswith("hh:") for f in filtered if f["reason"] == "weight")
