@@ -299,7 +299,8 @@ def _source_licenses(records: dict[str, Any], paths: dict[str, Any]) -> dict[str
     for stage, rec in records.items():
         params = rec.get("params") or {}
         data = params.get("data") or {}
-        for s in (data.get("sources") or []) if isinstance(data, dict) else []:
+        listed = params.get("data.sources") or ((data.get("sources") or []) if isinstance(data, dict) else [])
+        for s in listed:
             if isinstance(s, dict) and s.get("path"):
                 out[resolve_paths_ref(str(s["path"]), paths)] = f"source {s.get('name')}, license {s.get('license')}"
         bm = params.get("base_model")

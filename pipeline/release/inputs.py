@@ -58,9 +58,12 @@ class ReleaseInputs:
 
     def data_sources(self) -> list[dict[str, Any]]:
         """data.sources as the ingest stage read them (its lineage record), else from params."""
-        rec = self.record("ingest")
-        data = (rec or {}).get("params", {}).get("data") or self.params.section_dump("data") or {}
-        sources = data.get("sources") if isinstance(data, dict) else None
+        read = (self.record("ingest") or {}).get("params", {})
+        # ingest lists `data.sources` in its READS, so its record keys the list by that dotted name
+        sources = read.get("data.sources")
+        if sources is None:
+            data = read.get("data") or self.params.section_dump("data") or {}
+            sources = data.get("sources") if isinstance(data, dict) else None
         return [s for s in sources or [] if isinstance(s, dict)]
 
     def source_path(self, source: dict[str, Any]) -> str:
