@@ -105,7 +105,7 @@ def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir:
     m = res["metrics"]
     return {"seconds": m["setup_s"] + m["train_runtime_s"], "tokens": m["tokens"], "ref_cache_hit": m["ref_logps_cache_hit"],
             "per_device": p.per_device_batch_size, "peak_rss_train_mb": m["peak_rss_train_mb"],
-            "total_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0}
+            "total_s": time.monotonic() - t0, "cpu_s": m["cpu_s"], "cpu_total_s": time.process_time() - c0}
 
 
 def _child(args: argparse.Namespace) -> None:

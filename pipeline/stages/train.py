@@ -154,7 +154,7 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
     precompute = bool(cfg.precompute_ref_log_probs)
     callback = MetricsCallback(log_fn)
     with completion_only_lm_head(p.completion_only_lm_head and plan.device == "cpu"):
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         trainer = OpenReleaseDPOTrainer(
             model=model, args=cfg, train_dataset=train, processing_class=tokenizer, peft_config=lora_config(p),
             callbacks=[callback], length_grouping=p.length_grouping,
@@ -164,7 +164,7 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
         setup_s = time.monotonic() - t0
         t1 = time.monotonic()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        train_s = time.monotonic() - t1
+        train_s, cpu_s = time.monotonic() - t1, time.process_time() - cpu0
     peak_train_mb = peak_rss_mb()
     _save_trained(trainer, p, out_dir)
     if not state.is_main_process:
@@ -188,7 +188,7 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
         "steps": global_step, "epochs": float(epoch or 0), "pairs": len(train),
         "world_size": world_size, "per_device_batch_size": plan.per_device_batch_size,
         "grad_accumulation": plan.grad_accumulation, "global_batch_size": plan.global_batch_size,
-        "train_runtime_s": train_s, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb(),
+        "train_runtime_s": train_s, "setup_s": setup_s, "cpu_s": cpu_s, "peak_rss_mb": peak_rss_mb(),
         "peak_rss_train_mb": peak_train_mb,
         "tokens": tokens, "tokens_per_s": tokens / train_s if train_s > 0 else float("nan"),
         "tokens_per_s_with_setup": tokens / (setup_s + train_s),  # the reference pass counted
