@@ -23,6 +23,14 @@ GEN = GenerateParams(samples_per_prompt=2, max_new_tokens=6, temperature=1.0, to
                      backend="transformers")
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Two spinning OpenMP threads on a shared, loaded 2-core machine slow tiny models ~10x."""
+    from pipeline import generation
+
+    monkeypatch.setattr(generation, "available_cpus", lambda: 1)
+
+
 @pytest.fixture(scope="module")
 def generated(tiny_model_dir):
     return generate.run(GEN, PROMPTS, tiny_model_dir, generator="tiny-llama")

@@ -17,6 +17,13 @@ PROMPTS = [
 KW = dict(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=0.95, num_return_sequences=2, batch_size=4, desc="test")
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tests share two cores with other work; two spinning OpenMP threads on a loaded machine made these
+    tiny generations ~10x slower. Thread use itself is checked in test_uses_every_available_cpu."""
+    monkeypatch.setattr(generation, "available_cpus", lambda: 1)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from pipeline.models import load_causal_lm, load_tokenizer
@@ -92,3 +99,16 @@ def test_bad_arguments(tiny, kw, match):
     model, tok = tiny
     with pytest.raises(ValueError, match=match):
         generate(model, tok, PROMPTS[:1], seed=0, **{**KW, **kw})
+
+
+def test_uses_every_available_cpu(tiny, monkeypatch):
+    import torch
+
+    model, tok = tiny
+    before = torch.get_num_threads()
+    monkeypatch.setattr(generation, "available_cpus", lambda: 3)
+    try:
+        generate(model, tok, PROMPTS[:1], seed=0, **{**KW, "max_new_tokens": 1, "num_return_sequences": 1})
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
