@@ -492,17 +492,27 @@ class Params(Section):
     paths: Paths
     tracking: Tracking
     base_model: BaseModelParams
-    generate: GenerateParams = Field(default_factory=GenerateParams)
-    rate: RateParams = Field(default_factory=RateParams)
-    data: DataParams = Field(default_factory=DataParams)
-    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
-    build: BuildParams = Field(default_factory=BuildParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    card: CardParams = Field(default_factory=CardParams)
-    publish: PublishParams = Field(default_factory=PublishParams)
+    generate: GenerateParams
+    rate: RateParams
+    data: DataParams
+    validate_: ValidateParams = Field(alias="validate")
+    build: BuildParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    card: CardParams
+    publish: PublishParams
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_max_length(self) -> Params:
+        # validate's token-length rule must measure what TRL will truncate at, or pairs that pass
+        # validation get silently cut in training.
+        dpo_max = self.train.dpo.get("max_length")
+        if dpo_max is not None and self.validate_.max_length != dpo_max:
+            raise ValueError(f"validate.max_length = {self.validate_.max_length} must equal "
+                             f"train.dpo.max_length = {dpo_max}")
+        return self
 
     def section(self, dotted: str) -> Any:
         """The params value at a dotted key path such as `paths.model` or `train`."""
@@ -545,6 +555,9 @@ def format_validation_error(source: str, err: ValidationError, raw: Any) -> str:
             msg = "required key is missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")
+        if not loc:  # a cross-section rule: its message names the keys and values itself
+            parts.append(msg)
+            continue
         shown = "" if e["type"] == "missing" else f" = {value!r}"
         parts.append(f"{_key_path(loc)}{shown}: {msg}")
     return f"{source}: " + "; ".join(parts)

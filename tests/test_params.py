@@ -84,6 +84,13 @@ def test_message_is_one_line(raw):
     assert "licence" in str(exc.value) and "connect_timeout_s" in str(exc.value)
 
 
+def test_validate_and_train_max_length_must_agree(raw):
+    raw["validate"]["max_length"] = 1024
+    with pytest.raises(ParamsError) as exc:
+        parse_params(raw)
+    assert str(exc.value) == "params.yaml: validate.max_length = 1024 must equal train.dpo.max_length = 512"
+
+
 def test_invalid_yaml_names_line(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("paths:\n  a: b\n c: [\n")
