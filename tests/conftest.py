@@ -19,6 +19,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch is imported: OpenMP threads sleep while waiting (the 2-process DDP test and other
+# jobs on a 2-core machine otherwise spin against each other).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def shared_data(*parts: str) -> Path:
