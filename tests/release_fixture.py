@@ -124,6 +124,9 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     prompts = train_prompts or TRAIN_PROMPTS
     write_parquet(root / p.dataset / "train.parquet", [_pair(i, t, "train") for i, t in enumerate(prompts)])
     write_parquet(root / p.dataset / "test.parquet", [_pair(9, "Say hello in French, lowercase only.", "test")])
+    # build also writes a per-pair provenance side table; it sorts before the splits
+    write_parquet(root / p.dataset / "provenance.parquet",
+                  [{"id": f"p{i}", "source": "on-policy", "split": "train", "seed": 42} for i in range(len(prompts))])
     model = root / p.model
     shutil.copytree(tiny_model_dir, model)
     (model / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Model Card for Model ID\n(TRL template)\n")

@@ -276,7 +276,10 @@ def contamination(inp: ReleaseInputs, n: int) -> GateResult:
     for split, f in inp.split_files.items():
         if not split.startswith("train"):
             continue
-        table = pq.read_table(f, columns=[c for c in ("id", "prompt") if c in inp.dataset_columns])
+        names = pq.read_schema(f).names
+        if "prompt" not in names:
+            continue
+        table = pq.read_table(f, columns=[c for c in ("id", "prompt") if c in names])
         ids = table.column("id").to_pylist() if "id" in table.column_names else list(range(table.num_rows))
         for rid, prompt in zip(ids, table.column("prompt").to_pylist(), strict=True):
             turns = [m["content"] for m in prompt if isinstance(m, dict) and m.get("role") == "user"] \

@@ -130,7 +130,9 @@ def _parquet_splits(folder: Path) -> tuple[dict[str, int], dict[str, Path], list
             raise DataError(p, None, "readable Parquet", str(e).splitlines()[0]) from None
         rows[p.stem] = meta.metadata.num_rows
         files[p.stem] = p
-        columns = columns or list(meta.schema_arrow.names)
+        # the preference splits' columns (provenance.parquet sorts first but is a side table)
+        if "prompt" in meta.schema_arrow.names and not columns:
+            columns = list(meta.schema_arrow.names)
     return rows, files, columns
 
 
