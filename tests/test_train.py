@@ -47,7 +47,7 @@ def tiny_params(**train_overrides):
     """The real params.yaml with the train section shrunk for the tiny model."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     t = raw["train"]
-    t["dpo"].update(max_steps=4, num_train_epochs=2, precompute_ref_batch_size=4, warmup_steps=0, max_length=128)
+    t["dpo"].update(max_steps=4, num_train_epochs=2, precompute_ref_batch_size=4, warmup_steps=0)
     t.update(per_device_batch_size=2, global_batch_size=4, checkpoint_every=2, keep_checkpoints=2)
     for k, v in train_overrides.items():
         t[k] = v
@@ -382,7 +382,7 @@ def test_stage_runs_two_ddp_processes_under_accelerate(tmp_path, tiny_model_dir,
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"]["base_model"] = str(tiny_model_dir)
     t = raw["train"]
-    t["dpo"].update(max_steps=2, precompute_ref_batch_size=2, warmup_steps=0, max_length=128)
+    t["dpo"].update(max_steps=2, precompute_ref_batch_size=2, warmup_steps=0)
     t.update(per_device_batch_size=1, global_batch_size=4, checkpoint_every=1,
              launcher={"kind": "accelerate", "config": str(ROOT / "configs/accelerate/ddp.yaml"), "num_processes": 2})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
