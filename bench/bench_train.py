@@ -123,7 +123,9 @@ def _child(args: argparse.Namespace) -> None:
 def _spawn(variant: str, args: argparse.Namespace, data: Path, ref_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--data", str(data),
            "--epochs", str(args.epochs), "--ref-dir", str(ref_dir)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    # Passive OpenMP waits, as the Makefile sets: spinning threads distort timings on a shared machine.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sys.stderr.write(proc.stderr[-4000:])
