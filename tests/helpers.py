@@ -41,7 +41,7 @@ def edit_params(project: Path, **sections) -> None:
 
     def merge(dst, src):
         for k, v in src.items():
-            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            if isinstance(v, dict) and v and isinstance(dst.get(k), dict):  # an empty dict replaces
                 merge(dst[k], v)
             else:
                 dst[k] = v
