@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +70,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (scheme checked)
                 if resp.status >= 400:
                     raise TrackingError(f"MLflow tracking server {uri} answered {resp.status} on /health")
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as e:
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             reason = getattr(e, "reason", e)
             raise TrackingError(f"MLflow tracking server {uri} cannot be reached: {reason}") from None
         return
