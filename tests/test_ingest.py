@@ -90,6 +90,7 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     raw["data"]["sources"].append({"name": "lf", "format": "sharegpt", "license": "Apache-2.0", "max_rows": 30,
                                    "path": str(shared_data("llama-factory", "dpo_en_demo.json"))})
     raw["validate"]["max_length"] = 4096
+    raw["train"]["dpo"]["max_length"] = 4096  # params require the two to agree
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     rated = tmp_path / raw["paths"]["rated"]
     rated.parent.mkdir(parents=True)
