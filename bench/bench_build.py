@@ -98,7 +98,7 @@ def make_data(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
 def child(rows: int, data_dir: Path, workdir: Path, token_check: bool = True) -> dict:
     """One measured run (in its own process): time ingest, validate and build over data_dir's files."""
     sys.path.insert(0, str(ROOT))
-    from pipeline.params import DataParams, EvalPromptSet, load_params
+    from pipeline.core.params import DataParams, EvalPromptSet, load_params
     from pipeline.stages import build, ingest, validate
 
     params = load_params(ROOT / "params.yaml")

@@ -65,7 +65,7 @@ def run_baseline(model_dir: Path, data_dir: Path, work: Path, epochs: int) -> di
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
     from pipeline.stages.train import load_pairs
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -86,7 +86,7 @@ def run_baseline(model_dir: Path, data_dir: Path, work: Path, epochs: int) -> di
 
 def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir: Path) -> dict:
     """(b)/(c): this stage's run() with params.yaml's train settings and the shared recipe."""
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
     from pipeline.stages.train import fingerprint, run
 
     p = load_params(ROOT / "params.yaml").train
@@ -109,7 +109,7 @@ def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir:
 
 
 def _child(args: argparse.Namespace) -> None:
-    from pipeline.train_report import peak_rss_mb
+    from pipeline.train.report import peak_rss_mb
 
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
     if args.child == "trl-defaults":

@@ -1,15 +1,16 @@
 """The `openrelease` command: run a stage, check params, audit and publish releases.
 
-Errors from the pipeline's own family (pipeline.errors) are printed as one line with a non-zero exit.
+Errors from the pipeline's own family (pipeline.core.errors) are printed as one line with a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from pipeline.errors import OpenReleaseError
+from pipeline.core.errors import OpenReleaseError
 
 STAGES = ["base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate", "card", "publish"]
 
@@ -21,7 +22,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_params(args: argparse.Namespace) -> int:
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     load_params(args.file)
     print(f"{args.file}: ok")
@@ -29,7 +30,13 @@ def _cmd_check_params(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline import __version__
+
     parser = argparse.ArgumentParser(prog="openrelease", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: OPENRELEASE_LOG_LEVEL or INFO)")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     p.add_argument("name", choices=STAGES)
@@ -44,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands defined next to their logic (audit, publish); absent modules are skipped."""
-    for name in ("pipeline.release.audit", "pipeline.release.publish", "pipeline.judge_agreement"):
+    for name in ("pipeline.release.audit", "pipeline.release.publish", "pipeline.eval.judge_agreement"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -56,11 +63,15 @@ def _extensions():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.stage import configure_logging
+    from pipeline.core.stage import configure_logging, logs_beside_bars
 
-    configure_logging()
+    level = "DEBUG" if args.verbose else "WARNING" if args.quiet else None
+    if level:  # stage subprocesses (dvc, accelerate) inherit it
+        os.environ["OPENRELEASE_LOG_LEVEL"] = level
+    configure_logging(level)
     try:
-        return args.func(args) or 0
+        with logs_beside_bars():
+            return args.func(args) or 0
     except OpenReleaseError as e:
         print(f"openrelease {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

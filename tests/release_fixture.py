@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.lineage import Artifact, LineageRecord
-from pipeline.params import load_params
+from pipeline.core.lineage import Artifact, LineageRecord
+from pipeline.core.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.email=test@example.com", "-c", "user.name=test", "-c", "commit.gpgsign=false",

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import SourceError
-from pipeline.lineage import sha256_file
-from pipeline.params import BaseModelParams, WheelSource
+from pipeline.core.errors import SourceError
+from pipeline.core.lineage import sha256_file
+from pipeline.core.params import BaseModelParams, WheelSource
 from pipeline.stages import base_model
 from tests.helpers import dvc, edit_params, env_for, make_project_copy
 

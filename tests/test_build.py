@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import decontam, dedup
-from pipeline.binarize import pairs_for, score
-from pipeline.errors import DataError
-from pipeline.params import DataParams, PairRules, load_params
+from pipeline.core.errors import DataError
+from pipeline.core.params import DataParams, PairRules, load_params
+from pipeline.data import decontamination as decontam
+from pipeline.data import dedup
+from pipeline.data.binarization import pairs_for, score
 from pipeline.stages import build, ingest, validate
 from tests.conftest import ROOT, shared_data
 
@@ -154,7 +155,7 @@ PAIR_RULES = [r for r in PairRules.model_fields if r != "required_columns"]
 
 @pytest.fixture(scope="module")
 def counter(smollm_tokenizer_dir):
-    from pipeline.pair_checks import TokenCounter
+    from pipeline.data.pair_checks import TokenCounter
 
     return TokenCounter(smollm_tokenizer_dir, 128)
 
@@ -201,7 +202,7 @@ def test_pairs_suite_quarantine_mode_sets_aside_each_broken_pair(counter, tmp_pa
 def test_token_counts_match_the_chat_template(counter, smollm_tokenizer_dir):
     import pyarrow as pa
 
-    from pipeline.pair_checks import TokenCounter
+    from pipeline.data.pair_checks import TokenCounter
 
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "\n", "  ", "déjà", "vu", "42", "!", "x" * 30]
@@ -234,7 +235,7 @@ def test_token_counts_match_the_chat_template(counter, smollm_tokenizer_dir):
 
 
 def test_pretoken_counts_equal_the_tokenizer(counter):
-    from pipeline.pair_checks import PretokenCounter
+    from pipeline.data.pair_checks import PretokenCounter
 
     fast = PretokenCounter.for_tokenizer(counter.backend)
     assert fast is not None  # SmolLM2: byte-level BPE with the GPT-2 pre-tokenizer
@@ -327,7 +328,7 @@ def test_planted_mt_bench_questions_are_removed_and_reported(built):
 def test_dataset_schema_and_provenance(built):
     import pyarrow.parquet as pq
 
-    from pipeline.pair_checks import COLUMNS
+    from pipeline.data.pair_checks import COLUMNS
 
     tmp, _ = built
     train = pq.read_table(tmp / "dataset" / "train.parquet")

@@ -6,8 +6,15 @@ import json
 
 import pytest
 
-from pipeline.constraints import CHECKERS, check, read_prompts, sentences, validate_constraints, words
-from pipeline.errors import DataError
+from pipeline.constraints.checkers import (
+    CHECKERS,
+    check,
+    read_prompts,
+    sentences,
+    validate_constraints,
+    words,
+)
+from pipeline.core.errors import DataError
 
 # (constraint, response that passes, response that fails)
 CASES = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evalstats import (
+from pipeline.eval.stats import (
     agreement_stats,
     lc_win_rate,
     mean_diff,

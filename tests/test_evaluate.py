@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import DataError
-from pipeline.evalcache import EvalCache
-from pipeline.evaluation import Models, read_general_prompts, read_test_pairs
-from pipeline.params import EvaluateParams, GeneralPromptsParams
-from pipeline.scoring import completion_kl, completion_logps, tokenize_completion
+from pipeline.core.errors import DataError
+from pipeline.core.params import EvaluateParams, GeneralPromptsParams
+from pipeline.eval.cache import EvalCache
+from pipeline.eval.measures import Models, read_general_prompts, read_test_pairs
+from pipeline.lm.scoring import completion_kl, completion_logps, tokenize_completion
 from pipeline.stages.evaluate import Inputs, dpo_setting, run
 from tests.conftest import shared_data
 
@@ -77,7 +77,7 @@ def test_dpo_setting_reads_train_or_falls_back_to_trl_default():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
     return load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
@@ -87,7 +87,7 @@ def other_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with perturbed weights: a stand-in for a trained policy."""
     import torch
 
-    from pipeline.models import load_causal_lm
+    from pipeline.lm.loading import load_causal_lm
 
     out = tmp_path_factory.mktemp("policy")
     shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
@@ -134,7 +134,7 @@ def test_completion_logps_match_manual_and_are_batch_invariant(tiny):
 def test_completion_kl_zero_for_same_model_positive_otherwise(tiny, other_model_dir):
     import torch
 
-    from pipeline.models import load_causal_lm
+    from pipeline.lm.loading import load_causal_lm
 
     model, tok = tiny
     other = load_causal_lm(other_model_dir)
@@ -164,7 +164,7 @@ def _params(**over) -> EvaluateParams:
 
 
 class FakeGenerate:
-    """Stand-in for pipeline.generation.generate: the policy shouts (and so passes `uppercase`)."""
+    """Stand-in for pipeline.lm.generation.generate: the policy shouts (and so passes `uppercase`)."""
 
     def __init__(self):
         self.calls, self.prompts = 0, 0
@@ -282,9 +282,9 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     import mlflow
     import yaml
 
-    import pipeline.generation
-    from pipeline.io import read_json
-    from pipeline.stage import run_stage
+    import pipeline.lm.generation
+    from pipeline.core.io import read_json
+    from pipeline.core.stage import run_stage
     from pipeline.stages import evaluate
 
     root = tmp_path / "project"
@@ -310,7 +310,7 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     model_id = mlflow.create_external_model(name="trained", experiment_id=exp.experiment_id).model_id
     (root / "lineage").mkdir()
     (root / "lineage" / "train.json").write_text(json.dumps({"extra": {"mlflow_model_id": model_id}}))
-    monkeypatch.setattr(pipeline.generation, "generate", FakeGenerate())
+    monkeypatch.setattr(pipeline.lm.generation, "generate", FakeGenerate())
 
     run_stage(evaluate.STAGE, evaluate.READS, evaluate._body, params_file=root / "params.yaml", root=root)
 
@@ -336,7 +336,7 @@ def test_dvc_repro_evaluate_rejudges_without_regenerating(eval_inputs, tmp_path)
     changing only the judge re-judges without generating or scoring again."""
     import subprocess
 
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
     from tests.helpers import dvc, edit_params, make_project_copy
 
     project = make_project_copy(tmp_path / "proj")
@@ -381,7 +381,7 @@ def test_pairs_truncated_to_nothing_are_counted_not_scored(eval_inputs, tmp_path
 
 
 def test_missing_trained_model_is_a_clear_error(eval_inputs, tmp_path):
-    from pipeline.errors import SourceError
+    from pipeline.core.errors import SourceError
 
     shutil.rmtree(eval_inputs.policy)
     with pytest.raises(SourceError, match=r"policy: no safetensors model here \(run `dvc repro train`\)"):

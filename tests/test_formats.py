@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pipeline.errors import DataError, SourceError
-from pipeline.formats import READERS, rating_range
-from pipeline.params import DataSource
+from pipeline.core.errors import DataError, SourceError
+from pipeline.core.params import DataSource
+from pipeline.data.formats import READERS, rating_range
 from tests.conftest import shared_data
 
 
@@ -137,7 +137,7 @@ def test_pairs_all_trl_variants(tmp_path, rec, prompt, chosen, rejected):
 def test_pairs_matches_trl_extract_prompt():
     from trl import extract_prompt
 
-    from pipeline.formats.pairs import _char_prefix
+    from pipeline.data.formats.pairs import _char_prefix
 
     for a, b in [("The sky is blue.", "The sky is green."), ("abc", "abd"), ("same", "same"), ("x", "y")]:
         k = _char_prefix(a, b)

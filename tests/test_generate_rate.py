@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import DataError
-from pipeline.params import GenerateParams, RateParams
+from pipeline.core.errors import DataError
+from pipeline.core.params import GenerateParams, RateParams
 from pipeline.stages import generate, rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ GEN = GenerateParams(samples_per_prompt=2, max_new_tokens=6, temperature=1.0, to
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     """Two spinning OpenMP threads on a shared, loaded 2-core machine slow tiny models ~10x."""
-    from pipeline import generation
+    from pipeline.lm import generation
 
     monkeypatch.setattr(generation, "available_cpus", lambda: 1)
 
@@ -59,8 +59,8 @@ def test_generate_max_prompts_and_generator_name(tiny_model_dir, tmp_path):
 
 
 def test_vllm_backend_needs_vllm_and_cuda(monkeypatch):
-    from pipeline import generation
-    from pipeline.errors import ParamsError
+    from pipeline.core.errors import ParamsError
+    from pipeline.lm import generation
 
     monkeypatch.setattr(generation, "vllm_available", lambda: False)
     assert generate.choose_backend(GEN.model_copy(update={"backend": "auto"})) == "transformers"
@@ -114,9 +114,9 @@ def test_rate_run_groups_and_metrics():
 
 def test_rated_rows_read_by_the_ultrafeedback_reader(generated, tmp_path):
     """The ingest side's reader for the real UltraFeedback layout reads what `rate` writes."""
-    from pipeline.io import atomic_write_jsonl
+    from pipeline.core.io import atomic_write_jsonl
 
-    ultrafeedback = pytest.importorskip("pipeline.formats.ultrafeedback")
+    ultrafeedback = pytest.importorskip("pipeline.data.formats.ultrafeedback")
     rows, _ = rate.run(RateParams(source="openrelease_constraints"), generated[0])
     path = tmp_path / "rated.jsonl"
     atomic_write_jsonl(path, rows)
@@ -166,7 +166,7 @@ def _stage_params(tmp_path: Path, tiny_model_dir: Path, prompts: list[str]) -> P
 
 def test_stages_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
     """generate then rate through run_stage: outputs, metrics files and lineage records."""
-    from pipeline.stage import run_stage
+    from pipeline.core.stage import run_stage
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     lines = [json.dumps({"id": p["id"], "prompt": p["prompt"], "constraints": p["constraints"]}) for p in PROMPTS]
@@ -187,7 +187,7 @@ def test_stages_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
 
 def test_generate_stage_bad_prompt_line(tmp_path, tiny_model_dir, monkeypatch):
     """The stage stops on the first bad row with its line (every other rule: tests/test_constraints.py)."""
-    from pipeline.stage import run_stage
+    from pipeline.core.stage import run_stage
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     good = json.dumps({"id": "a", "prompt": "hi", "constraints": [{"type": "lowercase"}]})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import generation
-from pipeline.generation import batch_seed, generate
+from pipeline.lm import generation
+from pipeline.lm.generation import batch_seed, generate
 
 PROMPTS = [
     [{"role": "user", "content": "Hi."}],
@@ -26,7 +26,7 @@ def one_thread(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
     return load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
 

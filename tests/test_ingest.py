@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import DataError, ParamsError, SourceError
-from pipeline.lineage import sha256_file
-from pipeline.params import DataParams, load_params
+from pipeline.core.errors import DataError, ParamsError, SourceError
+from pipeline.core.lineage import sha256_file
+from pipeline.core.params import DataParams, load_params
 from pipeline.stages import ingest
 from tests.conftest import ROOT, shared_data
 
@@ -80,7 +80,7 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     metrics/data.json, the reports; then a broken line in a source stops ingest with its line number."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stage import run_stage
+    from pipeline.core.stage import run_stage
     from pipeline.stages import build, validate
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import DataError, SourceError
-from pipeline.evalcache import EvalCache
-from pipeline.judge_agreement import agreement, read_labeled_pairs
-from pipeline.judges import (
+from pipeline.core.errors import DataError, SourceError
+from pipeline.core.params import JudgeParams, LocalJudgeParams, OpenAIJudgeParams
+from pipeline.eval.cache import EvalCache
+from pipeline.eval.judge_agreement import agreement, read_labeled_pairs
+from pipeline.eval.judges import (
     JUDGES,
     LocalJudge,
     OpenAIJudge,
@@ -23,7 +24,6 @@ from pipeline.judges import (
     judge_pairs,
     load_template,
 )
-from pipeline.params import JudgeParams, LocalJudgeParams, OpenAIJudgeParams
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "data" / "judge" / "pairwise.txt"
@@ -216,7 +216,7 @@ def _local_params(**kw) -> LocalJudgeParams:
 def test_local_judge_on_tiny_model_matches_a_manual_forward_pass(tiny_model_dir, template):
     import torch
 
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
     loaded = []
 
@@ -308,7 +308,7 @@ def test_agreement_against_human_labels(tmp_path, template):
 def test_judge_agreement_cli(tmp_path, tiny_model_dir, capsys):
     import yaml
 
-    from pipeline.judge_agreement import main
+    from pipeline.eval.judge_agreement import main
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"].update(base_model=str(tiny_model_dir), judge_template=str(TEMPLATE),

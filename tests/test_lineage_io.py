@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pipeline.errors import DataError
-from pipeline.io import atomic_dir, atomic_write_json, iter_jsonl, read_json
-from pipeline.lineage import Artifact, LineageRecord, git_state, sha256_file, sha256_json, sha256_path
+from pipeline.core.errors import DataError
+from pipeline.core.io import atomic_dir, atomic_write_json, iter_jsonl, read_json
+from pipeline.core.lineage import Artifact, LineageRecord, git_state, sha256_file, sha256_json, sha256_path
 
 
 def test_sha256_file_matches_hashlib(tmp_path):
@@ -92,7 +92,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("pipeline.io.os.replace", boom)
+    monkeypatch.setattr("pipeline.core.io.os.replace", boom)
     with pytest.raises(OSError):
         atomic_write_json(target, {"v": 2})
     assert json.loads(target.read_text()) == {"v": 1}

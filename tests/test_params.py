@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import ParamsError
-from pipeline.params import load_params, parse_params
+from pipeline.core.errors import ParamsError
+from pipeline.core.params import load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def _dvc_stages():
 
 @pytest.mark.parametrize("stage", list(_dvc_stages()))
 def test_dvc_yaml_lists_exactly_the_params_a_stage_reads(stage):
-    from pipeline.stage import COMMON_READS
+    from pipeline.core.stage import COMMON_READS
 
     module = importlib.import_module(f"pipeline.stages.{stage}")
     assert module.STAGE == stage

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.lineage import sha256_file
+from pipeline.core.lineage import sha256_file
 from tests.conftest import shared_data
 from tests.helpers import dvc, edit_params, env_for, make_project_copy
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.constraints import CHECKERS, read_prompts, words
+from pipeline.constraints.checkers import CHECKERS, read_prompts, words
 
 ROOT = Path(__file__).resolve().parents[1]
 NGRAM = 13  # the overlap length `build` decontaminates with by default

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pipeline.lineage import sha256_file
-from pipeline.params import load_params
+from pipeline.core.lineage import sha256_file
+from pipeline.core.params import load_params
 from pipeline.release import audit
 from pipeline.release.gitinfo import archive_commit
 from pipeline.release.publish import dry_run
@@ -215,7 +215,7 @@ def test_signing_key_from_env_and_wrong_key_type(project, tmp_path, monkeypatch)
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from pipeline.errors import SourceError
+    from pipeline.core.errors import SourceError
     from pipeline.release.signing import ENV_KEY, generate_key, resolve_key
 
     generate_key(tmp_path / "ci.pem")

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pipeline.errors import GateError
-from pipeline.params import MetricBound, load_params
+from pipeline.core.errors import GateError
+from pipeline.core.params import MetricBound, load_params
 from pipeline.release import gates as G
 from pipeline.release.gitinfo import code_state
 from pipeline.release.inputs import gather

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from pipeline.errors import GateError, SourceError
-from pipeline.params import load_params
+from pipeline.core.errors import GateError, SourceError
+from pipeline.core.params import load_params
 from pipeline.release import audit, hub
 from pipeline.release.publish import dry_run
 from tests.hub_server import HubServer
@@ -157,7 +157,7 @@ def _run(args, cwd, env):
 def test_stages_and_cli_publish_never_leak_the_token(project, server, monkeypatch, capfd):
     """With a planted token: the card and publish stages, then a real `openrelease publish`; the token must
     appear in no output, log, lineage record, bundle, Hub file or mlflow.db."""
-    from pipeline.stage import run_stage
+    from pipeline.core.stage import run_stage
     from pipeline.stages import card, publish
 
     monkeypatch.setenv("OPENRELEASE_LOG_LEVEL", "DEBUG")
@@ -206,7 +206,7 @@ def test_dvc_style_stage_processes_and_audit_cli(project, server, tmp_path):
 
 
 def test_unreachable_tracking_server_stops_the_release_before_any_upload(project, server, monkeypatch):
-    from pipeline.errors import TrackingError
+    from pipeline.core.errors import TrackingError
     from pipeline.release.publish import publish
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens

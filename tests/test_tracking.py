@@ -8,8 +8,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
-from pipeline.errors import TrackingError
+from pipeline.core import tracking
+from pipeline.core.errors import TrackingError
 
 GIT = {"commit": "a" * 40, "dirty": False}
 

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.errors import DataError, ParamsError
-from pipeline.lineage import sha256_file
-from pipeline.params import load_params, parse_params
+from pipeline.core.errors import DataError, ParamsError
+from pipeline.core.lineage import sha256_file
+from pipeline.core.params import load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "red blue green one two three cat dog sun moon tree rock".split()
@@ -59,7 +59,7 @@ def test_dpo_config_builds_from_real_params(tmp_path):
     """A TRL upgrade that renames or drops a field used in params.yaml fails here, not on release day."""
     from trl import DPOConfig
 
-    from pipeline.dpo_setup import build_dpo_config, make_plan
+    from pipeline.train.setup import build_dpo_config, make_plan
 
     p = load_params(ROOT / "params.yaml").train
     plan = make_plan(p, ROOT, world_size=1)
@@ -80,7 +80,7 @@ def test_dpo_config_builds_from_real_params(tmp_path):
     ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, r"train\.dpo is rejected by trl\.DPOConfig: `loss_weights`"),
 ])
 def test_bad_dpo_fields_are_params_errors(tmp_path, dpo, match):
-    from pipeline.dpo_setup import build_dpo_config, make_plan
+    from pipeline.train.setup import build_dpo_config, make_plan
 
     p = load_params(ROOT / "params.yaml").train
     p.dpo = dpo
@@ -104,7 +104,7 @@ def test_train_params_validation(edit, match):
 
 
 def test_global_batch_is_kept_when_devices_change():
-    from pipeline.dpo_setup import derive_accumulation
+    from pipeline.train.setup import derive_accumulation
 
     assert [derive_accumulation(8, 4, n) for n in (1, 2)] == [2, 1]
     assert derive_accumulation(32, 2, 4) == 4
@@ -113,7 +113,7 @@ def test_global_batch_is_kept_when_devices_change():
 
 
 def _plan(**kw):
-    from pipeline.dpo_setup import Plan
+    from pipeline.train.setup import Plan
 
     base = dict(device="cuda", world_size=1, local_processes=1, per_device_batch_size=4, grad_accumulation=2,
                 global_batch_size=8, torch_threads=None, attn_implementation="sdpa", precision="bf16",
@@ -122,7 +122,7 @@ def _plan(**kw):
 
 
 def test_incompatible_combinations_are_refused():
-    from pipeline.dpo_setup import check_compatible
+    from pipeline.train.setup import check_compatible
 
     p = load_params(ROOT / "params.yaml").train
     assert p.dpo["precompute_ref_log_probs"] is True
@@ -136,7 +136,7 @@ def test_incompatible_combinations_are_refused():
 
 
 def test_cpu_plan_and_accelerate_configs():
-    from pipeline.dpo_setup import make_plan, read_accelerate_config
+    from pipeline.train.setup import make_plan, read_accelerate_config
 
     p = load_params(ROOT / "params.yaml").train
     plan = make_plan(p, ROOT, world_size=1)
@@ -195,7 +195,7 @@ def _fake_checkpoint(folder: Path, step: int, *, state=True, weights=True, trunc
 
 
 def test_checkpoints_resume_only_from_complete_ones(tmp_path):
-    from pipeline import checkpoints
+    from pipeline.train import checkpoints
 
     fp = {"run": 1}
     assert checkpoints.prepare(tmp_path, fp) is None  # first run: nothing to resume, RUN.json written
@@ -214,7 +214,7 @@ def test_checkpoints_resume_only_from_complete_ones(tmp_path):
 
 # -- sampler and LM head ---------------------------------------------------------------------------------
 def test_length_grouped_sampler_is_seeded_per_epoch_and_groups_lengths():
-    from pipeline.dpo_trainer import LengthGroupedEpochSampler
+    from pipeline.train.trainer import LengthGroupedEpochSampler
 
     rng = random.Random(1)
     lengths = [rng.randint(10, 500) for _ in range(96)]
@@ -240,8 +240,8 @@ def test_completion_only_lm_head_matches_trl(tiny_model_dir):
     import torch
     from trl.trainer.utils import add_fused_lm_head
 
-    from pipeline.dpo_trainer import completion_only_lm_head
-    from pipeline.models import load_causal_lm
+    from pipeline.lm.loading import load_causal_lm
+    from pipeline.train.trainer import completion_only_lm_head
 
     model = load_causal_lm(tiny_model_dir)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
@@ -333,8 +333,8 @@ def test_same_inputs_same_weights_with_warm_reference_cache(first_run, tiny_mode
 def test_sigkill_then_rerun_resumes_to_identical_weights(first_run, tiny_model_dir):
     """Kill the training process after its step-2 checkpoint, leave a partial later checkpoint behind (a
     kill during a write), rerun: it resumes from step 2 and ends with the uninterrupted run's weights."""
-    from pipeline import checkpoints
     from pipeline.stages.train import run
+    from pipeline.train import checkpoints
 
     work, data, p, first, _ = first_run
     kw = _run_kwargs(work, tiny_model_dir, data, p, ckpt="ckpt-kill", out="out-kill")
@@ -344,7 +344,7 @@ def test_sigkill_then_rerun_resumes_to_identical_weights(first_run, tiny_model_d
     (work / "spec.json").write_text(json.dumps(spec))
     # The worker entry point, with each step slowed down (numerics untouched) so that the kill surely
     # lands between checkpoint 2 and the end of training.
-    code = ("import sys, time; from pipeline import dpo_trainer as d; from pipeline.stages import train as t; "
+    code = ("import sys, time; from pipeline.train import trainer as d; from pipeline.stages import train as t; "
             "step = d.OpenReleaseDPOTrainer.training_step; "
             "d.OpenReleaseDPOTrainer.training_step = lambda self, *a, **k: (time.sleep(1.0), step(self, *a, **k))[1]; "
             "t._worker(sys.argv[1])")
@@ -375,7 +375,7 @@ def test_stage_runs_two_ddp_processes_under_accelerate(tmp_path, tiny_model_dir,
     live from rank 0, the LoggedModel registered, lineage and metrics written."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stage import run_stage
+    from pipeline.core.stage import run_stage
     from pipeline.stages import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from pipeline.errors import DataError
-from pipeline.params import DataSource, RowRules
+from pipeline.core.errors import DataError
+from pipeline.core.params import DataSource, RowRules
 from pipeline.stages import validate
 
 RULES = list(RowRules.model_fields)

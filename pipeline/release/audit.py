@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import AuditError, DataError
-from pipeline.lineage import dir_files, sha256_file
+from pipeline.core.errors import AuditError, DataError
+from pipeline.core.lineage import dir_files, sha256_file
 from pipeline.release.manifest import DATASET_DIR, HUB_EXTRAS, MANIFEST_FILE, MODEL_DIR, SCHEMA, UNLISTED
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _check_archive(manifest: dict[str, Any], model: Path, repo_root: Path | None
 def _check_cards(model: Path, dataset: Path) -> list[str]:
     from huggingface_hub import ModelCard
 
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
     from pipeline.release.cards import _table, eval_table, model_index_metrics
 
     problems = []
@@ -173,7 +173,7 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
 def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | None = None,
                  dataset_dir: Path | None = None) -> AuditReport:
     """Every check on a bundle folder; problems are collected, not raised."""
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
     from pipeline.release import signing
 
     report = AuditReport()
@@ -215,7 +215,7 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
 
 def audit_hub(repo_id: str, revision: str, endpoint: str, public_key: Path | None, repo_root: Path | None) -> AuditReport:
     """Download the model repo at `revision` and the dataset repo the manifest names, then check them."""
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
     from pipeline.release import hub
 
     with tempfile.TemporaryDirectory(prefix="openrelease-audit-") as tmp:
@@ -318,7 +318,7 @@ def audit(target: str, public_key: Path | None = None, revision: str | None = No
     if target.count("/") != 1 or target.startswith((".", "/")):
         raise AuditError(f"{target}: no such folder, and not a Hub repo id (namespace/name)")
     if endpoint is None:
-        from pipeline.params import load_params
+        from pipeline.core.params import load_params
 
         endpoint = load_params().publish.endpoint if Path("params.yaml").is_file() else "https://huggingface.co"
     return audit_hub(target, revision or "main", endpoint.rstrip("/"), public_key, repo_root)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
-from pipeline.lineage import sha256_file
-from pipeline.params import Params
+from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.core.lineage import sha256_file
+from pipeline.core.params import Params
 from pipeline.release import gates as G
 from pipeline.release.gitinfo import CodeState, code_state, source_archive
 from pipeline.release.inputs import ReleaseInputs, dvc_stage_hashes, gather
@@ -133,7 +133,7 @@ def run_gates(params: Params, root: Path, inp: ReleaseInputs, code: CodeState, l
 def _previous_eval(name: str | None, params: Params) -> dict[str, Any] | None:
     if not name:
         return None
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
 
     folder = Path(name)
     for candidate in (folder / MODEL_DIR / "eval" / "eval.json", folder / "eval" / "eval.json"):

@@ -265,6 +265,12 @@ def copy_plots(inp: ReleaseInputs, dest: Path) -> None:
         shutil.copyfile(p, target)
 
 
+def render_template(name: str, fields: dict[str, str]) -> str:
+    """A card body from `templates/<name>`: the prose lives there, the computed sections come from here."""
+    text = (Path(__file__).parent / "templates" / name).read_text(encoding="utf-8")
+    return "\n" + text.format_map(fields)
+
+
 def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -279,79 +285,16 @@ def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         **hub_metadata(lic.release),
     )
     splits = ", ".join(f"{s}: {n} pairs" for s, n in inp.splits.items()) or MISSING
-    body = f"""
-# {name}
-
-{bm.name} fine-tuned with Direct Preference Optimization (TRL) by the open-release pipeline, release
-`{info.version}`. The code, the preference data and these weights were published together and can be
-checked against each other: see [Verification](#verification).
-
-## Intended use
-
-{_bullets(cp.intended_use)}
-
-## Out of scope
-
-{_bullets(cp.out_of_scope)}
-
-## Training data
-
-Dataset: [`{info.dataset_repo}`]({info.endpoint}/datasets/{info.dataset_repo}) at revision `{info.version}`
-({splits}).
-
-{_sources_table(inp)}
-
-Row counts at each build step (`metrics/data.json`):
-
-{_numbers_table(inp.metrics.get("data"), "build counts")}
-
-### Decontamination
-
-{_numbers_table(inp.report("decontamination"), "decontamination report")}
-
-## Training procedure
-
-Base model: {bm.name} ({bm.license}), source `{bm.source}`.
-
-{_train_section(inp)}
-
-## Evaluation
-
-{eval_table(inp.metrics.get("eval"))}
-
-{_judge(inp)}
-
-Known weaknesses of the judge:
-
-{_bullets(cp.judge_weaknesses)}
-
-## Plots
-
-{_plots(inp)}
-
-## Limitations
-
-{_bullets(cp.limitations)}
-
-## License
-
-{_license_section(lic, "model")}
-
-## Lineage
-
-{_lineage_section(inp, info)}
-
-## How to reproduce
-
-{_reproduce(info)}
-
-## Verification
-
-`manifest.json` lists every file of this repo and of the dataset repo with its sha256, the lineage
-record of every stage, the dvc.lock stage hashes, the code commit and `source/` archive, and the
-environment. `model.sig` signs every file here (OpenSSF model-signing, elliptic-curve key); the public
-key is `signing-key.pub`. `bom.cdx.json` is a CycloneDX ML-BOM of the release.
-"""
+    body = render_template("model_card.md", {
+        "name": name, "base_name": bm.name, "base_license": bm.license, "base_source": bm.source,
+        "version": info.version, "dataset_repo": info.dataset_repo, "endpoint": info.endpoint, "splits": splits,
+        "intended_use": _bullets(cp.intended_use), "out_of_scope": _bullets(cp.out_of_scope),
+        "sources": _sources_table(inp), "build_counts": _numbers_table(inp.metrics.get("data"), "build counts"),
+        "decontamination": _numbers_table(inp.report("decontamination"), "decontamination report"),
+        "training": _train_section(inp), "evaluation": eval_table(inp.metrics.get("eval")), "judge": _judge(inp),
+        "judge_weaknesses": _bullets(cp.judge_weaknesses), "plots": _plots(inp), "limitations": _bullets(cp.limitations),
+        "license": _license_section(lic, "model"), "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
+    })
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
@@ -369,57 +312,22 @@ def dataset_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         **hub_metadata(lic.dataset),
     )
     validation = inp.report("validation")
-    body = f"""
-# {info.dataset_repo.split("/")[-1]}
-
-Preference pairs (TRL conversational format with explicit prompt) that trained
-[`{info.model_repo}`]({info.endpoint}/{info.model_repo}) release `{info.version}`, built by the
-open-release pipeline: ingest -> validate (Great Expectations) -> build (binarize, deduplicate,
-decontaminate, split by prompt hash).
-
-## Splits
-
-{_table(["split", "pairs"], [[s, n] for s, n in inp.splits.items()]) if inp.splits else MISSING}
-
-Columns: {", ".join(f"`{c}`" for c in inp.dataset_columns) or MISSING}. `source` and `source_row`
-(file:line) trace every pair to the row it came from; `rule` names the binarization rule.
-
-## Sources
-
-{_sources_table(inp)}
-
-## Build steps
-
-{_numbers_table(inp.metrics.get("data"), "build counts")}
-
-## Decontamination
-
-{_numbers_table(inp.report("decontamination"), "decontamination report")}
-
-## Validation
-
-{_numbers_table(validation, "validation report")}
-
-The full reports are in `reports/`.
-
-## License
-
-{_license_section(lic, "dataset")}
-
-## Lineage
-
-{_lineage_section(inp, info)}
-
-## How to reproduce
-
-{_reproduce(info)}
-"""
+    body = render_template("dataset_card.md", {
+        "name": info.dataset_repo.split("/")[-1], "model_repo": info.model_repo, "endpoint": info.endpoint,
+        "version": info.version,
+        "splits": _table(["split", "pairs"], [[s, n] for s, n in inp.splits.items()]) if inp.splits else MISSING,
+        "columns": ", ".join(f"`{c}`" for c in inp.dataset_columns) or MISSING, "sources": _sources_table(inp),
+        "build_counts": _numbers_table(inp.metrics.get("data"), "build counts"),
+        "decontamination": _numbers_table(inp.report("decontamination"), "decontamination report"),
+        "validation": _numbers_table(validation, "validation report"), "license": _license_section(lic, "dataset"),
+        "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
+    })
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def write_cards(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision, model_dir: Path, dataset_dir: Path) -> None:
     """Write README.md (and the plots it shows) into the model and dataset repo folders."""
-    from pipeline.io import atomic_write_text
+    from pipeline.core.io import atomic_write_text
 
     model_dir.mkdir(parents=True, exist_ok=True)
     dataset_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import GateError
+from pipeline.core.errors import GateError
 from pipeline.release.gitinfo import CodeState, tag_commit
 from pipeline.release.inputs import RELEASE_STAGES, ReleaseInputs
 from pipeline.release.licenses import LicenseDecision
@@ -242,7 +242,7 @@ def _eval_sets(inp: ReleaseInputs) -> list[tuple[str, Path, str | None]]:
 
 
 def _read_prompts(path: Path, field: str | None) -> list[tuple[int, str]]:
-    from pipeline.io import iter_jsonl, read_json
+    from pipeline.core.io import iter_jsonl, read_json
 
     rows = read_json(path) if path.suffix == ".json" else None
     items = enumerate(rows, start=0) if isinstance(rows, list) else iter_jsonl(path)

@@ -8,8 +8,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import SourceError
-from pipeline.io import atomic_write_bytes
+from pipeline.core.errors import SourceError
+from pipeline.core.io import atomic_write_bytes
 
 
 def git(root: Path, *args: str, check: bool = True) -> str | None:

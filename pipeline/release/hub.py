@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import GateError, SourceError
-from pipeline.lineage import dir_files, sha256_file
+from pipeline.core.errors import GateError, SourceError
+from pipeline.core.lineage import dir_files, sha256_file
 from pipeline.release.manifest import DATASET_DIR, HUB_EXTRAS, MODEL_DIR, ReleaseInfo
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def download_repo(endpoint: str, repo_id: str, repo_type: str, revision: str, de
 def fetch_json(endpoint: str, repo_id: str, filename: str, revision: str, repo_type: str = "model") -> Any:
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
-    from pipeline.io import read_json
+    from pipeline.core.io import read_json
 
     check_online()
     api = make_api(endpoint, os.environ.get("HF_TOKEN") or False)

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import DataError, SourceError
-from pipeline.io import read_json
-from pipeline.params import Params
+from pipeline.core.errors import DataError, SourceError
+from pipeline.core.io import read_json
+from pipeline.core.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def read_dvc_lock(path: Path) -> dict[str, Any] | None:
 
 def dvc_stage_hashes(lock: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """Per stage: its command, the md5 of each dependency and output, and a digest of its params."""
-    from pipeline.lineage import sha256_json
+    from pipeline.core.lineage import sha256_json
 
     out: dict[str, dict[str, Any]] = {}
     for name, st in ((lock or {}).get("stages") or {}).items():

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.lineage import dir_files, sha256_file, sha256_json
+from pipeline.core.lineage import dir_files, sha256_file, sha256_json
 from pipeline.release.signing import PUBLIC_KEY_FILE, SIGNATURE_FILE
 
 SCHEMA = "openrelease.manifest/1"

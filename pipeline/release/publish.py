@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.params import Params, load_params
+from pipeline.core.params import Params, load_params
 from pipeline.release.bundle import Bundle, build_bundle
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def publish(params: Params, root: Path, *, version: str | None = None, keep: Pat
     The MLflow run is opened before anything is uploaded (an unreachable server stops the release
     first) and records the version, the repos and the Hub commits, never the token.
     """
-    from pipeline import tracking
-    from pipeline.lineage import git_state, sha256_json
+    from pipeline.core import tracking
+    from pipeline.core.lineage import git_state, sha256_json
     from pipeline.release import hub
 
     token = hub.token_from_env()   # fail before any work when it is missing
@@ -58,7 +58,7 @@ def publish(params: Params, root: Path, *, version: str | None = None, keep: Pat
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from pipeline.errors import GateError
+    from pipeline.core.errors import GateError
 
     try:
         return _publish_cli(args)

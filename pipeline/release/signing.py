@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import AuditError, SourceError
-from pipeline.io import atomic_write_bytes
+from pipeline.core.errors import AuditError, SourceError
+from pipeline.core.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import SourceError
-from pipeline.io import atomic_dir, atomic_write_json
-from pipeline.lineage import sha256_file
-from pipeline.params import BaseModelParams
-from pipeline.stage import StageContext, stage_main
+from pipeline.core.errors import SourceError
+from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.lineage import sha256_file
+from pipeline.core.params import BaseModelParams
+from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "base_model"
 READS = ["base_model", "paths.base_model"]
@@ -92,7 +92,7 @@ def _download_hub(p: BaseModelParams, dest: Path) -> Path:
 
 def run(p: BaseModelParams, out_dir: Path, scratch: Path | None = None) -> dict[str, Any]:
     """Write a safetensors checkpoint of the configured base model into `out_dir`; return its source record."""
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
     source: dict[str, Any] = {"name": p.name, "license": p.license, "kind": p.source}
     if p.source == "wheel":

@@ -18,14 +18,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import atomic_dir, atomic_write_json
-from pipeline.params import Params
+from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.params import Params
+from pipeline.core.stage import StageContext, stage_main
 from pipeline.release.bundle import license_decision, release_info
 from pipeline.release.cards import write_cards
 from pipeline.release.gitinfo import code_state
 from pipeline.release.inputs import gather
 from pipeline.release.manifest import DATASET_DIR, MODEL_DIR
-from pipeline.stage import StageContext, stage_main
 
 STAGE = "card"
 READS = ["card", "base_model", "data", "train", "evaluate", "publish.model_repo", "publish.dataset_repo",

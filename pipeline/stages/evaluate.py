@@ -18,12 +18,12 @@ What is measured:
    mean(r_chosen - r_rejected). Pairs with no completion token left after truncation are counted
    (`pref_n_truncated_away`) and left out, as TRL leaves them out of training.
 2. Verifiable instruction following: greedy responses of both models to the held-out constraint
-   prompts, checked by `pipeline.constraints.check`. Prompt-level pass = every constraint holds;
+   prompts, checked by `pipeline.constraints.checkers.check`. Prompt-level pass = every constraint holds;
    constraint-level = pooled fraction of constraints that hold. Deltas (policy - base) get a paired
    bootstrap interval that resamples prompts.
 3. Judged win rate on the general prompts: each (policy, base) pair judged in both orders; a pair
    judged differently in the two orders is a tie; ties count half. Length-controlled win rate:
-   see `pipeline.evalstats.lc_win_rate`. `judge_order_consistency` (the share of pairs the judge
+   see `pipeline.eval.stats.lc_win_rate`. `judge_order_consistency` (the share of pairs the judge
    decides the same way in both orders) says how much the judge's verdicts are worth: a judge that
    always picks one position scores 0 there, and its win rate is 0.5 by construction.
 4. Length and drift: mean response length in tokens of each model over all evaluation prompts, their
@@ -56,9 +56,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import SourceError
-from pipeline.evalcache import EvalCache
-from pipeline.evalstats import (
+from pipeline.core.errors import SourceError
+from pipeline.core.io import atomic_dir, atomic_write_json, read_json
+from pipeline.core.params import EvaluateParams
+from pipeline.core.stage import StageContext, stage_main
+from pipeline.eval.cache import EvalCache
+from pipeline.eval.measures import Models, generations, kls, logps, read_general_prompts, read_test_pairs
+from pipeline.eval.stats import (
     lc_win_rate,
     mean_diff,
     mean_stat,
@@ -67,10 +71,6 @@ from pipeline.evalstats import (
     paired_bootstrap_ci,
     pooled_rate_diff,
 )
-from pipeline.evaluation import Models, generations, kls, logps, read_general_prompts, read_test_pairs
-from pipeline.io import atomic_dir, atomic_write_json, read_json
-from pipeline.params import EvaluateParams
-from pipeline.stage import StageContext, stage_main
 
 STAGE = "evaluate"
 READS = ["evaluate", "train.dpo", "paths.base_model", "paths.model", "paths.dataset", "paths.eval_prompts",
@@ -145,7 +145,7 @@ def verifiable(rows: list[dict], resp_base: list[str], resp_pol: list[str], ci: 
     """Prompt- and constraint-level pass rates of both models and their paired deltas."""
     import pandas as pd
 
-    from pipeline.constraints import check
+    from pipeline.constraints.checkers import check
 
     res_b = [check(r, row["constraints"]) for r, row in zip(resp_base, rows, strict=True)]
     res_p = [check(r, row["constraints"]) for r, row in zip(resp_pol, rows, strict=True)]
@@ -176,7 +176,7 @@ def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_po
     """Win rate (both orders, ties half) and length-controlled win rate of the policy over the base."""
     import pandas as pd
 
-    from pipeline.judges import judge_pairs
+    from pipeline.eval.judges import judge_pairs
 
     probs = judge_pairs(judge, template, [(g["prompt"], rp, rb) for g, rp, rb in
                                           zip(general, resp_pol, resp_base, strict=True)], cache)
@@ -201,14 +201,14 @@ def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_po
 def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, models: Models | None = None,
         generate_fn: Callable[..., list[list[str]]] | None = None, judge: Any = None) -> Result:
     """Evaluate `inp.policy` against `inp.base`; write per-prompt Parquet files into `out_dir`."""
-    from pipeline.constraints import read_prompts
-    from pipeline.judges import JUDGES, load_template
+    from pipeline.constraints.checkers import read_prompts
+    from pipeline.eval.judges import JUDGES, load_template
 
     for folder, stage in ((inp.base, "base_model"), (inp.policy, "train")):
         if not any(Path(folder).glob("*.safetensors")):
             raise SourceError(f"{folder}: no safetensors model here (run `dvc repro {stage}`)")
     if generate_fn is None:
-        from pipeline.generation import generate as generate_fn
+        from pipeline.lm.generation import generate as generate_fn
     models = models or Models()
     ci = {"n_resamples": p.bootstrap.n_resamples, "confidence_level": p.bootstrap.confidence_level,
           "seed": p.bootstrap.seed}
@@ -284,8 +284,8 @@ def _logged_model_id(lineage_dir: Path) -> str | None:
 
 
 def _body(ctx: StageContext) -> None:
-    from pipeline import tracking
-    from pipeline.evalplots import write_plots
+    from pipeline.core import tracking
+    from pipeline.eval.plots import write_plots
 
     P = ctx.params
     test = ctx.path("dataset") / TEST_SPLIT

@@ -11,7 +11,7 @@ Run:    `dvc repro generate` (or `python -m pipeline.stages.generate`).
 
 Each prompt becomes one user turn; the chat template adds the model's default system prompt, exactly
 as a user of the released model would see it. Completions are sampled `samples_per_prompt` times per
-prompt with the params' temperature/top_p (see pipeline/generation.py for batching and seeding), so
+prompt with the params' temperature/top_p (see pipeline/lm/generation.py for batching and seeding), so
 the file is a function of the prompts, the base model and the params.
 """
 
@@ -23,10 +23,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.constraints import read_prompts
-from pipeline.io import atomic_write_json, atomic_write_jsonl
-from pipeline.params import GenerateParams
-from pipeline.stage import StageContext, stage_main
+from pipeline.constraints.checkers import read_prompts
+from pipeline.core.io import atomic_write_json, atomic_write_jsonl
+from pipeline.core.params import GenerateParams
+from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "generate"
 READS = ["generate", "paths.train_prompts", "paths.base_model", "paths.generations", "paths.metrics"]
@@ -46,8 +46,8 @@ def generator_name(model_dir: str | Path) -> str:
 
 
 def choose_backend(p: GenerateParams) -> str:
-    from pipeline.errors import ParamsError
-    from pipeline.generation import vllm_available
+    from pipeline.core.errors import ParamsError
+    from pipeline.lm.generation import vllm_available
 
     if p.backend == "transformers":
         return "transformers"
@@ -62,7 +62,7 @@ def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator
 
     Returns the generation rows (prompt order, then completion index) and the run's statistics.
     """
-    from pipeline import generation
+    from pipeline.lm import generation
 
     prompts = prompts[: p.max_prompts] if p.max_prompts else prompts
     generator = generator or generator_name(model_dir)
@@ -76,7 +76,7 @@ def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator
     if backend == "vllm":
         texts = generation.generate_vllm(str(model_dir), messages, stats=stats, **kw)
     else:
-        from pipeline.models import load_causal_lm, load_tokenizer
+        from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
         model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
         texts = generation.generate(model, tokenizer, messages, batch_size=p.batch_size, desc="generate", stats=stats, **kw)

@@ -2,7 +2,7 @@
 
 Reads:  params `data.sources` (name, format, path, license, split, max_rows, weight, sha256), the files
         they name (the default: the on-policy rows at `${paths.rated}`), or hf:// datasets.
-Writes: `paths.ingested/rows.jsonl` (one normalised prompt group per line, see pipeline/formats/common.py)
+Writes: `paths.ingested/rows.jsonl` (one normalised prompt group per line, see pipeline/data/formats/common.py)
         and `paths.ingested/counts.json` (rows and completions per source, with each file's sha256);
         every source file is logged as an MLflow dataset input with its sha256.
 Run:    `dvc repro ingest` (or `python -m pipeline.stages.ingest`).
@@ -23,16 +23,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError, ParamsError, SourceError
-from pipeline.formats import READERS
-from pipeline.io import atomic_dir, atomic_write_json
-from pipeline.lineage import sha256_file
-from pipeline.params import DataParams, DataSource, Paths
-from pipeline.stage import StageContext, stage_main
+from pipeline.core.errors import DataError, ParamsError, SourceError
+from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.lineage import sha256_file
+from pipeline.core.params import DataParams, DataSource, Paths
+from pipeline.core.stage import StageContext, stage_main
+from pipeline.data.formats import READERS
+from pipeline.data.formats.common import ROWS_FILE
 
 STAGE = "ingest"
 READS = ["data.sources", "paths.rated", "paths.ingested"]
-ROWS_FILE = "rows.jsonl"
 COUNTS_FILE = "counts.json"
 _REF = re.compile(r"\$\{paths\.([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.params import Params
+from pipeline.core.params import Params
+from pipeline.core.stage import StageContext, stage_main
 from pipeline.release.bundle import Bundle
 from pipeline.release.publish import dry_run
-from pipeline.stage import StageContext, stage_main
 
 STAGE = "publish"
 READS = ["publish", "card", "base_model", "data", "train", "evaluate", "paths"]

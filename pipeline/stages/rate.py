@@ -41,11 +41,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.constraints import check, constraint_problem, pass_fraction
-from pipeline.errors import DataError
-from pipeline.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
-from pipeline.params import RateParams
-from pipeline.stage import StageContext, stage_main
+from pipeline.constraints.checkers import check, constraint_problem, pass_fraction
+from pipeline.core.errors import DataError
+from pipeline.core.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
+from pipeline.core.params import RateParams
+from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "rate"
 READS = ["rate", "paths.generations", "paths.rated", "paths.metrics"]

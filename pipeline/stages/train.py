@@ -31,16 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError, OpenReleaseError
-from pipeline.io import atomic_dir, atomic_write_json
-from pipeline.params import TrainParams
-from pipeline.stage import StageContext, stage_main
+from pipeline.core.errors import DataError, OpenReleaseError
+from pipeline.core.io import atomic_dir, atomic_write_json
+from pipeline.core.params import TrainParams
+from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "train"
 READS = ["train", "paths.base_model", "paths.dataset", "paths.model", "paths.checkpoints", "paths.ref_logps",
          "paths.plots", "paths.metrics"]
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
-CODE_FILES = ("stages/train.py", "dpo_setup.py", "dpo_trainer.py", "checkpoints.py", "train_report.py")
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +73,15 @@ def load_pairs(path: Path):
 
 
 def _code_hash() -> str:
-    from pipeline.lineage import sha256_bytes, sha256_file
+    """sha256 of this stage's source and every pipeline module it imports."""
+    from pipeline.core.imports import code_sha256
 
-    pkg = Path(__file__).resolve().parents[1]
-    return sha256_bytes("".join(f"{f} {sha256_file(pkg / f)}\n" for f in CODE_FILES).encode())
+    return code_sha256("pipeline.stages.train")
 
 
 def fingerprint(p: TrainParams, model_sha256: str, data_sha256: str) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: params, inputs, code and library versions."""
-    from pipeline.train_report import hardware
+    from pipeline.train.report import hardware
 
     hw = hardware()
     return {"train": p.model_dump(mode="json"), "base_model": model_sha256, "train_data": data_sha256,
@@ -97,7 +96,7 @@ def _save_trained(trainer, p: TrainParams, out_dir: Path) -> None:
 def _finish_release(p: TrainParams, base_dir: Path, out_dir: Path, base_ref: str, tokenizer) -> None:
     """Main process, after the trainer is freed: merge the adapter into a fresh base model (so the
     release is plain safetensors weights of the base architecture), add the tokenizer, drop the rest."""
-    from pipeline.models import load_causal_lm
+    from pipeline.lm.loading import load_causal_lm
 
     adapter_dir = out_dir / "adapter"
     if p.lora.enabled:
@@ -128,11 +127,11 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
     import torch
     from accelerate import PartialState
 
-    from pipeline import checkpoints
-    from pipeline.dpo_setup import build_dpo_config, lora_config, make_plan
-    from pipeline.dpo_trainer import OpenReleaseDPOTrainer, completion_only_lm_head
-    from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.train_report import MetricsCallback, hardware, peak_rss_mb, step_rows, write_plots
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
+    from pipeline.train import checkpoints
+    from pipeline.train.report import MetricsCallback, hardware, peak_rss_mb, step_rows, write_plots
+    from pipeline.train.setup import build_dpo_config, lora_config, make_plan
+    from pipeline.train.trainer import OpenReleaseDPOTrainer, completion_only_lm_head
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = make_plan(p, root, world_size=world, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -212,7 +211,7 @@ def _free_port() -> int:
 def launch_accelerate(p: TrainParams, root: Path, spec: dict[str, Any], workdir: Path,
                       expect_result: bool = True) -> dict[str, Any]:
     """Run the training under `accelerate launch` and return rank 0's result."""
-    from pipeline.dpo_setup import read_accelerate_config
+    from pipeline.train.setup import read_accelerate_config
 
     acc_cfg = read_accelerate_config(root / p.launcher.config)
     spec_file, result_file = workdir / "spec.json", workdir / "result.json"
@@ -235,7 +234,7 @@ def launch_accelerate(p: TrainParams, root: Path, spec: dict[str, Any], workdir:
 
 def _worker(spec_file: str) -> None:
     """Entry point of each `accelerate launch` process."""
-    from pipeline.stage import configure_logging
+    from pipeline.core.stage import configure_logging
 
     configure_logging()
     spec = json.loads(Path(spec_file).read_text(encoding="utf-8"))
@@ -243,7 +242,7 @@ def _worker(spec_file: str) -> None:
         p = TrainParams.model_validate(spec["train"])
         log_fn = None
         if spec.get("run_id") and int(os.environ.get("RANK", "0")) == 0:
-            from pipeline.tracking import run_metrics_logger
+            from pipeline.core.tracking import run_metrics_logger
 
             log_fn = run_metrics_logger(spec["run_id"], spec["root"])
         result = run(p, root=Path(spec["root"]), log_fn=log_fn,
@@ -268,7 +267,7 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _body(ctx: StageContext) -> None:
-    from pipeline import tracking
+    from pipeline.core import tracking
 
     p = ctx.params.train
     base_dir, dataset_dir = ctx.path("base_model"), ctx.path("dataset")
@@ -319,9 +318,9 @@ def _secondary() -> None:
     """`python -m pipeline.stages.train --secondary` on the other machines of a multi-node run: launch
     this machine's workers with the same params; only global rank 0 (on the main machine, started by
     `dvc repro train`) tracks and writes outputs. Checkpoints resume only from a shared filesystem."""
-    from pipeline.lineage import sha256_path
-    from pipeline.params import load_params
-    from pipeline.stage import configure_logging
+    from pipeline.core.lineage import sha256_path
+    from pipeline.core.params import load_params
+    from pipeline.core.stage import configure_logging
 
     configure_logging()
     root = Path.cwd()

@@ -2,7 +2,7 @@
 
 Reads:  `paths.ingested/rows.jsonl`; params `validate.rows` (rule -> fail | quarantine),
         `validate.max_quarantine_fraction`, `data.sources` (each source's rating scale).
-Writes: `paths.validated/rows.parquet` (kept rows, Arrow schema of pipeline.formats.common.arrow_schema),
+Writes: `paths.validated/rows.parquet` (kept rows, Arrow schema of pipeline.data.formats.common.arrow_schema),
         `paths.validated/quarantine.jsonl` (each set-aside row with its rules and reasons),
         `paths.validated/summary.json` (the accounting `build` folds into metrics/data.json), and
         `paths.reports/validation/` (report.json and GX Data Docs at docs/index.html), also on failure.
@@ -26,13 +26,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
-from pipeline.formats import rating_range
-from pipeline.formats.common import arrow_schema, excerpt, rows_to_arrow
-from pipeline.io import atomic_dir, atomic_write_json, iter_jsonl
-from pipeline.params import DataSource, RowRules
-from pipeline.stage import StageContext, stage_main
-from pipeline.validation import Outcome, decide, run_suite, stepper
+from pipeline.core.errors import DataError
+from pipeline.core.io import atomic_dir, atomic_write_json, iter_jsonl
+from pipeline.core.params import DataSource, RowRules
+from pipeline.core.stage import StageContext, stage_main
+from pipeline.data.formats import rating_range
+from pipeline.data.formats.common import arrow_schema, excerpt, rows_to_arrow
+from pipeline.data.validation import Outcome, decide, run_suite, stepper
 
 STAGE = "validate"
 READS = ["validate.rows", "validate.max_quarantine_fraction", "data.sources", "paths.ingested",
@@ -345,7 +345,7 @@ def run(rows_path: Path, sources: list[DataSource], rules: RowRules, max_fractio
 
 
 def _body(ctx: StageContext) -> None:
-    from pipeline.stages.ingest import ROWS_FILE
+    from pipeline.data.formats.common import ROWS_FILE
 
     p = ctx.params
     rows_path = ctx.path("ingested") / ROWS_FILE

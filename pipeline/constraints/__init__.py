@@ -1,0 +1,1 @@
+"""Verifiable-instruction checkers, shared by the rate and evaluate stages."""

@@ -1,0 +1,41 @@
+"""Sections every stage reads: paths and tracking."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.core.params.base import Section
+
+
+class Paths(Section):
+    """Every file and folder the pipeline reads or writes, relative to the repo root."""
+
+    base_model: str = Field(description="Folder of the safetensors base checkpoint written by `base_model`.")
+    lineage: str = Field(description="Folder of the per-stage lineage records (one JSON file per stage).")
+    metrics: str = Field(description="Folder of DVC metrics files.")
+    plots: str = Field(description="Folder of DVC plots data and PNG curves.")
+    reports: str = Field(description="Folder of human-readable reports (validation, decontamination).")
+    train_prompts: str = Field(description="Project-authored constraint prompts used to make training data.")
+    eval_prompts: str = Field(description="Held-out constraint prompts for evaluation, disjoint from training.")
+    generations: str = Field(description="Sampled completions from `generate` (JSONL).")
+    rated: str = Field(description="On-policy rows in the ultrafeedback shape written by `rate` (JSONL).")
+    ingested: str = Field(description="Normalised rows from every source written by `ingest` (folder).")
+    validated: str = Field(description="Rows that passed validation, written by `validate` (folder).")
+    dataset: str = Field(description="The built DPO dataset: Parquet splits and provenance (folder).")
+    checkpoints: str = Field(description="Training checkpoints (DVC persist: survives reruns for resume).")
+    ref_logps: str = Field(description="Cached reference log-probabilities keyed by model and data hashes.")
+    model: str = Field(description="Folder of the trained, merged safetensors model written by `train`.")
+    eval_dir: str = Field(description="Evaluation outputs: per-prompt Parquet files (folder).")
+    eval_cache: str = Field(description="Cache of evaluation generations, log-probs and judgments (DVC persist).")
+    general_prompts: str = Field(description="General prompt set for the judged win rate (JSONL or JSON array).")
+    judge_template: str = Field(description="Pairwise judge prompt template with {instruction}, {response_a}, {response_b}.")
+    cards: str = Field(description="Model and dataset cards written by `card` (a folder with model/ and dataset/).")
+    release: str = Field(description="The release bundle folder (dry-run publishes write here).")
+    keys: str = Field(description="Git-ignored folder for a locally generated signing key pair.")
+
+
+class Tracking(Section):
+    """MLflow settings. The URI itself comes from MLFLOW_TRACKING_URI or defaults to ./mlflow.db."""
+
+    experiment: str = Field(min_length=1, description="MLflow experiment name that holds every pipeline run.")
+    connect_timeout_s: float = Field(gt=0, le=120, description="Seconds to wait for a remote tracking server.")

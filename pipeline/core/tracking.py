@@ -1,0 +1,305 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One parent run per pipeline execution (one `dvc repro`), one child run per stage. A stage process
+finds its pipeline execution by walking up to the `dvc` process that started it, so every stage of one
+`dvc repro` lands under the same parent even though each is its own process.
+
+The default backend is `sqlite:///<repo>/mlflow.db` (absolute, so DVC's temporary experiment
+workspaces log to the same database); MLFLOW_TRACKING_URI overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline.core.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+TAG_PIPELINE_KEY = "openrelease.pipeline_key"
+TAG_STAGE = "openrelease.stage"
+TAG_COMMIT = "openrelease.git_commit"
+TAG_DIRTY = "openrelease.git_dirty"
+TAG_PARAMS_DIGEST = "openrelease.params_digest"
+ENV_PIPELINE_KEY = "OPENRELEASE_PIPELINE_KEY"
+
+
+def project_root(root: str | Path = ".") -> Path:
+    """The main repo root, also from inside a DVC temporary experiment workspace
+    (`<repo>/.dvc/tmp/exps/<tmpdir>`), so experiments log next to ordinary runs."""
+    root = Path(root).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def default_tracking_uri(root: str | Path = ".") -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
+def _quiet_mlflow_env(timeout_s: float) -> None:
+    # Fail fast on an unreachable server instead of MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingError within about `timeout_s` seconds if the backend at `uri` is unusable."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(parsed.path if not parsed.netloc else parsed.netloc + parsed.path)
+        if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+            raise TrackingError(f"MLflow tracking URI {uri}: folder {db.parent} does not exist or is not writable")
+        return
+    if parsed.scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (scheme checked)
+                if resp.status >= 400:
+                    raise TrackingError(f"MLflow tracking server {uri} answered {resp.status} on /health")
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(f"MLflow tracking server {uri} cannot be reached: {reason}") from None
+        return
+    if parsed.scheme in ("", "file"):
+        folder = Path(parsed.path or uri)
+        target = folder if folder.exists() else folder.parent
+        if not os.access(target, os.W_OK):
+            raise TrackingError(f"MLflow tracking URI {uri}: {target} is not writable")
+        return
+    # Other schemes (databricks, ...) are checked by the first client call.
+
+
+def pipeline_key() -> str:
+    """Identify this pipeline execution: the `dvc` process that started us, else this process."""
+    if key := os.environ.get(ENV_PIPELINE_KEY):
+        return key
+    import psutil
+
+    proc = psutil.Process()
+    try:
+        for parent in proc.parents():
+            cmd = parent.cmdline()
+            names = {Path(c).name for c in cmd[:3]}
+            if "dvc" in names or any(c.endswith("/dvc") for c in cmd[:3]):
+                return f"dvc-{parent.pid}-{int(parent.create_time())}"
+    except (psutil.Error, OSError):
+        pass
+    return f"proc-{proc.pid}-{int(proc.create_time())}"
+
+
+class StageRun:
+    """A child MLflow run for one stage, under its pipeline execution's parent run."""
+
+    def __init__(self, run_id: str, parent_run_id: str, uri: str, experiment_id: str):
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.uri = uri
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        import mlflow
+
+        flat = _flatten(params)
+        # MLflow caps a param value at 6000 chars; longer values are truncated, not dropped.
+        items = {k: (str(v)[:6000] if v is not None else "None") for k, v in flat.items()}
+        keys = list(items)
+        for i in range(0, len(keys), 100):
+            mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        import mlflow
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        p = Path(path)
+        if p.is_dir():
+            mlflow.log_artifacts(str(p), artifact_path=artifact_path or p.name)
+        else:
+            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+
+    def log_input(self, path: str | Path, sha256: str, name: str | None = None, context: str = "input",
+                  rows: int | None = None) -> None:
+        """Log a dataset input with an explicit, audit-grade sha256 digest (not MLflow's row sample)."""
+        import mlflow
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = _local_source(path)
+        ds = MetaDataset(source=source, name=name or Path(path).name, digest=sha256[:36])
+        tags = {"sha256": sha256}
+        if rows is not None:
+            tags["rows"] = str(rows)
+        mlflow.log_input(ds, context=context, tags=tags)
+
+
+def _local_source(path: str | Path):
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # MLflow registers the local source twice and warns about it
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(str(Path(path).resolve()))
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(v, bool)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str, params_digest: str, git: dict[str, Any],
+              root: str | Path = ".", timeout_s: float = 5.0) -> Iterator[StageRun]:
+    """Open the stage's child run (creating the pipeline's parent run on first use).
+
+    Fails with TrackingError before any work is done if the backend cannot be reached.
+    """
+    uri = default_tracking_uri(root)
+    _quiet_mlflow_env(timeout_s)
+    t0 = time.monotonic()
+    check_reachable(uri, timeout_s)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        key = pipeline_key()
+        found = client.search_runs([exp_id], filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{key}'", max_results=1)
+        if found:
+            parent_id = found[0].info.run_id
+        else:
+            parent = client.create_run(exp_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                       tags={TAG_PIPELINE_KEY: key, TAG_COMMIT: str(git.get("commit")),
+                                             TAG_DIRTY: str(git.get("dirty"))})
+            parent_id = parent.info.run_id
+    except MlflowException as e:
+        raise TrackingError(f"MLflow tracking URI {uri}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise TrackingError(f"MLflow tracking URI {uri} cannot be reached: {e}") from None
+    log.info("tracking at %s (ready in %.1fs)", uri, time.monotonic() - t0)
+
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        TAG_STAGE: stage,
+        TAG_COMMIT: str(git.get("commit")),
+        TAG_DIRTY: str(git.get("dirty")),
+        TAG_PARAMS_DIGEST: params_digest,
+        TAG_PIPELINE_KEY: key + "/" + stage,
+        "mlflow.source.git.commit": str(git.get("commit")),
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
+        yield StageRun(run.info.run_id, parent_id, uri, exp_id)
+    # The parent is "finished" as of its latest stage; the next stage simply extends it.
+    client.set_terminated(parent_id, "FINISHED")
+
+
+def register_logged_model(name: str, run: StageRun, params: dict[str, Any], tags: dict[str, str],
+                          inputs: list[tuple[str | Path, str]]) -> str:
+    """Record an external model (weights live in the DVC cache, not in MLflow) as a LoggedModel
+    linked to its run and its dataset inputs. Returns the model id."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import LoggedModelInput
+
+    model = mlflow.create_external_model(name=name, source_run_id=run.run_id,
+                                         params={k: str(v) for k, v in _flatten(params).items()}, tags=tags)
+    for path, sha in inputs:
+        ds = MetaDataset(source=_local_source(path), name=Path(path).name, digest=sha[:36])
+        mlflow.log_input(ds, context="training", tags={"sha256": sha}, model=LoggedModelInput(model.model_id))
+    return model.model_id
+
+
+def run_metrics_logger(run_id: str, root: str | Path = ".") -> Any:
+    """A `log(metrics, step)` function that logs to an existing run by id, for a process that did not
+    open it (an `accelerate launch` worker of the train stage)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(default_tracking_uri(root))
+
+    def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if _is_number(v)]
+        if batch:
+            client.log_batch(run_id, metrics=batch)
+
+    return log_metrics
+
+
+def find_runs(experiment: str, filter_string: str = "", root: str | Path = ".") -> list[Any]:
+    """Runs of an experiment (for tests, cards and audit)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(default_tracking_uri(root))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
+
+
+def log_model_metrics(model_id: str, metrics: dict[str, float],
+                      dataset: tuple[str | Path, str] | None = None) -> bool:
+    """Attach metrics, from the active run, to an existing LoggedModel (they show on the model's page),
+    optionally tagged with the dataset (path, sha256) they were computed on. Returns False, with a
+    warning, when the model id is not in this tracking store (e.g. trained against another URI)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_logged_model(model_id)
+    except MlflowException as e:
+        log.warning("LoggedModel %s not found in this tracking store (%s); metrics stay on the run only",
+                    model_id, str(e).splitlines()[0])
+        return False
+    ds = None
+    if dataset is not None:
+        path, sha = dataset
+        ds = MetaDataset(source=resolve_dataset_source(str(Path(path).resolve())), name=Path(path).name, digest=sha[:36])
+    clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+    mlflow.log_metrics(clean, model_id=model_id, dataset=ds)
+    mlflow.set_tag("openrelease.evaluated_model_id", model_id)
+    return True

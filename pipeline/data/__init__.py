@@ -1,0 +1,1 @@
+"""Preference data: source formats, row and pair validation, dedup, decontamination, binarization."""

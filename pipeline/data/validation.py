@@ -1,0 +1,153 @@
+"""Running validation rules through Great Expectations 1.x, and what to do with the rows that fail.
+
+A *rule* (a params key such as `roles_alternate`) is one or more GX expectations over a pandas frame
+of per-row facts: the frame has one row per data row, holding light projections of its fields
+(an id, a count, a role) and, where no built-in expectation can state the rule directly, a computed
+column (`roles_ok`, `tokens_max`, ...) that a built-in expectation then checks. Every rule therefore
+runs through GX, appears in the Data Docs, and its failing rows come from GX's own
+`unexpected_index_list`. Each rule's action (fail | quarantine) comes from params.
+
+GX runs in an ephemeral context (nothing written but the Data Docs site we ask for).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import DataError
+
+log = logging.getLogger(__name__)
+EXAMPLES_PER_RULE = 5
+
+
+def stepper(stage: str):
+    """A function that logs (INFO) a finished step with the elapsed time and current resident memory."""
+    import psutil
+
+    t0, proc, logger = time.monotonic(), psutil.Process(), logging.getLogger(f"pipeline.stages.{stage}")
+
+    def step(what: str) -> None:
+        logger.info("%s (%.1fs, RSS %.0f MB)", what, time.monotonic() - t0, proc.memory_info().rss / 2**20)
+    return step
+
+
+@dataclass
+class RuleResult:
+    rule: str
+    action: str
+    failed: list[int]  # frame indices, sorted
+    expectations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return not self.failed
+
+
+def run_suite(name: str, frame, expectations: dict[str, list], actions: dict[str, str],
+              docs_dir: Path | None = None) -> dict[str, RuleResult]:
+    """Validate `frame` against `expectations` (rule -> GX expectations); return each rule's failing indices.
+
+    With `docs_dir`, a Data Docs site (index.html) for this suite is built there.
+    """
+    # GX logs its plugin registration at INFO, hundreds of lines per run.
+    logging.getLogger("great_expectations").setLevel(max(logging.WARNING, logging.getLogger().level))
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    t0 = time.monotonic()
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    actions_list = []
+    if docs_dir is not None:
+        context.add_data_docs_site(site_name="local", site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+        actions_list.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"]))
+    batch_def = (context.data_sources.add_pandas(name).add_dataframe_asset(name)
+                 .add_batch_definition_whole_dataframe(name))
+    suite = context.suites.add(gx.ExpectationSuite(name=name))
+    for rule, exps in expectations.items():
+        for exp in exps:
+            exp.meta = {**(exp.meta or {}), "rule": rule, "action": actions[rule]}
+            suite.add_expectation(exp)
+    vd = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=name, validation_definitions=[vd], actions=actions_list,
+        result_format={"result_format": "COMPLETE"}))
+    outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+    results = {rule: RuleResult(rule, actions[rule], []) for rule in expectations}
+    failed: dict[str, set[int]] = {rule: set() for rule in expectations}
+    for run_result in outcome.run_results.values():
+        for r in run_result.results:
+            cfg = r.expectation_config
+            rule = cfg.meta["rule"]
+            if r.exception_info and r.exception_info.get("raised_exception"):
+                raise RuntimeError(f"GX expectation {cfg.type} for rule {rule} raised: "
+                                   f"{r.exception_info.get('exception_message')}")
+            idx = r.result.get("unexpected_index_list") or []
+            failed[rule].update(int(i) for i in idx)
+            if not r.success and not idx:  # a table-level expectation: the whole table fails
+                failed[rule].update(range(len(frame)))
+            results[rule].expectations.append({
+                "type": cfg.type, "kwargs": {k: v for k, v in cfg.kwargs.items() if k != "batch_id"},
+                "success": bool(r.success), "unexpected_count": r.result.get("unexpected_count"),
+            })
+    for rule, idx in failed.items():
+        results[rule].failed = sorted(idx)
+    log.info("GX suite %s: %d rules over %d rows in %.1fs", name, len(expectations), len(frame),
+             time.monotonic() - t0)
+    return results
+
+
+@dataclass
+class Outcome:
+    """What a suite decided for every row: the rules each quarantined row broke, and any fatal error."""
+
+    report: dict[str, Any]
+    quarantined: dict[int, list[str]]  # frame index -> rules
+    error: DataError | None
+
+
+def decide(results: dict[str, RuleResult], n_rows: int, max_fraction: float,
+           describe: Callable[[int, str], dict[str, Any]], report_path: str, unit: str = "rows") -> Outcome:
+    """Apply each rule's action. `describe(index, rule)` gives {path, where, source, reason, excerpt}
+    for a failing row (used for the examples in the report and the error message)."""
+    quarantined: dict[int, list[str]] = {}
+    rules_report: dict[str, Any] = {}
+    fatal: list[tuple[str, int]] = []
+    for rule, res in results.items():
+        examples = [describe(i, rule) for i in res.failed[:EXAMPLES_PER_RULE]]
+        rules_report[rule] = {"action": res.action, "success": res.success, "failed_rows": len(res.failed),
+                              "expectations": res.expectations, "examples": examples}
+        if res.failed and res.action == "fail":
+            fatal.append((rule, res.failed[0]))
+        elif res.failed:
+            for i in res.failed:
+                quarantined.setdefault(i, []).append(rule)
+    fraction = len(quarantined) / n_rows if n_rows else 0.0
+    error = None
+    if fatal:
+        rule, i = fatal[0]
+        d = describe(i, rule)
+        more = f"; {len(fatal) - 1} more failing rule(s)" if len(fatal) > 1 else ""
+        error = DataError(d["path"], d["where"], f"[{d['source']}] {rule}",
+                          f"{d['reason']}: {d['excerpt']} ({len(results[rule].failed)} {unit[:-1]}(s) break this rule"
+                          f"{more}; see {report_path})")
+    elif fraction > max_fraction:
+        worst = max((r for r in results.values() if r.action == "quarantine"), key=lambda r: len(r.failed))
+        error = DataError(report_path, None, "max_quarantine_fraction",
+                          f"{len(quarantined)} of {n_rows} {unit} quarantined ({fraction:.1%}) > "
+                          f"{max_fraction:.1%}; most by rule {worst.rule} ({len(worst.failed)})")
+    report = {
+        "status": "failed" if error else "passed", "error": str(error) if error else None,
+        "input_rows": n_rows, "kept": n_rows - len(quarantined), "quarantined": len(quarantined),
+        "quarantine_fraction": fraction, "max_quarantine_fraction": max_fraction, "rules": rules_report,
+    }
+    return Outcome(report, quarantined, error)

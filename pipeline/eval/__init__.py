@@ -1,0 +1,1 @@
+"""Evaluation: measures, statistics, judges and their agreement, the eval cache, plots."""

@@ -1,0 +1,189 @@
+"""Shared machinery of the `evaluate` stage: input readers and cached model outputs.
+
+Every model output (greedy generation, summed completion log-prob, per-response KL) goes through
+`EvalCache` under a key naming what it depends on (model sha256, prompt hash, decoding params, ...),
+and a model is loaded only when some key misses, so a warm cache loads no model at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import DataError
+from pipeline.core.io import read_json
+from pipeline.core.lineage import sha256_json, sha256_path
+from pipeline.core.params import EvaluateParams, GeneralPromptsParams
+from pipeline.eval.cache import EvalCache
+
+# Bump when the way a cached value is computed changes, so old entries stop matching.
+CACHE_VERSION = 2
+
+log = logging.getLogger(__name__)
+
+
+class Models:
+    """Model folders hashed once and loaded on first use (a warm cache loads nothing)."""
+
+    def __init__(self, loader: Callable[[Path], tuple[Any, Any]] | None = None):
+        self._loader = loader or _load
+        self._sha: dict[Path, str] = {}
+        self._loaded: dict[Path, tuple[Any, Any]] = {}
+        self._tok: dict[Path, Any] = {}
+
+    def sha256(self, folder: Path) -> str:
+        folder = Path(folder).resolve()
+        if folder not in self._sha:
+            self._sha[folder] = sha256_path(folder)
+        return self._sha[folder]
+
+    def known(self, folder: Path, sha256: str) -> None:
+        """Record a folder's sha256 computed elsewhere (the lineage record hashes it already)."""
+        self._sha[Path(folder).resolve()] = sha256
+
+    def load(self, folder: Path) -> tuple[Any, Any]:
+        folder = Path(folder).resolve()
+        if folder not in self._loaded:
+            log.info("loading %s", folder)
+            self._loaded[folder] = self._loader(folder)
+        return self._loaded[folder]
+
+    def tokenizer(self, folder: Path) -> Any:
+        folder = Path(folder).resolve()
+        if folder in self._loaded:
+            return self._loaded[folder][1]
+        if folder not in self._tok:
+            from pipeline.lm.loading import load_tokenizer
+
+            self._tok[folder] = load_tokenizer(folder)
+        return self._tok[folder]
+
+
+def _load(folder: Path) -> tuple[Any, Any]:
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(folder), load_tokenizer(folder)
+
+
+# ---------------------------------------------------------------- inputs
+
+def read_test_pairs(path: Path, limit: int | None) -> list[dict]:
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(path, None, "test split exists", "no such file (run `dvc repro build`)")
+    df = pd.read_parquet(path)
+    missing = {"id", "prompt", "chosen", "rejected"} - set(df.columns)
+    if missing:
+        raise DataError(path, None, "test split columns", f"missing {sorted(missing)}")
+    rows = []
+    for i, r in enumerate(df.head(limit).itertuples(index=False)):
+        msgs = {k: [dict(m) for m in getattr(r, k)] for k in ("prompt", "chosen", "rejected")}
+        for k, v in msgs.items():
+            if not v or not all(isinstance(m.get("content"), str) and m.get("role") for m in v):
+                raise DataError(path, f"row {i}", k, "must be a non-empty list of {role, content} messages")
+        rows.append({"id": str(r.id), **msgs})
+    if not rows:
+        raise DataError(path, None, "non-empty", "the test split has no rows")
+    return rows
+
+
+def _prompt_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        first = value[0]
+        return first if isinstance(first, str) else first.get("content") if isinstance(first, dict) else None
+    return None
+
+
+def read_general_prompts(path: Path, gp: GeneralPromptsParams) -> list[dict]:
+    """[{id, prompt}] from JSONL or a JSON array; `gp.field` holds a string or a list of turns (first used)."""
+    from pipeline.core.io import iter_jsonl
+
+    if path.suffix == ".json":
+        data = read_json(path)
+        if not isinstance(data, list):
+            raise DataError(path, None, "JSON array of objects", f"got {type(data).__name__}")
+        items = list(enumerate(data))  # where = array index, as the ingest convention has it
+    else:
+        items = list(iter_jsonl(path))
+    rows, seen = [], set()
+    for where, obj in items:
+        if not isinstance(obj, dict) or gp.field not in obj:
+            raise DataError(path, where, f"has key {gp.field!r}", f"keys: {sorted(obj) if isinstance(obj, dict) else obj!r:.80}")
+        text = _prompt_text(obj[gp.field])
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(path, where, gp.field, f"must be a non-blank string or a list of turns, got {obj[gp.field]!r:.80}")
+        pid = str(obj.get(gp.id_field)) if gp.id_field else f"line{where}"
+        if gp.id_field and gp.id_field not in obj:
+            raise DataError(path, where, f"has key {gp.id_field!r}", "evaluate.general.id_field names a missing key")
+        if pid in seen:
+            raise DataError(path, where, "unique id", f"{pid!r} appears twice")
+        seen.add(pid)
+        rows.append({"id": pid, "prompt": text})
+    if not rows:
+        raise DataError(path, None, "non-empty", "the general prompt file has no prompts")
+    return rows[: gp.max_prompts]
+
+
+# ---------------------------------------------------------------- cached model outputs
+
+def generations(models: Models, folder: Path, convs: list[list[dict]], p: EvaluateParams, cache: EvalCache,
+                generate_fn: Callable[..., list[list[str]]], desc: str) -> list[str]:
+    """Greedy responses, generating only those missing from the cache."""
+    decoding = {"do_sample": False, "max_new_tokens": p.generation.max_new_tokens}
+    sha = models.sha256(folder)
+    keys = [{"v": CACHE_VERSION, "model": sha, "prompt": sha256_json(c), "decoding": decoding} for c in convs]
+    out = [cache.get("generation", k) for k in keys]
+    todo = [i for i, v in enumerate(out) if v is None]
+    if todo:
+        model, tok = models.load(folder)
+        fresh = generate_fn(model, tok, [convs[i] for i in todo], max_new_tokens=p.generation.max_new_tokens,
+                            do_sample=False, batch_size=p.generation.batch_size, seed=0, desc=desc)
+        for i, texts in zip(todo, fresh, strict=True):
+            out[i] = texts[0]
+            cache.put("generation", keys[i], texts[0])
+    return out
+
+
+def logps(models: Models, folder: Path, pairs: list[tuple[list[dict], list[dict]]], p: EvaluateParams,
+          max_length: int | None, cache: EvalCache, desc: str) -> list[tuple[float, int]]:
+    """(summed completion log-prob, completion tokens scored) of (prompt, completion) pairs under the
+    model in `folder`; 0 tokens when truncation at `max_length` left none of the completion."""
+    from pipeline.lm.scoring import completion_logps, tokenize_completion
+
+    sha = models.sha256(folder)
+    keys = [{"v": CACHE_VERSION, "model": sha, "prompt": sha256_json(pr), "completion": sha256_json(co),
+             "max_length": max_length} for pr, co in pairs]
+    out = [cache.get("logp", k) for k in keys]
+    todo = [i for i, v in enumerate(out) if v is None]
+    if todo:
+        model, tok = models.load(folder)
+        items = [tokenize_completion(tok, *pairs[i], max_length=max_length) for i in todo]
+        fresh = completion_logps(model, items, pad_id=tok.pad_token_id, batch_size=p.score_batch_size, desc=desc)
+        for i, v, item in zip(todo, fresh, items, strict=True):
+            out[i] = [v, item.n_completion]
+            cache.put("logp", keys[i], out[i])
+    return [tuple(v) for v in out]
+
+
+def kls(models: Models, policy: Path, base: Path, convs: list[list[dict]], responses: list[str],
+        p: EvaluateParams, cache: EvalCache) -> list[tuple[float, int]]:
+    from pipeline.lm.scoring import completion_kl, tokenize_completion
+
+    sp, sb = models.sha256(policy), models.sha256(base)
+    keys = [{"v": CACHE_VERSION, "policy": sp, "ref": sb, "prompt": sha256_json(c), "response": sha256_json(r)}
+            for c, r in zip(convs, responses, strict=True)]
+    out = [cache.get("kl", k) for k in keys]
+    todo = [i for i, v in enumerate(out) if v is None]
+    if todo:
+        (pm, tok), (bm, _) = models.load(policy), models.load(base)
+        items = [tokenize_completion(tok, convs[i], [{"role": "assistant", "content": responses[i]}]) for i in todo]
+        fresh = completion_kl(pm, bm, items, pad_id=tok.pad_token_id, batch_size=p.score_batch_size)
+        for i, v in zip(todo, fresh, strict=True):
+            out[i] = list(v)
+            cache.put("kl", keys[i], list(v))
+    return [tuple(v) for v in out]

@@ -1,0 +1,1 @@
+"""Language models: loading checkpoints, generation backends, teacher-forced scoring."""

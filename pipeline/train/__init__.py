@@ -1,0 +1,1 @@
+"""DPO training: config setup, the trainer, checkpoints and the training report."""

@@ -1,0 +1,199 @@
+"""TRL's DPOTrainer with what this project adds for speed and reproducibility.
+
+- Length-grouped batches: pairs of similar length share a micro-batch (less padding), in an order drawn
+  from `seed + epoch`, so a resumed run sees the same batches as an uninterrupted one.
+- Reference log-probs cached on disk (`paths.ref_logps`), keyed by the base model's and the tokenized
+  data's hashes and every setting that changes them; reruns and sweeps skip the reference pass.
+- On CPU, only completion tokens go through the LM head (TRL compacts only where Triton runs).
+
+Everything else (loss, metrics, checkpoints) is TRL's and transformers' own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+from trl import DPOTrainer
+
+from pipeline.core.lineage import sha256_bytes, sha256_json
+
+log = logging.getLogger(__name__)
+
+REF_LOGPS_VERSION = 1  # bump when the cache layout or the meaning of a key part changes
+
+
+def pair_lengths(dataset) -> list[int]:
+    """Tokens of the longer side of each tokenized pair (what the collator pads to)."""
+    prompts = dataset["prompt_ids"]
+    chosen = dataset["chosen_ids"]
+    rejected = dataset["rejected_ids"]
+    return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+
+
+class LengthGroupedEpochSampler(Sampler[int]):
+    """transformers' length grouping (shuffle, then sort within mega-batches), seeded per epoch.
+
+    The permutation depends only on `seed` and the epoch the trainer sets, never on the global RNG, so
+    resuming mid-run reproduces the batches of an uninterrupted run.
+    """
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int):
+        self.lengths = lengths
+        self.group_size = group_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=g))
+
+
+def tokenized_data_hash(dataset) -> str:
+    """sha256 of the token ids of every pair, in order (what the reference pass actually sees)."""
+    rows = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+    return sha256_bytes("".join(f"{p}|{c}|{r}\n" for p, c, r in rows).encode())
+
+
+class OpenReleaseDPOTrainer(DPOTrainer):
+    """DPOTrainer plus length-grouped batches and an on-disk reference log-prob cache."""
+
+    def __init__(self, *args: Any, length_grouping: bool = False, ref_cache_dir: str | Path | None = None,
+                 ref_cache_key: dict[str, Any] | None = None, **kwargs: Any):
+        # Set before super().__init__: DPOTrainer precomputes reference log-probs inside its __init__.
+        self._length_grouping = length_grouping
+        self._ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else None
+        self._ref_cache_key = dict(ref_cache_key or {})
+        self.ref_cache_events: list[dict[str, Any]] = []
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self._length_grouping or dataset is None or "prompt_ids" not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        step_pairs = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthGroupedEpochSampler(pair_lengths(dataset), step_pairs, self.args.seed)
+
+    # -- reference log-probs -------------------------------------------------------------------------
+    def ref_cache_path(self, dataset, name: str) -> Path | None:
+        if self._ref_cache_dir is None:
+            return None
+        key = sha256_json({"version": REF_LOGPS_VERSION, "split": name, "data": tokenized_data_hash(dataset),
+                           "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
+                           "ld_alpha": self.ld_alpha,
+                           "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32",
+                           "device": self.accelerator.device.type, **self._ref_cache_key})
+        return self._ref_cache_dir / f"{name}-{key[:32]}.safetensors"
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        # The RNG is forked so a cache hit and a cache miss leave the training order identical (TRL's
+        # precompute DataLoader draws from the global RNG).
+        with torch.random.fork_rng(devices=[]):
+            return self._precompute_cached(dataset, name, batch_size)
+
+    def _precompute_cached(self, dataset, name: str, batch_size: int):
+        from safetensors.torch import load_file
+
+        path = self.ref_cache_path(dataset, name)
+        if path is not None and path.is_file():
+            tensors = load_file(path)
+            chosen, rejected = tensors["ref_chosen_logps"], tensors["ref_rejected_logps"]
+            if len(chosen) == len(dataset):
+                log.info("reference log-probs for %s: cache hit %s", name, path.name)
+                self.ref_cache_events.append({"split": name, "hit": True, "file": path.name})
+                dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+                return dataset.add_column("ref_rejected_logps", rejected.tolist())
+            log.warning("reference log-prob cache %s has %d rows, expected %d: recomputing",
+                        path.name, len(chosen), len(dataset))
+        chosen, rejected = self._reference_pass(dataset, name, batch_size)
+        if path is not None and self.accelerator.is_main_process:
+            _save_atomic(path, {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
+                         {k: str(v) for k, v in self._ref_cache_key.items()})
+            log.info("reference log-probs for %s: computed and cached in %s", name, path)
+        self.ref_cache_events.append({"split": name, "hit": False, "file": path.name if path else None})
+        self.accelerator.wait_for_everyone()
+        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+        return dataset.add_column("ref_rejected_logps", rejected.tolist())
+
+    def _reference_pass(self, dataset, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRL's reference pass (its `compute_ref_log_probs` per batch), without its Arrow cache file: that
+        file's name is random for in-memory datasets, so other ranks could not find rank 0's."""
+        from accelerate.utils import tqdm
+        from torch.utils.data import DataLoader
+        from trl.models import prepare_deepspeed
+
+        # Longest first: batches pad little, and an out-of-memory error shows at once.
+        order = _order_by_length(dataset)
+        loader = DataLoader(dataset.select(order), batch_size=batch_size, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, shuffle=False,
+                            pin_memory=self.args.dataloader_pin_memory)
+        loader = self.accelerator.prepare(loader)
+        if self.ref_model is None and self.is_deepspeed_enabled:  # parameters are not placed until train()
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen_parts, rejected_parts = [], []
+        for batch in tqdm(loader, desc=f"Reference log-probs ({name})"):
+            c, r = self.compute_ref_log_probs(model, batch)
+            c, r = self.accelerator.gather_for_metrics((c, r))
+            chosen_parts.append(c.float().cpu())
+            rejected_parts.append(r.float().cpu())
+        chosen = torch.empty(len(dataset), dtype=torch.float32)
+        rejected = torch.empty(len(dataset), dtype=torch.float32)
+        chosen[order] = torch.cat(chosen_parts)
+        rejected[order] = torch.cat(rejected_parts)
+        return chosen, rejected
+
+
+def _order_by_length(dataset) -> list[int]:
+    lengths = pair_lengths(dataset)
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    from pipeline.core.io import atomic_write_bytes
+
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+@contextlib.contextmanager
+def completion_only_lm_head(enabled: bool = True) -> Iterator[None]:
+    """Make TRL's fused LM head score only completion positions on CPU too.
+
+    TRL 1.16 compacts to the labelled positions only where its Triton kernel runs (CUDA/XPU), to avoid
+    recompiling on shape changes elsewhere; plain CPU execution has no such cost, and the prompt and
+    padding positions are most of a batch. The values are unchanged (tests compare both paths).
+    """
+    import trl.trainer.utils as trl_utils
+
+    if not enabled:
+        yield
+        return
+    original = trl_utils._use_triton
+
+    def compact(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    trl_utils._use_triton = compact
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
