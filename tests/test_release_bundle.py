@@ -68,7 +68,7 @@ def test_manifest_lists_every_file_with_sha256(bundle):
     gates = {g["name"]: g["status"] for g in m["gates"]}
     assert gates == {"git-clean": "pass", "git-version": "pass", "dvc-status": "pass", "validation": "pass",
                      "lineage": "pass", "eval-thresholds": "pass", "regression": "skip", "contamination": "pass",
-                     "licenses": "pass", "secrets": "pass"}
+                     "licenses": "pass", "signing-anchor": "warn", "secrets": "pass"}
 
 
 def test_model_card_sections_and_numbers(bundle):
@@ -182,15 +182,18 @@ def test_audit_catches_an_extra_file_and_a_foreign_key(copy, tmp_path):
     generate_key(tmp_path / "other.pem")
     problems = audit.check_bundle(copy, public_key=tmp_path / "other.pub").problems
     assert "dataset/data/extra.parquet: present but not in the manifest" in problems
-    assert any("signature does not verify: Key mismatch" in p for p in problems)
-    assert "the public key is not the one the manifest names" in problems
+    assert any("signature does not verify: Key mismatch" in p and "verified against the pinned key" in p for p in problems)
+    assert any(p.startswith("the signer's key is not the pinned key") for p in problems)
 
 
 def test_audit_cli_exit_codes(bundle, copy):
     env_py = [sys.executable, "-m", "pipeline.cli", "audit"]
-    ok = subprocess.run([*env_py, str(bundle.path)], cwd=ROOT, capture_output=True, text=True)
+    key = str(bundle.path / "model" / "signing-key.pub")  # a test's stand-in for a key obtained independently
+    ok = subprocess.run([*env_py, str(bundle.path), "--public-key", key], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "AUDIT PASSED" in ok.stdout and "lineage:" in ok.stdout
+    assert "AUDIT PASSED" in ok.stdout and "lineage:" in ok.stdout and "signer: the pinned key" in ok.stdout
+    bare = subprocess.run([*env_py, str(bundle.path)], cwd=ROOT, capture_output=True, text=True)
+    assert bare.returncode == 3 and "signer is NOT verified" in bare.stdout, bare.stdout + bare.stderr
     _flip_byte(copy / "model" / "model.safetensors")
     bad = subprocess.run([*env_py, str(copy)], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "AUDIT FAILED" in bad.stdout and "model.safetensors" in bad.stdout

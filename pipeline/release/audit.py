@@ -19,8 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import AuditError, DataError
-from pipeline.core.lineage import dir_files, sha256_file
-from pipeline.release.manifest import DATASET_DIR, HUB_EXTRAS, MANIFEST_FILE, MODEL_DIR, SCHEMA, UNLISTED
+from pipeline.core.lineage import sha256_file
+from pipeline.release.manifest import (
+    DATASET_DIR,
+    HUB_EXTRAS,
+    MANIFEST_FILE,
+    MODEL_DIR,
+    UNLISTED,
+    release_files,
+)
+from pipeline.release.trust import (
+    EXIT_FAILED,
+    EXIT_PASSED,
+    EXIT_UNANCHORED,
+    Anchor,
+    AuditUsageError,
+    check_signature,
+    manifest_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +47,8 @@ class AuditReport:
     checked: list[str] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
     tree: str = ""
+    anchor: str | None = None    # what the signer was verified against; None: not verified
+    unanchored: bool = False     # the signature is valid but only against the bundle's own key
 
 
 def _layout(path: Path) -> tuple[Path, Path]:
@@ -47,7 +65,7 @@ def _check_files(folder: Path, entries: list[dict[str, Any]], repo: str, exclude
     if not folder.is_dir():
         return [f"{repo}: folder {folder} is missing"]
     listed = {e["path"]: e for e in entries}
-    present = {p.relative_to(folder).as_posix(): p for p in dir_files(folder)}
+    present = {p.relative_to(folder).as_posix(): p for p in release_files(folder)}
     for rel, e in listed.items():
         p = present.get(rel)
         if p is None:
@@ -171,11 +189,11 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
 
 
 def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | None = None,
-                 dataset_dir: Path | None = None) -> AuditReport:
+                 dataset_dir: Path | None = None, anchor: Anchor | None = None) -> AuditReport:
     """Every check on a bundle folder; problems are collected, not raised."""
     from pipeline.core.io import read_json
-    from pipeline.release import signing
 
+    anchor = anchor or Anchor(public_key=public_key, clone=repo_root)
     report = AuditReport()
     model, dataset = _layout(path)
     dataset = dataset_dir or dataset
@@ -184,26 +202,17 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
     except DataError as e:
         report.problems.append(f"manifest.json unreadable: {e}")
         return report
-    report.manifest = manifest
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        report.problems.append(f"manifest.json: not an {SCHEMA} manifest")
+    structure = manifest_problems(manifest)
+    if structure:
+        report.problems += structure
         return report
-    bundled_key = model / signing.PUBLIC_KEY_FILE
-    key = public_key or bundled_key
-    try:
-        signing.verify_folder(model, key)
-        report.checked.append(f"signature verifies with {'the pinned key ' + str(public_key) if public_key else 'the bundled public key'}"
-                              f" (sha256 {signing.public_key_fingerprint(key.read_bytes())[:16]}...)")
-    except AuditError as e:
-        report.problems.append(str(e))
-    want_fp = (manifest.get("signing") or {}).get("public_key_sha256")
-    if key.is_file() and signing.public_key_fingerprint(key.read_bytes()) != want_fp:
-        report.problems.append("the public key is not the one the manifest names")
-    files = manifest.get("files") or {}
+    report.manifest = manifest
+    check_signature(report, model, manifest, anchor)
+    files = manifest["files"]
     report.problems += _check_files(model, files.get("model", []), MODEL_DIR, UNLISTED)
     report.problems += _check_files(dataset, files.get("dataset", []), DATASET_DIR, frozenset())
     report.problems += _check_lineage_links(manifest, model, dataset)
-    arch_problems, notes = _check_archive(manifest, model, repo_root)
+    arch_problems, notes = _check_archive(manifest, model, repo_root or anchor.clone)
     report.problems += arch_problems
     report.checked += notes
     report.problems += _check_cards(model, dataset)
@@ -213,7 +222,8 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
     return report
 
 
-def audit_hub(repo_id: str, revision: str, endpoint: str, public_key: Path | None, repo_root: Path | None) -> AuditReport:
+def audit_hub(repo_id: str, revision: str, endpoint: str, public_key: Path | None, repo_root: Path | None,
+              anchor: Anchor | None = None) -> AuditReport:
     """Download the model repo at `revision` and the dataset repo the manifest names, then check them."""
     from pipeline.core.io import read_json
     from pipeline.release import hub
@@ -223,14 +233,19 @@ def audit_hub(repo_id: str, revision: str, endpoint: str, public_key: Path | Non
         commit = hub.download_repo(endpoint, repo_id, "model", revision, root / MODEL_DIR)
         if not (root / MODEL_DIR / MANIFEST_FILE).is_file():
             raise AuditError(f"{repo_id}@{revision}: no {MANIFEST_FILE}: not an open-release repo")
-        manifest = read_json(root / MODEL_DIR / MANIFEST_FILE)
-        repos = manifest.get("repos") or {}
-        ds = repos.get("dataset") or {}
+        try:
+            manifest = read_json(root / MODEL_DIR / MANIFEST_FILE)
+        except DataError as e:
+            return AuditReport(problems=[f"manifest.json unreadable: {e}"])
+        structure = manifest_problems(manifest)
+        if structure:
+            return AuditReport(problems=structure)
+        ds = manifest["repos"][DATASET_DIR]
         problems = []
-        if (repos.get("model") or {}).get("repo_id") != repo_id:
-            problems.append(f"the manifest names model repo {(repos.get('model') or {}).get('repo_id')}, not {repo_id}")
+        if manifest["repos"][MODEL_DIR]["repo_id"] != repo_id:
+            problems.append(f"the manifest names model repo {manifest['repos'][MODEL_DIR]['repo_id']}, not {repo_id}")
         hub.download_repo(endpoint, ds["repo_id"], "dataset", ds["revision"], root / DATASET_DIR)
-        report = check_bundle(root, public_key, repo_root)
+        report = check_bundle(root, public_key, repo_root, anchor=anchor)
         report.problems = problems + report.problems
         report.checked.insert(0, f"downloaded {repo_id}@{revision} (commit {commit[:12]}) and "
                                  f"{ds['repo_id']}@{ds['revision']} (the dataset the manifest names) from {endpoint}")
@@ -311,42 +326,80 @@ def _source_licenses(records: dict[str, Any], paths: dict[str, Any]) -> dict[str
 
 
 def audit(target: str, public_key: Path | None = None, revision: str | None = None, endpoint: str | None = None,
-          repo_root: Path | None = None) -> AuditReport:
+          repo_root: Path | None = None, anchor: Anchor | None = None) -> AuditReport:
+    anchor = anchor or Anchor(public_key=public_key, clone=repo_root)
     path = Path(target)
     if path.exists():
-        return check_bundle(path, public_key, repo_root)
+        return check_bundle(path, public_key, repo_root, anchor=anchor)
     if target.count("/") != 1 or target.startswith((".", "/")):
         raise AuditError(f"{target}: no such folder, and not a Hub repo id (namespace/name)")
     if endpoint is None:
         from pipeline.core.params import load_params
 
         endpoint = load_params().publish.endpoint if Path("params.yaml").is_file() else "https://huggingface.co"
-    return audit_hub(target, revision or "main", endpoint.rstrip("/"), public_key, repo_root)
+    return audit_hub(target, revision or "main", endpoint.rstrip("/"), public_key, repo_root, anchor)
+
+
+def exit_code(report: AuditReport) -> int:
+    """0: consistent and the signer verified; 1: any mismatch; 3: consistent, but signed by an unanchored key."""
+    if report.problems:
+        return EXIT_FAILED
+    return EXIT_UNANCHORED if report.unanchored or report.anchor is None else EXIT_PASSED
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    root = Path.cwd() if (Path.cwd() / ".git").exists() else None
-    report = audit(args.target, args.public_key, args.revision, args.endpoint, root)
+    if bool(args.identity) != bool(args.issuer):
+        raise AuditUsageError("keyless verification needs both --identity and --issuer")
+    chosen = [n for n, on in (("--public-key", args.public_key), ("--repo-key", args.repo_key),
+                              ("--identity/--issuer", args.identity)) if on]
+    if len(chosen) > 1:
+        raise AuditUsageError(f"give one trust anchor, not {' and '.join(chosen)}")
+    clone = args.clone or (Path.cwd() if (Path.cwd() / ".git").exists() else None)
+    anchor = Anchor(public_key=args.public_key, repo_key=args.repo_key, clone=clone, identity=args.identity,
+                    issuer=args.issuer, trust_config=args.sigstore_trust_config)
+    report = audit(args.target, args.public_key, args.revision, args.endpoint, clone, anchor)
     for line in report.checked:
         print(f"ok    {line}")
     if report.tree:
         print("\nlineage:\n" + report.tree + "\n")
+    code = exit_code(report)
     if args.json:
-        Path(args.json).write_text(json.dumps({"problems": report.problems, "checked": report.checked}, indent=2))
+        Path(args.json).write_text(json.dumps({"problems": report.problems, "checked": report.checked,
+                                               "anchor": report.anchor, "exit_code": code}, indent=2))
     if report.problems:
         print(f"AUDIT FAILED: {len(report.problems)} mismatch(es)")
         for p in report.problems:
             print(f"  - {p}")
-        return 1
-    print(f"AUDIT PASSED: release {report.manifest.get('version')} is consistent with its signed manifest")
-    return 0
+    elif code == EXIT_UNANCHORED:
+        print(f"AUDIT INCOMPLETE: release {report.manifest.get('version')} is consistent with its manifest and the "
+              "signature is valid, but the signer is NOT verified (no trust anchor); exit 3")
+    else:
+        print(f"AUDIT PASSED: release {report.manifest.get('version')} is consistent with its signed manifest; "
+              f"signer: {report.anchor}")
+    return code
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("audit", help="verify a release bundle folder or Hub repo against its signed manifest")
+    p = sub.add_parser("audit", help="verify a release bundle folder or Hub repo against its signed manifest",
+                       description="Exit codes: 0 passed and the signer verified against a trust anchor; "
+                                   "1 a mismatch (AUDIT FAILED); 2 bad arguments; 3 consistent and validly "
+                                   "signed, but the signer is NOT verified (no anchor given).")
     p.add_argument("target", help="a bundle folder (publish --dry-run --to DIR) or a Hub model repo id")
-    p.add_argument("--public-key", type=Path, default=None,
-                   help="PEM public key the signature must verify with (default: the key in the bundle)")
+    anchors = p.add_argument_group("trust anchor (one of them; without one the signer is not verified: exit 3)")
+    anchors.add_argument("--public-key", type=Path, default=None,
+                         help="a PEM public key you obtained independently (pinned)")
+    anchors.add_argument("--repo-key", action="store_true",
+                         help="the public key committed in the code repository at the release tag, read from "
+                              "the clone (--clone, or the current folder)")
+    anchors.add_argument("--identity", default=None,
+                         help="keyless Sigstore: the signer identity (GitHub Actions: the workflow URL, "
+                              "https://github.com/OWNER/REPO/.github/workflows/release.yml@refs/tags/TAG)")
+    anchors.add_argument("--issuer", default=None,
+                         help="keyless Sigstore: the OIDC issuer (GitHub Actions: https://token.actions.githubusercontent.com)")
+    anchors.add_argument("--sigstore-trust-config", type=Path, default=None,
+                         help="keyless Sigstore: a ClientTrustConfig JSON, to verify without fetching the trust root")
+    p.add_argument("--clone", type=Path, default=None, help="a clone of the code repository (default: the current "
+                                                           "folder if it is one)")
     p.add_argument("--revision", default=None, help="Hub revision (a version tag) to audit; default main")
     p.add_argument("--endpoint", default=None, help="Hub URL; default publish.endpoint from params.yaml")
     p.add_argument("--json", default=None, help="also write the problems and checks to this JSON file")

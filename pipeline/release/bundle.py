@@ -33,6 +33,7 @@ from pipeline.release.manifest import (
     MODEL_DIR,
     ReleaseInfo,
     build_manifest,
+    scrub_local_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,16 @@ def run_gates(params: Params, root: Path, inp: ReleaseInputs, code: CodeState, l
     return results
 
 
+def _committed(root: Path, commit: str, rel: str | None) -> bytes | None:
+    """The bytes of `rel` as committed at `commit` (the key an auditor's clone will hold), or None."""
+    import subprocess
+
+    if not rel:
+        return None
+    out = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=root, capture_output=True, timeout=120)
+    return out.stdout if out.returncode == 0 else None
+
+
 def _previous_eval(name: str | None, params: Params) -> dict[str, Any] | None:
     if not name:
         return None
@@ -164,10 +175,13 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
     code = code_state(root, version or pp.version, pp.tag_pattern)
     info = release_info(params, code, model_repo, dataset_repo, endpoint)
     lic = license_decision(inp)
-    key = signing.resolve_key(pp.signing_key, root / params.paths.keys)
+    method = signing.signing_method()
+    key = signing.resolve_key(pp.signing_key, root / params.paths.keys) if method == "key" else None
     log.info("building release %s (%s) from %s into %s", info.version, code.version_from, code.short, out)
     model_files = _model_files(inp.model_dir, pp.include_adapter)
     results = run_gates(params, root, inp, code, lic, model_files, dry_run=dry_run, strict=strict, check_dvc=check_dvc)
+    results.append(G.signing_anchor(method, pp.public_key, _committed(root, code.commit, pp.public_key),
+                                    key.public_pem if key else None))
     G.enforce(results)  # fail before copying half a gigabyte
     with atomic_dir(out) as tmp:
         model, dataset = tmp / MODEL_DIR, tmp / DATASET_DIR
@@ -177,15 +191,18 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         write_cards(inp, info, lic, model, dataset)
         archive = source_archive(root, code.commit, f"{PROJECT}-{info.version}",
                                  model / "source" / f"{PROJECT}-{info.version}.tar.gz")
-        (model / signing.PUBLIC_KEY_FILE).write_bytes(key.public_pem)
+        if key is not None:
+            (model / signing.PUBLIC_KEY_FILE).write_bytes(key.public_pem)
         # The manifest records a passing secrets gate; if the scan below fails, no bundle is kept.
         results.append(G.GateResult("secrets", "pass", "no tokens or keys found"))
         lock_sha = sha256_file(inp.dvc_lock_path) if inp.dvc_lock_path and inp.dvc_lock_path.is_file() else None
         manifest_params = {k: params.section_dump(k) for k in MANIFEST_PARAMS}
-        manifest = build_manifest(
+        manifest_params["publish"].pop("signing_key", None)  # a local path to a private key: never published
+        manifest = scrub_local_paths(build_manifest(
             info=info, bundle=tmp, lineage=inp.lineage, dvc_stages=dvc_stage_hashes(inp.dvc_lock),
             dvc_lock_sha256=lock_sha, archive=archive, license=lic.to_dict(),
-            gates=[r.to_dict() for r in results], public_key_sha256=key.fingerprint, params=manifest_params)
+            gates=[r.to_dict() for r in results], public_key_sha256=key.fingerprint if key else None,
+            params=manifest_params, method=method, repo_public_key=pp.public_key), root)
         bom = atomic_write_text(model / BOM_FILE, build_bom(manifest))
         manifest["files"]["model"] = sorted([*manifest["files"]["model"], {
             "path": BOM_FILE, "sha256": sha256_file(bom), "size": bom.stat().st_size}], key=lambda f: f["path"])
@@ -196,8 +213,14 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         if scan.status != "pass":
             results[-1] = scan
             G.enforce(results)
-        signing.sign_folder(model, key)
-        problems = audit.check_bundle(tmp, public_key=None).problems
+        if key is not None:
+            signing.sign_folder(model, key)
+        else:
+            signing.sign_folder_sigstore(model)
+        # keyless: the signer identity is checked by the auditor (--identity/--issuer), not here
+        anchor = audit.Anchor(public_key=model / signing.PUBLIC_KEY_FILE) if key else None
+        problems = [p for p in audit.check_bundle(tmp, anchor=anchor).problems
+                    if key is not None or "signature" not in p]
         if problems:  # a bug in this module, not a user error: say exactly what
             raise AssertionError("the fresh bundle does not audit clean: " + "; ".join(problems))
     log.info("release %s written to %s", info.version, out)

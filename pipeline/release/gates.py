@@ -206,6 +206,23 @@ def secrets(findings: list[Any], partial: list[str]) -> GateResult:
     return GateResult("secrets", "pass", "no tokens or keys found" + note)
 
 
+def signing_anchor(method: str, repo_path: str | None, committed: bytes | None, public_pem: bytes | None) -> GateResult:
+    """The release can be verified against something outside it: the key committed in the repo at this
+    commit (publish.public_key) must be the signing key's; keyless signing anchors itself in Sigstore."""
+    if method == "sigstore":
+        return GateResult("signing-anchor", "pass", "keyless Sigstore signing: audit with --identity/--issuer")
+    if not repo_path:
+        return GateResult("signing-anchor", "warn", "publish.public_key is not set: auditors must pin the key "
+                                                    "(--public-key) to verify the signer")
+    if committed is None:
+        return GateResult("signing-anchor", "fail", f"publish.public_key {repo_path} is not committed at HEAD; "
+                                                    "commit the signing key's public key there")
+    if committed != public_pem:
+        return GateResult("signing-anchor", "fail", f"{repo_path} committed at HEAD is not the signing key's public "
+                                                    "key; an audit with --repo-key would refuse this release")
+    return GateResult("signing-anchor", "pass", f"signing key matches {repo_path} committed at HEAD (--repo-key)")
+
+
 # -- contamination -------------------------------------------------------------------------------
 
 def _words(text: str) -> list[str]:

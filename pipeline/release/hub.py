@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import GateError, SourceError
-from pipeline.core.lineage import dir_files, sha256_file
-from pipeline.release.manifest import DATASET_DIR, HUB_EXTRAS, MODEL_DIR, ReleaseInfo
+from pipeline.core.lineage import sha256_file
+from pipeline.release.manifest import DATASET_DIR, HUB_EXTRAS, MODEL_DIR, ReleaseInfo, release_files
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def remote_files(api, repo_id: str, repo_type: str, revision: str) -> dict[str, 
 
 def content_differences(folder: Path, remote: dict[str, dict[str, Any]]) -> list[str]:
     """How the files at a remote revision differ from `folder` (empty: identical)."""
-    local = {p.relative_to(folder).as_posix(): p for p in dir_files(folder)}
+    local = {p.relative_to(folder).as_posix(): p for p in release_files(folder)}
     diffs = [f"missing on the Hub: {p}" for p in sorted(set(local) - set(remote))]
     diffs += [f"only on the Hub: {p}" for p in sorted(set(remote) - set(local) - HUB_EXTRAS)]
     for rel in sorted(set(local) & set(remote)):
@@ -127,7 +127,7 @@ def publish_repo(api, repo_id: str, repo_type: str, folder: Path, version: str, 
             commit, action = head, "tagged-existing"  # an earlier run committed, then stopped before tagging
         else:
             ops: list[Any] = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-                              for p in dir_files(folder)]
+                              for p in release_files(folder)]
             local = {op.path_in_repo for op in ops}
             ops += [CommitOperationDelete(path_in_repo=p) for p in sorted(set(remote) - local - HUB_EXTRAS)]
             log.info("%s: committing %d file(s) as release %s", what, len(local), version)

@@ -7,7 +7,9 @@ It travels in the model repo as `manifest.json` beside the weights and is covere
 
 from __future__ import annotations
 
+import os
 import platform
+import re
 import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -15,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.lineage import dir_files, sha256_file, sha256_json
+from pipeline.core.lineage import sha256_file, sha256_json
 from pipeline.release.signing import PUBLIC_KEY_FILE, SIGNATURE_FILE
 
 SCHEMA = "openrelease.manifest/1"
@@ -45,10 +47,16 @@ class ReleaseInfo:
         return asdict(self)
 
 
+def release_files(folder: Path) -> list[Path]:
+    """Every file under a repo folder in path order, hidden (dot) files included: what is uploaded is
+    what is listed and audited, so a `.something` cannot ride along unlisted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() or p.is_symlink())
+
+
 def file_entries(folder: Path, exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """{path, sha256, size} for every file under `folder`, in path order."""
     out = []
-    for p in dir_files(folder):
+    for p in release_files(folder):
         rel = p.relative_to(folder).as_posix()
         if rel not in exclude:
             out.append({"path": rel, "sha256": sha256_file(p), "size": p.stat().st_size})
@@ -69,7 +77,8 @@ def environment() -> dict[str, Any]:
 
 def build_manifest(*, info: ReleaseInfo, bundle: Path, lineage: dict[str, dict], dvc_stages: dict[str, dict],
                    dvc_lock_sha256: str | None, archive: Path, license: dict[str, Any],
-                   gates: list[dict[str, Any]], public_key_sha256: str, params: dict[str, Any]) -> dict[str, Any]:
+                   gates: list[dict[str, Any]], public_key_sha256: str | None, params: dict[str, Any],
+                   method: str = "key", repo_public_key: str | None = None) -> dict[str, Any]:
     """The manifest dict for the bundle laid out under `bundle/model` and `bundle/dataset`."""
     model, dataset = bundle / MODEL_DIR, bundle / DATASET_DIR
     archive_rel = archive.relative_to(model).as_posix()
@@ -94,12 +103,39 @@ def build_manifest(*, info: ReleaseInfo, bundle: Path, lineage: dict[str, dict],
         "params_sha256": sha256_json(params),
         "license": license,
         "gates": gates,
-        "signing": {"library": f"model-signing {_version('model-signing')}", "method": "elliptic-curve key",
-                    "signature": SIGNATURE_FILE, "public_key": PUBLIC_KEY_FILE,
-                    "public_key_sha256": public_key_sha256, "covers": f"every file of the {MODEL_DIR} repo but "
+        "signing": {"library": f"model-signing {_version('model-signing')}",
+                    "method": "elliptic-curve key" if method == "key" else "sigstore (keyless)",
+                    "signature": SIGNATURE_FILE, "public_key": PUBLIC_KEY_FILE if method == "key" else None,
+                    "public_key_sha256": public_key_sha256, "repo_public_key": repo_public_key, "covers": f"every file of the {MODEL_DIR} repo but "
                     f"{SIGNATURE_FILE}; the dataset repo through the sha256 listed here"},
         "environment": environment(),
     }
+
+
+_ABSOLUTE = re.compile(r"^(?:/|~[/\\]|[A-Za-z]:[/\\]|file:/|sqlite:////)")
+
+
+def scrub_local_paths(obj: Any, root: Path) -> Any:
+    """A copy of `obj` naming no absolute local path: paths under `root` become relative to it, any other
+    absolute path (a home folder, /tmp, a cache) becomes `<local>/NAME`. A release is read on other
+    machines; where it was built says nothing to them and can say too much about the builder."""
+    root_s, home = str(Path(root).resolve()), os.path.expanduser("~")
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if not isinstance(v, str):
+            return v
+        v = v.replace(root_s + "/", "").replace(root_s, ".")
+        if home and home != "/":
+            v = v.replace(home + "/", "~/")
+        if _ABSOLUTE.match(v) or v.startswith("~/"):
+            name = re.split(r"[/\\]", v.rstrip("/\\"))[-1]
+            return f"<local>/{name}"
+        return v
+    return clean(obj)
 
 
 def _version(dist: str) -> str:

@@ -67,11 +67,30 @@ def generate_key(private_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(private_path, pem)
-    os.chmod(private_path, 0o600)
+    private_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(private_path, pem)
     atomic_write_bytes(private_path.with_suffix(".pub"), key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that no other user can read it at any moment, even mid-write.
+
+    The temporary file is created by os.open with mode 0600 (O_EXCL: never an existing file an
+    attacker prepared), filled, fsynced and renamed over `path`; a crash leaves no readable copy.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask allowed, never more than 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def resolve_key(params_key: str | None, keys_dir: Path) -> SigningKey:
@@ -141,3 +160,63 @@ def _readable(message: str) -> str:
              f"not signed: {', '.join(extra)}" if extra else "",
              f"signed but missing: {', '.join(missing)}" if missing else ""]
     return "; ".join(p for p in parts if p) or message
+
+
+# -- keyless (Sigstore) ---------------------------------------------------------------------------
+# In CI the release can be signed without any key: the runner's OIDC identity token (GitHub Actions:
+# `permissions: id-token: write`) gets a short-lived certificate from Sigstore's Fulcio naming the
+# workflow, and the signature is logged in Rekor. The audit then checks the certificate's identity and
+# issuer against what the user expects. Both directions need Sigstore's servers (the verifier needs its
+# trust root, fetched by TUF) unless a trust config file is given.
+ENV_METHOD = "OPENRELEASE_SIGNING"   # `sigstore`: keyless signing (CI); unset or `key`: a PEM key
+GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
+
+
+def signing_method() -> str:
+    method = (os.environ.get(ENV_METHOD) or "key").strip().lower()
+    if method not in ("key", "sigstore"):
+        raise SourceError(f"${ENV_METHOD}={method!r}: expected `key` or `sigstore`")
+    return method
+
+
+def sign_folder_sigstore(folder: Path) -> Path:
+    """Keyless signing with the ambient OIDC identity (GitHub Actions, GitLab CI, Buildkite, GCP)."""
+    from model_signing import signing
+
+    sig = folder / SIGNATURE_FILE
+    try:
+        (signing.Config().set_hashing_config(_hashing_config())
+         .use_sigstore_signer(use_ambient_credentials=True).sign(folder, sig))
+    except Exception as e:  # sigstore raises its own and network errors; report them in one line
+        raise SourceError(f"Sigstore keyless signing failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "it needs network access to Sigstore and an OIDC identity (in GitHub Actions: "
+                          "`permissions: id-token: write`)") from None
+    return sig
+
+
+def sigstore_verifier(identity: str, issuer: str, trust_config: Path | None = None):
+    """A model-signing verification config that accepts only a certificate for `identity` from `issuer`."""
+    from model_signing import verifying
+
+    if not identity or not issuer:
+        raise AuditError("keyless verification needs both --identity and --issuer")
+    if trust_config is not None and not trust_config.is_file():
+        raise AuditError(f"{trust_config}: no Sigstore trust config file")
+    try:
+        return verifying.Config().use_sigstore_verifier(identity=identity, oidc_issuer=issuer, trust_config=trust_config)
+    except Exception as e:  # TUFError offline, ValueError for a bad trust config
+        raise AuditError(f"Sigstore trust root unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "keyless verification needs network access to Sigstore's TUF repository, or "
+                         "--sigstore-trust-config FILE for an offline trust root") from None
+
+
+def verify_folder_sigstore(folder: Path, identity: str, issuer: str, trust_config: Path | None = None) -> None:
+    sig = folder / SIGNATURE_FILE
+    if not sig.is_file():
+        raise AuditError(f"{sig}: no signature")
+    config = sigstore_verifier(identity, issuer, trust_config)
+    try:
+        config.verify(folder, sig)
+    except Exception as e:  # sigstore's VerificationError, ValueError for mismatched files, bundle errors
+        raise AuditError(f"keyless signature does not verify for identity {identity} from {issuer}: "
+                         f"{_readable(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None

@@ -70,6 +70,11 @@ class PublishParams(Section):
     signing_key: str | None = Field(
         default=None, description="PEM elliptic-curve private key; OPENRELEASE_SIGNING_KEY overrides; "
                                   "null: a key pair generated under paths.keys.")
+    public_key: str | None = Field(
+        default=None, pattern=r"^[^/~\\][^:]*$",
+        description="Repo-relative path of the signing key's PEM public key, committed in this repository; the "
+                    "manifest names it and `openrelease audit --repo-key` reads it from a clone at the release "
+                    "tag. null: audits must pin the key (--public-key) or use keyless signing.")
 
     @field_validator("regression_tolerance")
     @classmethod
