@@ -217,14 +217,15 @@ def test_secret_scan_finds_tokens_and_keys_in_every_kind_of_file(tmp_path, monke
     (b / "model" / "README.md").write_text(f"hello\nuse the token {fake} to download\n")
     block = "-----BEGIN EC " + "PRIVATE KEY-----"  # split so this source file does not trip the scan itself
     (b / "model" / "key.txt").write_text(f"{block}\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n")
-    (b / "model" / "fixture.py").write_text(f'KEY = "{fake}"  # pragma: allowlist secret\n')
     (b / "model" / "notes.json").write_text('{"x": "plain-looking-value-1234"}')
     save_file({"w": torch.zeros(2)}, str(b / "model" / "w.safetensors"), metadata={"note": f"by {fake}"})
     write_parquet(b / "data.parquet", [_pair(0, f"my key is {fake}", "train")])
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.py").write_text(f'TOKEN = "{fake}"\n')
+    (tmp_path / "src" / "fixture.py").write_text(f'KEY = "{fake}"  # pragma: allowlist secret\n')
     with tarfile.open(b / "src.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "config.py", arcname="proj/config.py")
+        tar.add(tmp_path / "src" / "fixture.py", arcname="proj/fixture.py")  # honoured in source code only
     (b / "clean.md").write_text("sha256 " + "ab12" * 16 + " is not a secret\n")
     findings, _ = scan_folder(b)
     text = [str(f) for f in findings]
@@ -234,10 +235,53 @@ def test_secret_scan_finds_tokens_and_keys_in_every_kind_of_file(tmp_path, monke
     assert any(t.startswith("model/w.safetensors (header)") for t in text)
     assert any(t.startswith("data.parquet (text cells)") for t in text)
     assert any(t.startswith("src.tar.gz!proj/config.py") for t in text)
-    assert not any(t.startswith(("clean.md", "model/fixture.py")) for t in text)
+    assert not any(t.startswith(("clean.md", "src.tar.gz!proj/fixture.py")) for t in text)
     assert all(fake not in t and "plain-looking" not in t for t in text)  # findings never echo the secret
     r = G.secrets(findings, [])
     assert r.status == "fail" and r.detail.startswith(f"{len(findings)} possible secret(s) in the bundle")
+
+
+def test_an_allowlist_pragma_in_dataset_text_is_not_honoured(tmp_path):
+    fake = "hf_" + "Zq7" * 12
+    b = tmp_path / "b"
+    write_parquet(b / "dataset" / "data" / "train.parquet",
+                  [_pair(0, f"my key is {fake}  # pragma: allowlist secret", "train")])
+    (b / "dataset" / "README.md").write_text(f"an example row: {fake} # pragma: allowlist secret\n")
+    text = [str(f) for f in scan_folder(b)[0]]
+    assert any(t.startswith("dataset/data/train.parquet (text cells):") and "Hugging Face token" in t for t in text)
+    assert any(t.startswith("dataset/README.md:1:") for t in text)
+
+
+def test_large_files_are_streamed_and_listed_as_scanned_in_part(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pipeline.release import secretscan
+
+    monkeypatch.setattr(secretscan, "PATTERN_MAX_BYTES", 4096)
+    monkeypatch.setattr(secretscan, "DETECT_SECRETS_MAX_BYTES", 1024)
+    monkeypatch.setattr(secretscan, "CHUNK_BYTES", 1000)
+    token = "hf_" + "LiveValue" * 4
+    monkeypatch.setenv("HF_TOKEN", token)
+    b = tmp_path / "b"
+    b.mkdir()
+    blob = bytearray(b"\0" * 10_000)
+    blob[995 : 995 + len(token)] = token.encode()     # across the first chunk boundary
+    blob[2000] = ord("\n")
+    (b / "weights.bin").write_bytes(bytes(blob))
+    (b / "tokenizer.json").write_text('{"v": "' + "a" * 2000 + '"}')
+    real = Path.read_bytes
+
+    def whole(self):
+        assert self.stat().st_size <= 4096, f"{self} read whole"
+        return real(self)
+    monkeypatch.setattr(Path, "read_bytes", whole)
+    findings, partial = scan_folder(b)
+    assert [str(f) for f in findings] == ["weights.bin:1: value of $HF_TOKEN"]
+    assert any(p.startswith("weights.bin: 0 MiB unknown binary, searched for token values only") for p in partial)
+    assert any(p.startswith("tokenizer.json: 1 KiB, too large for detect-secrets") for p in partial)
+    r = G.secrets([], partial)
+    assert r.status == "pass" and "2 file(s) scanned only in part: " in r.detail and "weights.bin" in r.detail \
+        and "tokenizer.json" in r.detail
 
 
 # -- the gates stop a bundle --------------------------------------------------------------------

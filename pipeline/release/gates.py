@@ -202,7 +202,7 @@ def secrets(findings: list[Any], partial: list[str]) -> GateResult:
     if findings:
         shown = "; ".join(str(f) for f in findings[:5]) + (f" (+{len(findings) - 5} more)" if len(findings) > 5 else "")
         return GateResult("secrets", "fail", f"{len(findings)} possible secret(s) in the bundle: {shown}")
-    note = f" ({len(partial)} large binary file(s) searched for token values only)" if partial else ""
+    note = f"; {len(partial)} file(s) scanned only in part: " + "; ".join(partial) if partial else ""
     return GateResult("secrets", "pass", "no tokens or keys found" + note)
 
 

@@ -6,7 +6,9 @@ patterns plus explicit ones (Hugging Face tokens, private-key blocks, ...) over 
 binary included; and the literal values of token-bearing environment variables (HF_TOKEN, ...). Parquet
 text is compressed on disk, so its string cells are read and scanned too. A finding names the file,
 line and kind, never the secret. A line marked `# pragma: allowlist secret` (detect-secrets' marker) is
-skipped by the pattern scans, so a test fixture can hold a fake key; a live token's value never is.
+skipped by the pattern scans only inside the source archive, so a test fixture can hold a fake key;
+in dataset text, cards and reports anyone could write the marker, so it is ignored there, and a live
+token's value is never skipped. Large files are streamed, never read whole.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +75,26 @@ def _env_values() -> list[tuple[str, bytes]]:
     return [(f"value of ${n}", v.encode()) for n in SECRET_ENV if len(v := os.environ.get(n, "")) >= 8]
 
 
+CHUNK_BYTES = 8 << 20   # large files are streamed in pieces this size (a token value spanning two is still found)
+
+
 def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
 def _allowlisted(data: bytes, offset: int) -> bool:
-    """detect-secrets' inline marker, honoured for pattern matches (never for a live token's value)."""
+    """detect-secrets' inline marker on the line of `offset`."""
     start = data.rfind(b"\n", 0, offset) + 1
     end = data.find(b"\n", offset)
     return ALLOWLIST in data[start : end if end >= 0 else len(data)]
 
 
-def scan_bytes(data: bytes, name: str, patterns: list[tuple[str, re.Pattern]]) -> list[Finding]:
+def scan_bytes(data: bytes, name: str, patterns: list[tuple[str, re.Pattern]], honour_allowlist: bool = False) -> list[Finding]:
+    """Pattern and token-value findings in `data`. The allowlist marker is honoured only where asked (source
+    code in the archive, where test fixtures live): in dataset text or a card anyone could write it."""
     found = []
     for kind, rx in patterns:
-        m = next((m for m in rx.finditer(data) if not _allowlisted(data, m.start())), None)
+        m = next((m for m in rx.finditer(data) if not (honour_allowlist and _allowlisted(data, m.start()))), None)
         if m:
             found.append(Finding(name, _line_of(data, m.start()), kind))
     for kind, value in _env_values():
@@ -96,27 +104,55 @@ def scan_bytes(data: bytes, name: str, patterns: list[tuple[str, re.Pattern]]) -
     return found
 
 
-def _parquet_text(path: Path) -> bytes:
-    """Every string cell (nested lists and structs included) as lines of UTF-8."""
+def stream_values(f: BinaryIO, name: str, skip: int = 0) -> list[Finding]:
+    """Token values in a file object read piece by piece (never whole); line numbers count from `skip`."""
+    values = _env_values()
+    if not values:
+        return []
+    keep = max(len(v) for _, v in values) - 1
+    found: dict[str, Finding] = {}
+    tail, lines_before = b"", 1
+    f.seek(skip)
+    while chunk := f.read(CHUNK_BYTES):
+        window = tail + chunk
+        for kind, value in values:
+            i = window.find(value)
+            if i >= 0 and kind not in found:
+                found[kind] = Finding(name, lines_before + window.count(b"\n", 0, i), kind)
+        cut = max(len(window) - keep, 0)
+        lines_before += window.count(b"\n", 0, cut)
+        tail = window[cut:]
+    return list(found.values())
+
+
+def _parquet_findings(path: Path, rel: str, patterns) -> list[Finding]:
+    """Every string cell (nested lists and structs included), one batch at a time; line = cell number."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out: list[str] = []
+    found, cells = [], 0
 
-    def walk(arr):
+    def walk(arr, out):
         t = arr.type
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             out.extend(s for s in arr.to_pylist() if s)
         elif pa.types.is_list(t) or pa.types.is_large_list(t):
-            walk(arr.flatten())
+            walk(arr.flatten(), out)
         elif pa.types.is_struct(t):
             for i in range(t.num_fields):
-                walk(arr.field(i))
+                walk(arr.field(i), out)
 
-    for batch in pq.ParquetFile(path).iter_batches():
+    seen = set()
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        texts: list[str] = []
         for col in batch.columns:
-            walk(col)
-    return "\n".join(out).encode("utf-8")
+            walk(col, texts)
+        for fd in scan_bytes("\n".join(texts).encode("utf-8"), f"{rel} (text cells)", patterns):
+            if fd.kind not in seen:
+                seen.add(fd.kind)
+                found.append(Finding(fd.path, cells + (fd.line or 1), fd.kind))
+        cells += len(texts)
+    return found
 
 
 def _detect_secrets(path: Path, rel: str) -> list[Finding]:
@@ -127,57 +163,67 @@ def _detect_secrets(path: Path, rel: str) -> list[Finding]:
         return [Finding(rel, s.line_number, s.type) for s in scan_file(str(path))]
 
 
-def _safetensors_header(data: bytes) -> bytes:
+def _safetensors_header(f: BinaryIO) -> bytes:
     """The JSON header (names, shapes, free-form __metadata__): the only text in a safetensors file."""
-    if len(data) < 8:
-        return data
-    n = int.from_bytes(data[:8], "little")
-    return data[8 : 8 + min(n, len(data))]
+    head = f.read(8)
+    if len(head) < 8:
+        return head
+    n = int.from_bytes(head, "little")
+    return f.read(min(n, PATTERN_MAX_BYTES))
 
 
-def _archive_members(path: Path) -> list[tuple[str, bytes]]:
+def _archive_findings(path: Path, rel: str, patterns, partial: list[str]) -> list[Finding]:
     import tarfile
 
-    out = []
+    found = []
     with tarfile.open(path) as tar:
         for m in tar:
-            if m.isfile() and m.size <= PATTERN_MAX_BYTES:
-                f = tar.extractfile(m)
-                if f is not None:
-                    out.append((m.name, f.read()))
-    return out
+            f = tar.extractfile(m) if m.isfile() else None
+            if f is None:
+                continue
+            name = f"{rel}!{m.name}"
+            if m.size <= PATTERN_MAX_BYTES:
+                found += scan_bytes(f.read(), name, patterns, honour_allowlist=True)
+            else:
+                found += stream_values(f, name)
+                partial.append(f"{name}: {m.size >> 20} MiB archive member, searched for token values only")
+    return found
 
 
 def scan_folder(folder: Path) -> tuple[list[Finding], list[str]]:
-    """Every secret-looking thing in any file under `folder`, and notes on files scanned only in part.
+    """Every secret-looking thing in any file under `folder`, and every file it could scan only in part.
 
-    Large binaries get the literal token search over all their bytes (fast) and the patterns over the
-    parts that can hold text: a safetensors header, Parquet string cells, the files inside a tar archive.
+    Files larger than PATTERN_MAX_BYTES are never read whole: they are streamed for the literal token
+    values, and the patterns run over the parts that can hold text (a safetensors header, Parquet string
+    cells batch by batch, the members of a tar archive). A file whose content could not all be pattern
+    scanned is listed in `partial` with the reason.
     """
     patterns = [*_plugin_patterns(), *((k, re.compile(v)) for k, v in EXPLICIT.items())]
     findings: list[Finding] = []
     partial: list[str] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        data = path.read_bytes()
-        name = path.name.lower()
-        if name.endswith(".safetensors"):
-            findings += scan_bytes(data, rel, [])  # literal values only: the float data is not text
-            findings += scan_bytes(_safetensors_header(data), f"{rel} (header)", patterns)
-        elif name.endswith(".parquet"):
-            findings += scan_bytes(data, rel, [])
-            findings += scan_bytes(_parquet_text(path), f"{rel} (text cells)", patterns)
-        elif name.endswith((".tar.gz", ".tgz", ".tar")):
-            findings += scan_bytes(data, rel, [])
-            for member, content in _archive_members(path):
-                findings += scan_bytes(content, f"{rel}!{member}", patterns)
-        elif len(data) <= PATTERN_MAX_BYTES:
-            findings += scan_bytes(data, rel, patterns)
-            if path.suffix in TEXT_SUFFIXES and len(data) <= DETECT_SECRETS_MAX_BYTES:
-                findings += _detect_secrets(path, rel)
-        else:
-            findings += scan_bytes(data, rel, [])
-            partial.append(f"{rel}: {len(data) >> 20} MiB unknown binary, searched for token values only")
+        name, size = path.name.lower(), path.stat().st_size
+        with open(path, "rb") as f:
+            if name.endswith(".safetensors"):
+                findings += scan_bytes(_safetensors_header(f), f"{rel} (header)", patterns)
+                findings += stream_values(f, rel)  # the tensors: float data, no text; token values still searched
+            elif name.endswith(".parquet"):
+                findings += stream_values(f, rel)
+                findings += _parquet_findings(path, rel, patterns)
+            elif name.endswith((".tar.gz", ".tgz", ".tar")):
+                findings += stream_values(f, rel)
+                findings += _archive_findings(path, rel, patterns, partial)
+            elif size <= PATTERN_MAX_BYTES:
+                findings += scan_bytes(f.read(), rel, patterns)
+                if path.suffix in TEXT_SUFFIXES and size > DETECT_SECRETS_MAX_BYTES:
+                    partial.append(f"{rel}: {size >> 10} KiB, too large for detect-secrets' line scanner; "
+                                   "patterns and token values scanned in full")
+                elif path.suffix in TEXT_SUFFIXES:
+                    findings += _detect_secrets(path, rel)
+            else:
+                findings += stream_values(f, rel)
+                partial.append(f"{rel}: {size >> 20} MiB unknown binary, searched for token values only")
     # Several layers often report one secret; keep one line per place, naming every kind seen.
     kinds: dict[tuple[str, int | None], set[str]] = {}
     for f in findings:
