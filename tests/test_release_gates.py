@@ -164,15 +164,59 @@ def test_contamination_gate_needs_an_eval_set(inp, tmp_path):
 
 @pytest.mark.parametrize("lic,expected", [
     ("CC-BY-NC-4.0", "is CC-BY-NC-4.0 (non-commercial) but the release would be Apache-2.0"),
-    (None, "has no license (None)"),
-    ("unknown", "has no license ('unknown')"),
+    (None, "license '': no license; its terms are unknown"),
+    ("unknown", "license 'unknown': no license; its terms are unknown"),
+    ("Foo-1.0", "license 'Foo-1.0': not a valid SPDX license expression (Unknown license key(s): Foo-1.0)"),
+    ("MIT OR", "license 'MIT OR': not a valid SPDX license expression"),
+    ("LicenseRef-mine", "not a valid SPDX license expression"),
+    ("custom", "not a valid SPDX license expression"),
+    ("Artistic-2.0", "Artistic-2.0 is SPDX but not classified by this screen"),
+    ("GPL-3.0-only", "is GPL-3.0-only (copyleft) but the release would be Apache-2.0, not GPL-3.0-only"),
+    ("CC-BY-NC-4.0 AND MIT", "(non-commercial) but the release would be Apache-2.0"),
+    ("MIT OR CC-BY-ND-4.0 AND CC-BY-NC-4.0", None),   # OR binds looser: MIT alone is a valid choice
     ("CC-BY-SA-4.0", "(share-alike) but the release would be Apache-2.0"),
     ("CC-BY-ND-4.0", "(no derivatives): a model trained on it cannot be released"),
 ])
 def test_license_conflicts_fail_the_gate(lic, expected):
     d = derive("base", "Apache-2.0", [{"name": "ok", "license": "MIT"}, {"name": "bad", "license": lic}])
     r = G.licenses(d, ["Apache-2.0"])
-    assert r.status == "fail" and expected in r.detail and "set card.license_override with a reason" in r.detail
+    if expected is None:
+        assert r.status == "pass", r.detail
+        return
+    assert r.status == "fail" and expected in r.detail and "set card.license_override with a reason" in r.detail, r.detail
+
+
+@pytest.mark.parametrize("source, base, ok", [
+    # non-commercial data: only a non-commercial release
+    ("CC-BY-NC-4.0", "Apache-2.0", False), ("CC-BY-NC-4.0", "CC-BY-NC-4.0", True),
+    # no-derivatives data: never, whatever the release
+    ("CC-BY-ND-4.0", "Apache-2.0", False), ("CC-BY-NC-ND-4.0", "CC-BY-NC-4.0", False),
+    # share-alike data: only under that same license
+    ("CC-BY-SA-4.0", "Apache-2.0", False), ("CC-BY-SA-4.0", "CC-BY-SA-4.0", True), ("ODbL-1.0", "MIT", False),
+    ("CC-BY-NC-SA-4.0", "CC-BY-NC-4.0", False), ("CC-BY-NC-SA-4.0", "CC-BY-NC-SA-4.0", True),
+    # copyleft data: only under that same license
+    ("GPL-3.0-only", "Apache-2.0", False), ("GPL-3.0-only", "GPL-3.0-only", True), ("AGPL-3.0-only", "GPL-3.0-only", False),
+    # expressions: OR is the licensee's choice, AND means all
+    ("MIT OR CC-BY-NC-4.0", "Apache-2.0", True), ("MIT AND CC-BY-SA-4.0", "Apache-2.0", False),
+    ("mit", "Apache-2.0", True),
+])
+def test_each_license_rule(source, base, ok):
+    d = derive("base", base, [{"name": "src", "license": source}])
+    assert d.ok is ok, d.conflicts
+    assert (G.licenses(d, [base]).status == "pass") is ok
+
+
+def test_base_model_license_named_model_licenses_and_unknown():
+    from pipeline.release.licenses import hub_metadata, kind
+
+    assert derive("llama", "llama3", [{"name": "a", "license": "MIT"}]).ok and kind("llama3") == "custom"
+    bad = derive("x", "my-own-terms", [{"name": "a", "license": "MIT"}])
+    assert not bad.ok and "base model x license 'my-own-terms': not a valid SPDX license expression" in bad.conflicts[0]
+    assert hub_metadata("Apache-2.0 AND MIT") == {"license": ["apache-2.0", "mit"]}
+    assert hub_metadata("GPL-3.0-only") == {"license": "gpl-3.0"}
+    assert hub_metadata("MIT OR CC-BY-NC-4.0") == {"license": "other", "license_name": "mit-or-cc-by-nc-4.0"}
+    mixed = derive("b", "Apache-2.0", [{"name": "a", "license": "MIT OR CC-BY-NC-4.0"}, {"name": "c", "license": "MIT"}])
+    assert mixed.dataset == "MIT AND (MIT OR CC-BY-NC-4.0)"
 
 
 def test_license_derivation_and_override():
