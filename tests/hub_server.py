@@ -1,9 +1,18 @@
 """A small Hugging Face Hub-compatible HTTP server for tests, on loopback, in memory.
 
-Enough of the Hub API for the real `huggingface_hub` client to create repos, pre-upload (every file
-is answered "regular", so uploads go base64 inside the NDJSON commit, never the LFS or Xet route),
-commit atomically (all operations or none), list refs, create tags (never overwriting one), list
-trees, report repo info and serve files. Write calls need `Authorization: Bearer <token>`.
+Enough of the Hub API for the real `huggingface_hub`, `datasets` and `transformers` clients to create
+repos, pre-upload, upload large files the way the real Hub takes them, commit atomically (all
+operations or none), list refs, create tags (never overwriting one), list trees, answer paths-info,
+report repo info, serve files and validate card metadata. Write calls need `Authorization: Bearer <token>`.
+
+Large files travel the real Hub's LFS path (this client has no hf_xet, so not Xet): preupload answers
+`lfs` for a file above LFS_THRESHOLD, a binary sample, or a path the repo's .gitattributes marks for
+LFS; the client then asks the LFS batch API (`<repo>.git/info/lfs/objects/batch`) for upload actions,
+PUTs the object (or its parts, then posts the completion, for files above `multipart_chunk`), calls
+the verify action and commits an `lfsFile` entry naming the sha256. A commit whose lfsFile names an
+object never uploaded, or that sends a large or binary file inline, is refused as the Hub refuses it.
+Downloads of LFS files carry X-Linked-Etag (the sha256) and X-Linked-Size, and trees list their
+`lfs` block. `/api/validate-yaml` runs the card checks in `card_checks.py`.
 `fail_commits[repo_id] = n` makes the next n commits to that repo fail with HTTP 500, to test that a
 failure midway leaves the Hub as it was.
 """
@@ -27,12 +36,25 @@ def blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
 
 
+LFS_THRESHOLD = 10 * 1024 * 1024   # the Hub stores files above 10 MB in LFS whatever .gitattributes says
+# The patterns of the .gitattributes the Hub writes into a new repo (the LFS-relevant subset).
+LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.onnx", "*.parquet", "*.arrow",
+                "*.tar.*", "*.tar", "*.tgz", "*.gz", "*.zip", "*.zst", "*.png", "*.jpg", "*.npy", "*.npz", "*.pkl",
+                "*.model", "*.msgpack")
+GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
 @dataclass
 class Commit:
     oid: str
     parent: str | None
     files: dict[str, bytes]
     message: str
+    lfs: set[str] = field(default_factory=set)   # paths stored in LFS (the repo holds a pointer)
 
 
 @dataclass
@@ -56,13 +78,18 @@ class HubState:
         self.fail_commits: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization scheme or None)
         self.lock = threading.Lock()
+        self.lfs_objects: dict[str, bytes] = {}            # sha256 -> content, after upload + verify
+        self.lfs_parts: dict[str, dict[int, bytes]] = {}   # multipart uploads in progress
+        self.multipart_chunk = 64 * 1024 * 1024            # files above this go multipart (tests lower it)
+        self.validations: list[tuple[str, list[str]]] = []  # (repo type, errors) per /api/validate-yaml call
 
-    def new_commit(self, repo: Repo, parent: str | None, files: dict[str, bytes], message: str) -> Commit:
+    def new_commit(self, repo: Repo, parent: str | None, files: dict[str, bytes], message: str,
+                   lfs: set[str] | None = None) -> Commit:
         h = hashlib.sha1(usedforsecurity=False)
         h.update(f"{repo.repo_id}\n{parent}\n{message}\n{next(_counter)}".encode())
         for p in sorted(files):
             h.update(p.encode() + blob_id(files[p]).encode())
-        c = Commit(h.hexdigest(), parent, files, message)
+        c = Commit(h.hexdigest(), parent, files, message, set(lfs or ()))
         repo.commits[c.oid] = c
         repo.branches["main"] = c.oid
         return c
@@ -96,6 +123,16 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, {"error": message}, headers={"X-Error-Message": message})
 
     def _body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
@@ -136,10 +173,18 @@ class Handler(BaseHTTPRequestHandler):
         if what == "tree":
             prefix = (sub or "").strip("/")
             recursive = parse_qs(urlparse(self.path).query).get("recursive", ["false"])[0].lower() == "true"
-            items = [{"type": "file", "oid": blob_id(d), "size": len(d), "path": p}
-                     for p, d in sorted(commit.files.items())
+            names = [p for p in sorted(commit.files)
                      if (not prefix or p.startswith(prefix + "/")) and (recursive or "/" not in p[len(prefix) + 1 if prefix else 0:])]
-            return self._send(200, items)
+            folders = sorted({f"{prefix + '/' if prefix else ''}{p[len(prefix) + 1 if prefix else 0:].split('/')[0]}"
+                              for p in commit.files if (not prefix or p.startswith(prefix + "/"))
+                              and "/" in p[len(prefix) + 1 if prefix else 0:]})
+            if not recursive:
+                names += [f for f in folders if f not in commit.files]
+            if prefix and not names and prefix not in commit.files:
+                return self._send(404, {"error": "Entry not found"}, headers={"X-Error-Code": "EntryNotFound"})
+            return self._send(200, [self._entry(commit, p) for p in names]
+                              + ([{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in folders]
+                                 if recursive else []))
         return self._send(200, {"id": repo.repo_id, "sha": commit.oid, "private": repo.private,
                                 "siblings": [{"rfilename": p} for p in sorted(commit.files)],
                                 "lastModified": "2025-01-01T00:00:00.000Z", "tags": [], "downloads": 0, "likes": 0})
@@ -155,20 +200,132 @@ class Handler(BaseHTTPRequestHandler):
         if commit is None or file not in commit.files:
             return self._send(404, {"error": "Entry not found"}, headers={"X-Error-Code": "EntryNotFound"}, head=head)
         data = commit.files[file]
-        self._send(200, data, headers={"X-Repo-Commit": commit.oid, "ETag": f'"{blob_id(data)}"',
-                                       "Content-Type": "application/octet-stream"}, head=head)
+        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{blob_id(data)}"', "Content-Type": "application/octet-stream"}
+        if file in commit.lfs:  # what the Hub answers for an LFS file (before its CDN redirect)
+            sha = hashlib.sha256(data).hexdigest()
+            headers.update({"ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))})
+        self._send(200, data, headers=headers, head=head)
+
+    def _entry(self, commit: Commit, path: str) -> dict:
+        """A tree / paths-info entry: a directory, a regular file, or an LFS file with its `lfs` block."""
+        if path not in commit.files:
+            return {"type": "directory", "oid": "0" * 40, "size": 0, "path": path}
+        data = commit.files[path]
+        if path in commit.lfs:
+            sha = hashlib.sha256(data).hexdigest()
+            pointer = lfs_pointer(sha, len(data))
+            return {"type": "file", "oid": blob_id(pointer), "size": len(data), "path": path,
+                    "lfs": {"oid": sha, "size": len(data), "pointerSize": len(pointer)}}
+        return {"type": "file", "oid": blob_id(data), "size": len(data), "path": path}
+
+    def should_lfs(self, repo: Repo, path: str, size: int, sample: bytes) -> bool:
+        from fnmatch import fnmatch
+
+        head = repo.resolve("main")
+        attrs = (head.files.get(".gitattributes", b"") if head else b"").decode(errors="replace")
+        patterns = [ln.split()[0] for ln in attrs.splitlines() if "filter=lfs" in ln]
+        name = path.rsplit("/", 1)[-1]
+        return size > LFS_THRESHOLD or b"\0" in sample or any(fnmatch(name, p) or fnmatch(path, p) for p in patterns)
+
+    def do_PUT(self):
+        self._record()
+        path = urlparse(self.path).path
+        body = self._body()
+        m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})(?:/part/(\d+))?", path)
+        if not m:
+            return self._error(404, f"no route for PUT {path}")
+        oid, part = m.groups()
+        with self.state.lock:
+            if part is not None:
+                self.state.lfs_parts.setdefault(oid, {})[int(part)] = body
+                return self._send(200, b"", headers={"ETag": f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'})
+            if hashlib.sha256(body).hexdigest() != oid:
+                return self._error(400, "uploaded content does not match its sha256")
+            self.state.lfs_objects[oid] = body
+        return self._send(200, b"")
+
+    def _lfs_batch(self, body: bytes):
+        req = json.loads(body)
+        if req.get("operation") != "upload" or req.get("hash_algo", "sha256") != "sha256":
+            return self._error(400, "only sha256 uploads are supported")
+        transfer = "multipart" if "multipart" in req.get("transfers", []) else "basic"
+        out = []
+        for obj in req["objects"]:
+            oid, size = obj["oid"], obj["size"]
+            if oid in self.state.lfs_objects:
+                out.append({"oid": oid, "size": size})  # already stored: no actions, nothing to upload
+                continue
+            verify = {"href": f"{self.endpoint}/lfs-verify", "header": {}}
+            chunk = self.state.multipart_chunk
+            if transfer == "multipart" and size > chunk:
+                n = -(-size // chunk)
+                header = {"chunk_size": str(chunk), **{str(i): f"{self.endpoint}/lfs-upload/{oid}/part/{i}"
+                                                       for i in range(1, n + 1)}}
+                upload = {"href": f"{self.endpoint}/lfs-complete/{oid}", "header": header}
+            else:
+                upload = {"href": f"{self.endpoint}/lfs-upload/{oid}"}
+            out.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload, "verify": verify}})
+        return self._send(200, {"transfer": transfer, "objects": out, "hash_algo": "sha256"},
+                          headers={"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _lfs_complete(self, oid: str, body: bytes):
+        parts = self.state.lfs_parts.pop(oid, {})
+        listed = [p["partNumber"] for p in json.loads(body).get("parts", [])]
+        if not parts or listed != sorted(parts):
+            return self._error(400, f"multipart completion for {oid[:12]}: parts {listed} != uploaded {sorted(parts)}")
+        data = b"".join(parts[i] for i in sorted(parts))
+        if hashlib.sha256(data).hexdigest() != oid:
+            return self._error(400, "assembled parts do not match their sha256")
+        self.state.lfs_objects[oid] = data
+        return self._send(200, {})
+
+    def _paths_info(self, repo: Repo, rev: str, body: bytes):
+        ctype = self.headers.get("Content-Type") or ""
+        if "json" in ctype:
+            paths = json.loads(body).get("paths", [])
+        else:
+            paths = parse_qs(body.decode()).get("paths", [])
+        commit = repo.resolve(rev)
+        if commit is None:
+            return self._send(404, {"error": "Revision not found"}, headers={"X-Error-Code": "RevisionNotFound"})
+        dirs = {p.rsplit("/", i)[0] for p in commit.files for i in range(1, p.count("/") + 1)}
+        return self._send(200, [self._entry(commit, p) for p in paths if p in commit.files or p in dirs])
 
     def do_POST(self):
         self._record()
         path = urlparse(self.path).path
         body = self._body()
         if path == "/api/validate-yaml":
+            from tests.card_checks import check_card
+
+            req = json.loads(body)
+            errors = check_card(req.get("content", ""), req.get("repoType") or "model")
+            self.state.validations.append((req.get("repoType") or "model", errors))
+            if errors:  # the Hub answers 400 with the reasons as text (the client raises ValueError(text))
+                return self._send(400, "\n".join(errors).encode(), headers={"Content-Type": "text/plain"})
             return self._send(200, {"errors": [], "warnings": []})
+        if m := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/paths-info/([^/]+)", path):
+            kind, repo_id, rev = m.groups()
+            repo = self._repo(kind, repo_id)
+            if repo is None:
+                return self._send(404, {"error": "Repository not found"}, headers={"X-Error-Code": "RepoNotFound"})
+            return self._paths_info(repo, unquote(rev), body)
+        if path == "/lfs-verify":
+            obj = json.loads(body)
+            ok = obj["oid"] in self.state.lfs_objects and len(self.state.lfs_objects[obj["oid"]]) == obj["size"]
+            return self._send(200, {}) if ok else self._error(404, f"LFS object {obj['oid'][:12]} was not uploaded")
+        if m := re.fullmatch(r"/lfs-complete/([0-9a-f]{64})", path):
+            with self.state.lock:
+                return self._lfs_complete(m.group(1), body)
         if not self._authorized():
             return self._send(401, {"error": "Invalid credentials in Authorization header"})
         with self.state.lock:
             if path == "/api/repos/create":
                 return self._create(json.loads(body))
+            if m := re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch", path):
+                if self._repo(m.group(1) or "models", m.group(2)) is None:
+                    return self._send(404, {"error": "Repository not found"})
+                return self._lfs_batch(body)
             m = re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/(preupload|commit|tag)/([^/]+)", path)
             if not m:
                 return self._error(404, f"no route for POST {path}")
@@ -180,10 +337,14 @@ class Handler(BaseHTTPRequestHandler):
             if what == "preupload":
                 files = json.loads(body)["files"]
                 head = repo.resolve(rev)
-                return self._send(200, {"files": [
-                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                     "oid": blob_id(head.files[f["path"]]) if head and f["path"] in head.files else None}
-                    for f in files]})
+                answers = []
+                for f in files:
+                    lfs = self.should_lfs(repo, f["path"], f["size"], base64.b64decode(f.get("sample", "")))
+                    old = head.files.get(f["path"]) if head else None
+                    oid = None if old is None else hashlib.sha256(old).hexdigest() if lfs else blob_id(old)
+                    answers.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular",
+                                    "shouldIgnore": False, "oid": oid})
+                return self._send(200, {"files": answers})
             if what == "tag":
                 tag = json.loads(body)["tag"]
                 commit = repo.resolve(rev)
@@ -204,8 +365,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(409, {"error": "You already created this repo", "url": url})
         repo = Repo(repo_id, repo_type, payload.get("visibility") == "private")
         self.state.repos[(repo_type, repo_id)] = repo
-        self.state.new_commit(repo, None, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
-                              "initial commit")
+        self.state.new_commit(repo, None, {".gitattributes": GITATTRIBUTES}, "initial commit")
         return self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def _commit(self, repo: Repo, rev: str, body: bytes):
@@ -218,21 +378,34 @@ class Handler(BaseHTTPRequestHandler):
         if header.get("parentCommit") and header["parentCommit"] != head_oid:
             return self._error(412, "A commit has happened since. Please refresh and try again.")
         files = dict(repo.commits[head_oid].files) if head_oid else {}
+        lfs = set(repo.commits[head_oid].lfs) if head_oid else set()
         for ln in lines:  # applied to a copy: the branch moves only if every operation is valid
             key, value = ln["key"], ln.get("value", {})
             if key == "file":
                 if value.get("encoding") != "base64":
                     return self._error(400, "only base64 regular files are supported")
-                files[value["path"]] = base64.b64decode(value["content"])
+                data = base64.b64decode(value["content"])
+                if self.should_lfs(repo, value["path"], len(data), data[:512]):
+                    return self._error(400, f"Your push was rejected: {value['path']} must be stored with Git LFS")
+                files[value["path"]] = data
+                lfs.discard(value["path"])
+            elif key == "lfsFile":
+                data = self.state.lfs_objects.get(value.get("oid", ""))
+                if data is None or value.get("algo") != "sha256":
+                    return self._error(400, f"LFS object for {value['path']} was never uploaded")
+                files[value["path"]] = data
+                lfs.add(value["path"])
             elif key == "deletedFile":
                 if value["path"] not in files:
                     return self._error(404, f"A file with this name doesn't exist: {value['path']}")
                 del files[value["path"]]
+                lfs.discard(value["path"])
             elif key == "deletedFolder":
                 files = {p: d for p, d in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
-            elif key in ("lfsFile", "copyFile"):
+                lfs &= set(files)
+            elif key == "copyFile":
                 return self._error(400, f"{key} operations are not supported by this test server")
-        commit = self.state.new_commit(repo, head_oid, files, header.get("summary", ""))
+        commit = self.state.new_commit(repo, head_oid, files, header.get("summary", ""), lfs)
         prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
         return self._send(200, {"commitUrl": f"{self.endpoint}/{prefix}{repo.repo_id}/commit/{commit.oid}",
                                 "commitOid": commit.oid, "success": True})

@@ -34,6 +34,10 @@ def online(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # hf_xet is installed, so the client would upload through Xet storage, which this server does not
+    # emulate; without it the client takes the Hub's LFS path (batch API, PUT, verify, lfsFile commit).
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
 
 
@@ -69,9 +73,21 @@ def test_publish_is_one_commit_per_repo_tagged_with_the_version(bundle, server):
         local = {p.relative_to(bundle.path / folder).as_posix(): p.read_bytes()
                  for p in (bundle.path / folder).rglob("*") if p.is_file()}
         assert {k: v for k, v in files.items() if k != ".gitattributes"} == local
-    methods = {(m, p.split("?")[0].split("/")[1]) for m, p, _ in server.state.requests}
-    assert not any("lfs" in p or "xet" in p for _, p, _ in server.state.requests)
-    assert all(auth == "Bearer" for m, _, auth in server.state.requests if m == "POST"), methods
+    # The weights and Parquet splits travelled the Hub's LFS path; the card went inline.
+    assert {"model.safetensors", "adapter/adapter_model.safetensors"} <= server.repo(MODEL, "model").resolve(VERSION).lfs
+    assert "README.md" not in server.repo(MODEL, "model").resolve(VERSION).lfs
+    assert {"data/train.parquet", "data/test.parquet"} <= server.repo(DATASET, "dataset").resolve(VERSION).lfs
+    paths = [(m, p.split("?")[0]) for m, p, _ in server.state.requests]
+    assert ("POST", f"/{MODEL}.git/info/lfs/objects/batch") in paths
+    assert ("POST", f"/datasets/{DATASET}.git/info/lfs/objects/batch") in paths
+    assert any(m == "PUT" and p.startswith("/lfs-upload/") for m, p in paths)
+    assert ("POST", "/lfs-verify") in paths and not any("xet" in p for _, p in paths)
+    assert all(auth == "Bearer" for m, p, auth in server.state.requests if m == "POST" and "validate-yaml" not in p)
+    first_commit = next(i for i, (m, p) in enumerate(paths) if "/commit/" in p)
+    assert [p for _, p in paths[:2]] == ["/api/validate-yaml"] * 2   # both cards, before anything else
+    assert "/api/repos/create" not in [p for _, p in paths[:2]] and first_commit > 2
+    assert [t for t, _ in server.state.validations][:2] == ["model", "dataset"]
+    assert all(errors == [] for _, errors in server.state.validations)
 
 
 def test_rerun_changes_nothing(bundle, server):
@@ -170,7 +186,7 @@ def test_stages_and_cli_publish_never_leak_the_token(project, server, monkeypatc
     assert (project / "outputs" / "cards" / "model" / "README.md").read_text() == \
         (project / "release" / "model" / "README.md").read_text()   # what was reviewed is what is published
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI")}
-    env.update(PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_DISABLE_XET="1")
     r = _run(["-m", "pipeline.cli", "publish", "--endpoint", server.url], project, env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "PASS dvc-status" in r.stdout and "PASS git-clean" in r.stdout
@@ -196,7 +212,8 @@ def test_stages_and_cli_publish_never_leak_the_token(project, server, monkeypatc
 def test_dvc_style_stage_processes_and_audit_cli(project, server, tmp_path):
     """The stages as `dvc repro` runs them (separate processes), then `openrelease audit release`."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI")}
-    env.update(HF_TOKEN=TOKEN, PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(HF_TOKEN=TOKEN, PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true",
+               HF_HUB_DISABLE_XET="1")
     for args in (["-m", "pipeline.stages.card"], ["-m", "pipeline.stages.publish"],
                  ["-m", "pipeline.cli", "audit", "release"]):
         r = _run(args, project, env)

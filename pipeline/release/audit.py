@@ -144,6 +144,7 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
 
     from pipeline.core.io import read_json
     from pipeline.release.cards import _table, eval_table, model_index_metrics
+    from pipeline.release.inputs import SIDE_TABLES
 
     problems = []
     readme, results = model / "README.md", model / "eval" / "eval.json"
@@ -176,7 +177,7 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
         import pyarrow.parquet as pq
 
         splits = {}
-        for f in sorted((dataset / "data").glob("*.parquet")):
+        for f in sorted(x for x in (dataset / "data").glob("*.parquet") if x.stem not in SIDE_TABLES):
             try:
                 splits[f.stem] = pq.ParquetFile(f).metadata.num_rows
             except (pa.ArrowException, OSError) as e:

@@ -89,6 +89,12 @@ def _copy_dataset(inp: ReleaseInputs, dest: Path) -> None:
     (dest / "data").mkdir(parents=True, exist_ok=True)
     for split, f in inp.split_files.items():
         shutil.copyfile(f, dest / "data" / f"{split}.parquet")
+    for name, f in inp.side_tables.items():
+        shutil.copyfile(f, dest / "data" / f"{name}.parquet")
+    for name, files in inp.eval_prompt_sets().items():  # byte for byte what evaluate read (their sha256 agree)
+        (dest / "eval" / name).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(f, dest / "eval" / name / f.name)
     (dest / "reports").mkdir(parents=True, exist_ok=True)
     for kind, f in inp.reports.items():
         shutil.copyfile(f, dest / "reports" / f"{kind}.json")
@@ -106,7 +112,7 @@ def _copy_metrics(inp: ReleaseInputs, dest: Path) -> None:
 def _published_files(inp: ReleaseInputs, model_files: list[str]) -> dict[str, dict[str, str]]:
     """What is published from paths.model / paths.dataset, keyed as their producers recorded them."""
     return {"model": {rel: sha256_file(inp.model_dir / rel) for rel in model_files},
-            "dataset": {f.name: sha256_file(f) for f in inp.split_files.values()}}
+            "dataset": {f.name: sha256_file(f) for f in [*inp.split_files.values(), *inp.side_tables.values()]}}
 
 
 def run_gates(params: Params, root: Path, inp: ReleaseInputs, code: CodeState, lic: LicenseDecision,

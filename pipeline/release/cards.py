@@ -105,6 +105,51 @@ def model_index_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
             math.isfinite(v) and not k.startswith(NOT_RESULTS)}
 
 
+EVAL_PROMPTS_CONFIG = "eval_prompts"
+
+
+def eval_prompts_dataset(info: ReleaseInfo) -> dict[str, str]:
+    """Where the held-out evaluation prompts are published: a config of the release's dataset repo."""
+    return dict(dataset_type=info.dataset_repo, dataset_name="held-out evaluation prompts",
+                dataset_config=EVAL_PROMPTS_CONFIG, dataset_split="test", dataset_revision=info.version)
+
+
+def dataset_configs(inp: ReleaseInputs) -> list[dict[str, Any]]:
+    """The dataset repo's configs: the preference splits (default, TRL's columns), each side table
+    (provenance) and each evaluation prompt set, so `load_dataset(repo, name)` loads every one."""
+    configs = [{"config_name": "default", "default": True,
+                "data_files": [{"split": s, "path": f"data/{s}.parquet"} for s in inp.splits]}]
+    configs += [{"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}.parquet"}]}
+                for name in inp.side_tables]
+    for name, files in inp.eval_prompt_sets().items():
+        configs.append({"config_name": name, "data_files": [{"split": "test",
+                                                             "path": [f"eval/{name}/{f.name}" for f in files]}]})
+    return configs
+
+
+def validate_cards(model_readme: Path, dataset_readme: Path, endpoint: str) -> None:
+    """Both cards through the Hub's own check (`ModelCard.validate` / `DatasetCard.validate`, which post
+    to `<endpoint>/api/validate-yaml`); raises GateError naming the card and the Hub's reasons."""
+    from unittest import mock
+
+    from huggingface_hub import DatasetCard, ModelCard, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from pipeline.core.errors import GateError, SourceError
+
+    for cls, path in ((ModelCard, model_readme), (DatasetCard, dataset_readme)):
+        card = cls(path.read_text(encoding="utf-8"))
+        try:
+            with mock.patch.object(constants, "ENDPOINT", endpoint.rstrip("/")):  # validate() reads only this
+                card.validate()
+        except ValueError as e:
+            reasons = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+            raise GateError(f"{card.repo_type} card {path.name} fails the Hub's metadata validation at {endpoint}: "
+                            f"{reasons}") from None
+        except HfHubHTTPError as e:
+            raise SourceError(f"card validation at {endpoint}/api/validate-yaml failed: {str(e).splitlines()[0]}") from None
+
+
 def model_index_results(metrics: dict[str, Any] | None, info: ReleaseInfo):
     """EvalResult entries for the card metadata."""
     from huggingface_hub import EvalResult
@@ -115,8 +160,7 @@ def model_index_results(metrics: dict[str, Any] | None, info: ReleaseInfo):
             ds = dict(dataset_type=info.dataset_repo, dataset_name="held-out preference pairs (test split)",
                       dataset_split="test", dataset_revision=info.version)
         else:
-            ds = dict(dataset_type="open-release-eval-prompts",
-                      dataset_name="held-out evaluation prompts (data/ in the source archive)")
+            ds = eval_prompts_dataset(info)
         out.append(EvalResult(task_type="text-generation", task_name="preference tuning evaluation",
                               metric_type=key, metric_name=key, metric_value=v, **ds))
     return out
@@ -307,8 +351,7 @@ def dataset_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
     data = DatasetCardData(
         pretty_name=f"{info.dataset_repo.split('/')[-1]} preference pairs", language=cp.language,
         task_categories=["text-generation"], size_categories=[size], tags=[*cp.tags, "dpo", "preference", "open-release"],
-        configs=[{"config_name": "default",
-                  "data_files": [{"split": s, "path": f"data/{s}.parquet"} for s in inp.splits]}],
+        configs=dataset_configs(inp),
         **hub_metadata(lic.dataset),
     )
     validation = inp.report("validation")

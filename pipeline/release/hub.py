@@ -143,7 +143,11 @@ def publish_repo(api, repo_id: str, repo_type: str, folder: Path, version: str, 
 
 def publish_bundle(bundle: Path, info: ReleaseInfo, private: bool, token: str) -> list[Published]:
     """Dataset first, then model: the model's manifest names the dataset, so it must exist first."""
+    from pipeline.release.cards import validate_cards
+
     check_online()
+    # The Hub's card check first: a card it would refuse stops the release before any repo changes.
+    validate_cards(bundle / MODEL_DIR / "README.md", bundle / DATASET_DIR / "README.md", info.endpoint)
     api = make_api(info.endpoint, token)
     desc = f"open-release {info.version} from commit {info.commit}"
     return [publish_repo(api, info.dataset_repo, "dataset", bundle / DATASET_DIR, info.version, private, desc),

@@ -23,6 +23,9 @@ from pipeline.core.params import Params
 log = logging.getLogger(__name__)
 
 METRIC_FILES = ("eval", "data", "train")
+# Parquet tables of paths.dataset that are not preference splits: each is published as its own config.
+SIDE_TABLES = ("provenance",)
+EVAL_SET_SUFFIXES = (".jsonl", ".json", ".parquet")
 RELEASE_STAGES = ("card", "publish")
 # Stages in pipeline order, for display; unknown stages follow in name order.
 STAGE_ORDER = ("base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate", "card", "publish")
@@ -44,6 +47,7 @@ class ReleaseInputs:
     splits: dict[str, int] = field(default_factory=dict)     # split name -> rows
     split_files: dict[str, Path] = field(default_factory=dict)
     dataset_columns: list[str] = field(default_factory=list)
+    side_tables: dict[str, Path] = field(default_factory=dict)  # provenance -> its Parquet file
 
     def record(self, stage: str) -> dict[str, Any] | None:
         return self.lineage.get(stage)
@@ -68,6 +72,23 @@ class ReleaseInputs:
 
     def source_path(self, source: dict[str, Any]) -> str:
         return resolve_paths_ref(str(source.get("path", "")), self.params.section_dump("paths"))
+
+    def eval_prompt_sets(self) -> dict[str, list[Path]]:
+        """The prompt sets the evaluate stage read, by the params.paths key naming each (eval_prompts,
+        general_prompts, ...): its lineage record's prompt-file inputs, else paths.eval_prompts."""
+        paths = {str(v): k for k, v in self.params.section_dump("paths").items() if isinstance(v, str)}
+        rec = self.record("evaluate")
+        named = [a["path"] for a in (rec or {}).get("inputs", []) if isinstance(a, dict) and a.get("path") in paths]
+        if rec is None:
+            named = [self.params.paths.eval_prompts]
+        out: dict[str, list[Path]] = {}
+        for rel in named:
+            key, f = paths.get(rel, Path(rel).stem), self.root / rel
+            files = [f] if f.is_file() else sorted(x for x in f.rglob("*") if x.is_file()) if f.is_dir() else []
+            files = [x for x in files if x.suffix in EVAL_SET_SUFFIXES]
+            if files and (key.endswith(("_prompts", "_subset")) or key.startswith("eval")):
+                out[key] = files
+        return out
 
     def train_params(self) -> dict[str, Any]:
         rec = self.record("train")
@@ -162,6 +183,10 @@ def gather(params: Params, root: str | Path = ".", require_model: bool = True) -
     if require_model and not any(inp.model_dir.glob("*.safetensors")):
         raise SourceError(f"{p.model}: no trained safetensors model to release (run `dvc repro train`)")
     inp.splits, inp.split_files, inp.dataset_columns = _parquet_splits(inp.dataset_dir)
+    for name in SIDE_TABLES:
+        if name in inp.split_files:
+            inp.side_tables[name] = inp.split_files.pop(name)
+            inp.splits.pop(name)
     if require_model and not inp.splits:
         raise SourceError(f"{p.dataset}: no Parquet splits to release (run `dvc repro build`)")
     return inp
