@@ -91,15 +91,46 @@ def _copy_dataset(inp: ReleaseInputs, dest: Path) -> None:
         shutil.copyfile(f, dest / "data" / f"{split}.parquet")
     for name, f in inp.side_tables.items():
         shutil.copyfile(f, dest / "data" / f"{name}.parquet")
-    for name, files in inp.eval_prompt_sets().items():  # byte for byte what evaluate read (their sha256 agree)
+    for name, files in inp.eval_prompt_sets().items():
+        # The files byte for byte as evaluate read them (their sha256 match its lineage record), and the
+        # same rows as Parquet for the config: `datasets` reads one format per repo.
         (dest / "eval" / name).mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copyfile(f, dest / "eval" / name / f.name)
+        eval_set_parquet(files, dest / "data" / name / "test.parquet")
     (dest / "reports").mkdir(parents=True, exist_ok=True)
     for kind, f in inp.reports.items():
         shutil.copyfile(f, dest / "reports" / f"{kind}.json")
     if inp.metrics.get("data") is not None:
         shutil.copyfile(inp.metric_paths["data"], dest / "reports" / "data_counts.json")
+
+
+def eval_set_parquet(files: list[Path], dest: Path) -> None:
+    """One Parquet file of the rows of a prompt set's JSONL / JSON / Parquet files, in file order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.core.errors import DataError
+    from pipeline.core.io import iter_jsonl, read_json
+
+    tables = []
+    for f in files:
+        if f.suffix == ".parquet":
+            tables.append(pq.read_table(f))
+            continue
+        rows = read_json(f) if f.suffix == ".json" else [obj for _, obj in iter_jsonl(f)]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f, None, "a list of JSON objects (one prompt each)", type(rows).__name__)
+        try:
+            tables.append(pa.Table.from_pylist(rows))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DataError(f, None, "one type per field across rows (to publish it as Parquet)", str(e)) from None
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(files[0].parent, None, "files of one prompt set share their fields' types", str(e)) from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, dest)
 
 
 def _copy_metrics(inp: ReleaseInputs, dest: Path) -> None:

@@ -121,9 +121,8 @@ def dataset_configs(inp: ReleaseInputs) -> list[dict[str, Any]]:
                 "data_files": [{"split": s, "path": f"data/{s}.parquet"} for s in inp.splits]}]
     configs += [{"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}.parquet"}]}
                 for name in inp.side_tables]
-    for name, files in inp.eval_prompt_sets().items():
-        configs.append({"config_name": name, "data_files": [{"split": "test",
-                                                             "path": [f"eval/{name}/{f.name}" for f in files]}]})
+    for name in inp.eval_prompt_sets():   # the rows of eval/<name>/ as Parquet (see bundle.eval_set_parquet)
+        configs.append({"config_name": name, "data_files": [{"split": "test", "path": f"data/{name}/test.parquet"}]})
     return configs
 
 
@@ -132,13 +131,18 @@ def validate_cards(model_readme: Path, dataset_readme: Path, endpoint: str) -> N
     to `<endpoint>/api/validate-yaml`); raises GateError naming the card and the Hub's reasons."""
     from unittest import mock
 
+    import yaml
     from huggingface_hub import DatasetCard, ModelCard, constants
     from huggingface_hub.errors import HfHubHTTPError
 
     from pipeline.core.errors import GateError, SourceError
 
     for cls, path in ((ModelCard, model_readme), (DatasetCard, dataset_readme)):
-        card = cls(path.read_text(encoding="utf-8"))
+        try:
+            card = cls(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, ValueError) as e:
+            raise GateError(f"{cls.repo_type} card {path.name} fails the Hub's metadata validation at {endpoint}: "
+                            f"its YAML does not parse ({' '.join(str(e).split())[:200]})") from None
         try:
             with mock.patch.object(constants, "ENDPOINT", endpoint.rstrip("/")):  # validate() reads only this
                 card.validate()
