@@ -58,7 +58,9 @@ def test_dvc_repro_whole_pipeline_then_audit(tiny_model_dir, tmp_path):
         assert key in eval_metrics, key
     assert (project / "models" / "trained" / "model.safetensors").is_file()
 
-    audit = subprocess.run([str(Path(sys.executable).parent / "openrelease"), "audit", "release"], cwd=project,
+    # The signer pinned to the key this machine generated (outside the bundle); unpinned would exit 3.
+    audit = subprocess.run([str(Path(sys.executable).parent / "openrelease"), "audit", "release", "--public-key",
+                            ".openrelease/keys/signing-key.pub"], cwd=project,
                            env=env_for(project), capture_output=True, text=True, timeout=600)
     assert audit.returncode == 0, (audit.stdout[-3000:], audit.stderr[-3000:])
 

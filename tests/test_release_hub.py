@@ -215,7 +215,7 @@ def test_dvc_style_stage_processes_and_audit_cli(project, server, tmp_path):
     env.update(HF_TOKEN=TOKEN, PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true",
                HF_HUB_DISABLE_XET="1")
     for args in (["-m", "pipeline.stages.card"], ["-m", "pipeline.stages.publish"],
-                 ["-m", "pipeline.cli", "audit", "release"]):
+                 ["-m", "pipeline.cli", "audit", "release", "--public-key", ".openrelease/keys/signing-key.pub"]):
         r = _run(args, project, env)
         assert r.returncode == 0, f"{args}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
         assert TOKEN not in r.stdout + r.stderr
