@@ -28,6 +28,7 @@ from pipeline.release.manifest import (
     UNLISTED,
     release_files,
 )
+from pipeline.release.tree import lineage_tree
 from pipeline.release.trust import (
     EXIT_FAILED,
     EXIT_PASSED,
@@ -113,6 +114,26 @@ def _check_lineage_links(manifest: dict[str, Any], model: Path, dataset: Path) -
                 f = dataset / "data" / name
                 if not f.is_file() or sha256_file(f) != sha:
                     problems.append(f"{DATASET_DIR}/data/{name}: not the split the train stage read")
+    return problems
+
+
+def _check_eval_sets(manifest: dict[str, Any], dataset: Path) -> list[str]:
+    """Each published evaluation prompt set (dataset/eval/<name>/) is byte for byte what evaluate read."""
+    folder = dataset / "eval"
+    if not folder.is_dir():
+        return []
+    paths = (manifest.get("params") or {}).get("paths") or {}
+    read = {a.get("path"): a for a in ((manifest.get("lineage") or {}).get("evaluate") or {}).get("inputs", [])}
+    problems = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        art = read.get(paths.get(sub.name))
+        if art is None:
+            problems.append(f"{DATASET_DIR}/eval/{sub.name}: the evaluate stage's record lists no paths.{sub.name} input")
+            continue
+        recorded = art.get("files") or {Path(str(art["path"])).name: art.get("sha256")}
+        for f in sorted(x for x in sub.iterdir() if x.is_file()):
+            if recorded.get(f.name) != sha256_file(f):
+                problems.append(f"{DATASET_DIR}/eval/{sub.name}/{f.name}: not the prompts the evaluate stage read")
     return problems
 
 
@@ -213,6 +234,7 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
     report.problems += _check_files(model, files.get("model", []), MODEL_DIR, UNLISTED)
     report.problems += _check_files(dataset, files.get("dataset", []), DATASET_DIR, frozenset())
     report.problems += _check_lineage_links(manifest, model, dataset)
+    report.problems += _check_eval_sets(manifest, dataset)
     arch_problems, notes = _check_archive(manifest, model, repo_root or anchor.clone)
     report.problems += arch_problems
     report.checked += notes
@@ -251,79 +273,6 @@ def audit_hub(repo_id: str, revision: str, endpoint: str, public_key: Path | Non
         report.checked.insert(0, f"downloaded {repo_id}@{revision} (commit {commit[:12]}) and "
                                  f"{ds['repo_id']}@{ds['revision']} (the dataset the manifest names) from {endpoint}")
         return report
-
-
-def lineage_tree(manifest: dict[str, Any]) -> str:
-    """weights <- train run <- dataset <- ... <- sources, with hashes, licenses, commits and MLflow runs."""
-    records = manifest.get("lineage") or {}
-    paths = (manifest.get("params") or {}).get("paths") or {}
-    producers: dict[str, str] = {}
-    for stage, rec in records.items():
-        for art in rec.get("outputs", []):
-            producers.setdefault(art["path"], stage)
-
-    def producer(path: str) -> str | None:  # the artifact itself, or the folder artifact holding it
-        return producers.get(path) or next((s for f, s in producers.items() if path.startswith(f.rstrip("/") + "/")), None)
-    licenses = _source_licenses(records, paths)
-    repos = manifest.get("repos") or {}
-    weights = [f for f in (manifest.get("files") or {}).get("model", []) if f["path"].endswith(".safetensors")
-               and "/" not in f["path"]]
-    lines = [f"release {manifest.get('version')}  code {str((manifest.get('code') or {}).get('commit'))[:12]}"
-             f"{' (dirty tree)' if (manifest.get('code') or {}).get('dirty') else ''}  license "
-             f"{(manifest.get('license') or {}).get('release')}"]
-    for w in weights:
-        lines.append(f"{w['path']}  sha256 {w['sha256'][:16]}  ({(repos.get('model') or {}).get('repo_id')})")
-    seen: set[str] = set()
-
-    def node(path: str, prefix: str, last: bool) -> None:
-        stage = producer(path)
-        branch = prefix + ("`-- " if last else "|-- ")
-        child = prefix + ("    " if last else "|   ")
-        if stage is None or stage in seen:
-            return
-        seen.add(stage)
-        rec = records[stage]
-        ml, git = rec.get("mlflow") or {}, rec.get("git") or {}
-        lines.append(f"{branch}{stage}  mlflow run {ml.get('run_id', '?')}  commit {str(git.get('commit'))[:12]}"
-                     f"{' dirty' if git.get('dirty') else ''}  params {str(rec.get('params_digest'))[:12]}")
-        inputs = rec.get("inputs", [])
-        for i, art in enumerate(inputs):
-            end = i == len(inputs) - 1
-            extra = []
-            if art.get("rows") is not None:
-                extra.append(f"{art['rows']} rows")
-            if art["path"] in licenses:
-                extra.append(licenses[art["path"]])
-            if art["path"] == paths.get("dataset") or art["path"].startswith(f"{paths.get('dataset')}/"):
-                ds = repos.get("dataset") or {}
-                extra.append(f"published as {ds.get('repo_id')}@{ds.get('revision')}")
-            lines.append(f"{child}{'`-- ' if end else '|-- '}{art['path']}  sha256 {art['sha256'][:16]}"
-                         + (f"  ({', '.join(extra)})" if extra else ""))
-            node(art["path"], child + ("    " if end else "|   "), True)
-
-    node(paths.get("model", ""), "", True)
-    if "train" not in seen:
-        lines.append("`-- (no train lineage record)")
-    return "\n".join(lines)
-
-
-def _source_licenses(records: dict[str, Any], paths: dict[str, Any]) -> dict[str, str]:
-    """Input path -> 'source NAME, license X' for data sources and the base model's file."""
-    from pipeline.release.inputs import resolve_paths_ref
-
-    out = {}
-    for stage, rec in records.items():
-        params = rec.get("params") or {}
-        data = params.get("data") or {}
-        listed = params.get("data.sources") or ((data.get("sources") or []) if isinstance(data, dict) else [])
-        for s in listed:
-            if isinstance(s, dict) and s.get("path"):
-                out[resolve_paths_ref(str(s["path"]), paths)] = f"source {s.get('name')}, license {s.get('license')}"
-        bm = params.get("base_model")
-        if isinstance(bm, dict) and stage == "base_model":
-            for art in rec.get("inputs", []):
-                out[art["path"]] = f"base model {bm.get('name')}, license {bm.get('license')}"
-    return out
 
 
 def audit(target: str, public_key: Path | None = None, revision: str | None = None, endpoint: str | None = None,
