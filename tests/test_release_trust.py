@@ -125,6 +125,13 @@ def test_repo_key_needs_a_clone_with_the_tag_at_the_manifest_commit(keyed, tmp_p
     git(other, "tag", VERSION)
     wrong = audit.check_bundle(bundle.path, anchor=Anchor(repo_key=True, clone=other))
     assert any(f"tag {VERSION} in {other} is commit" in p for p in wrong.problems)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(bundle.path, elsewhere)
+    m = json.loads((elsewhere / "model" / "manifest.json").read_text())
+    m["signing"]["repo_public_key"] = "params.yaml"   # any other committed file: refused, whatever it holds
+    (elsewhere / "model" / "manifest.json").write_text(json.dumps(m))
+    assert any(f"the manifest names params.yaml but params.yaml at tag {VERSION} sets publish.public_key to "
+               f"'{REPO_KEY}'" in p for p in audit.check_bundle(elsewhere, anchor=Anchor(repo_key=True, clone=root)).problems)
     unkeyed = tmp_path / "unkeyed"
     shutil.copytree(bundle.path, unkeyed)
     m = json.loads((unkeyed / "model" / "manifest.json").read_text())

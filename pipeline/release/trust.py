@@ -113,6 +113,19 @@ def repo_key(manifest: dict[str, Any], clone: Path | None) -> tuple[bytes, str]:
     if tag.stdout.decode().strip() != commit:
         raise AuditError(f"--repo-key: tag {version} in {clone} is commit {tag.stdout.decode().strip()[:12]}, "
                          f"the manifest names {commit[:12]}")
+    # The path comes from the repository too (params.yaml at the tag), never from the manifest alone: a
+    # rewritten manifest could otherwise point at any committed public key, a test fixture's say.
+    committed = git("show", f"{commit}:params.yaml")
+    try:
+        import yaml
+
+        declared = ((yaml.safe_load(committed.stdout) or {}).get("publish") or {}).get("public_key") \
+            if committed.returncode == 0 else None
+    except (yaml.YAMLError, AttributeError):
+        declared = None
+    if declared != rel:
+        raise AuditError(f"--repo-key: the manifest names {rel} but params.yaml at tag {version} sets "
+                         f"publish.public_key to {declared!r}")
     shown = git("show", f"{commit}:{rel}")
     if shown.returncode != 0:
         raise AuditError(f"--repo-key: {rel} is not committed at {version} in {clone}")
