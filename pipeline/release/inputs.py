@@ -86,7 +86,8 @@ class ReleaseInputs:
             key, f = paths.get(rel, Path(rel).stem), self.root / rel
             files = [f] if f.is_file() else sorted(x for x in f.rglob("*") if x.is_file()) if f.is_dir() else []
             files = [x for x in files if x.suffix in EVAL_SET_SUFFIXES]
-            if files and (key.endswith(("_prompts", "_subset")) or key.startswith("eval")):
+            # prompt sets only: not the judge template, caches or output folders evaluate also reads
+            if files and (key.endswith(("_prompts", "_subset")) or "ifeval" in key):
                 out[key] = files
         return out
 
