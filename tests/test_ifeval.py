@@ -183,6 +183,13 @@ def test_read_responses_bad_line(tmp_path, bad, match):
         ifeval.read_responses(_jsonl(tmp_path / "resp.jsonl", [{"prompt": ROW["prompt"], "response": "hi"}, bad]))
 
 
+def test_bom_and_crlf_accepted(tmp_path):
+    (inp := tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROW).encode() + b"\r\n")
+    (resp := tmp_path / "r.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": ROW["prompt"], "response": "hi"}).encode() + b"\r\n")
+    strict, _ = ifeval.evaluate(ifeval.read_ifeval(inp), ifeval.read_responses(resp))
+    assert strict[0]["follow_instruction_list"] == [True]
+
+
 def test_evaluate_missing_response_names_the_input_line(tmp_path):
     rows = ifeval.read_ifeval(_jsonl(tmp_path / "in.jsonl", [ROW]))
     with pytest.raises(DataError, match=r"in.jsonl:1: a response for every prompt"):
