@@ -193,7 +193,8 @@ def eval_inputs(tmp_path, tiny_model_dir, other_model_dir) -> Inputs:
               "rejected": [{"role": "assistant", "content": f"bad {i}"}]} for i in range(5)]
     pd.DataFrame(pairs).to_parquet(tmp_path / "test.parquet")
     eval_rows = [{"id": f"e{i}", "prompt": f"Tell me about topic {i} in capital letters.",
-                  "constraints": [{"type": "uppercase"}, {"type": "word_count", "min": 3}]} for i in range(6)]
+                  "instruction_id_list": ["change_case:english_capital", "length_constraints:number_words"],
+                  "kwargs": [{}, {"relation": "at least", "num_words": 3}]} for i in range(6)]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
     general = [{"id": f"g{i}", "prompt": f"Everyday question number {i}"} for i in range(4)]
     (tmp_path / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general))

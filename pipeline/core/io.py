@@ -100,6 +100,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             for lineno, raw in enumerate(f, start=1):
                 try:
                     line = raw.decode("utf-8")
+                    if lineno == 1:
+                        line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors)
                 except UnicodeDecodeError as e:
                     raise DataError(path, lineno, "UTF-8 encoding", f"undecodable byte at column {e.start + 1}") from None
                 if not line.strip():
