@@ -5,7 +5,8 @@
 Workloads (the real defaults): sampling = paths.train_prompts with the chat template, params.yaml's
 `generate` decoding (samples_per_prompt, max_new_tokens, temperature, top_p, batch_size, seed); greedy =
 paths.eval_prompts with `evaluate.generation` (max_new_tokens, batch_size). `--quick` takes every k-th
-prompt (24 train, 14 eval) so a run of every candidate fits in ~5 minutes on an idle 2-core machine.
+prompt (12 train x 4 samples = one batch of 48, 16 eval) so 3 repeats of the 4 candidates fit in
+~5-8 minutes on an idle 2-core machine.
 Model: SmolLM2-135M from `paths.base_model` (built with the base_model stage's run() when absent).
 
 Baseline (ratio 1.00): `transformers` = pipeline.lm.generation.generate() as `generate` and `evaluate`
@@ -115,7 +116,7 @@ def main() -> None:
     g, e = params.generate, params.evaluate.generation
     train, evals = read_prompts(ROOT / params.paths.train_prompts), read_prompts(ROOT / params.paths.eval_prompts)
     if args.quick:
-        train, evals = train[:: max(1, len(train) // 24)][:24], evals[:: max(1, len(evals) // 14)][:14]
+        train, evals = train[:: max(1, len(train) // 12)][:12], evals[:: max(1, len(evals) // 16)][:16]
     work = {
         "sampling": (train, dict(max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature, top_p=g.top_p,
                                  num_return_sequences=g.samples_per_prompt, batch_size=g.batch_size, seed=g.seed)),

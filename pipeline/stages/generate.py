@@ -29,7 +29,7 @@ from pipeline.core.params import GenerateParams
 from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "generate"
-READS = ["generate", "paths.train_prompts", "paths.base_model", "paths.generations", "paths.metrics", "paths.converted_models"]
+READS = ["generate", "paths.train_prompts", "paths.base_model", "paths.generations", "paths.metrics"]
 METRICS_FILE = "generate.json"
 
 log = logging.getLogger(__name__)
