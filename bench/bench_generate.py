@@ -5,8 +5,8 @@
 Workloads (the real defaults): sampling = paths.train_prompts with the chat template, params.yaml's
 `generate` decoding (samples_per_prompt, max_new_tokens, temperature, top_p, batch_size, seed); greedy =
 paths.eval_prompts with `evaluate.generation` (max_new_tokens, batch_size). `--quick` takes every k-th
-prompt (12 train x 4 samples = one batch of 48, 16 eval) so 3 repeats of the 4 candidates fit in
-~5-8 minutes on an idle 2-core machine.
+prompt (12 train x 4 samples = one batch of 48; 8 eval prompts) and 3 candidates, so 3 repeats take
+about 5-6 minutes on an idle 2-core machine (estimated from CPU seconds measured under load).
 Model: SmolLM2-135M from `paths.base_model` (built with the base_model stage's run() when absent).
 
 Baseline (ratio 1.00): `transformers` = pipeline.lm.generation.generate() as `generate` and `evaluate`
@@ -35,7 +35,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see pipelin
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CANDIDATES = ("transformers", "transformers-static", "ct2-fp32", "ct2-int8")
+# "@bN" runs a backend at batch size N instead of params.yaml's (sequences per forward pass).
+CANDIDATES = ("transformers", "transformers-static", "transformers-static@b96", "ct2-fp32", "ct2-int8", "ct2-int8@b96")
+QUICK = ("transformers", "transformers-static", "ct2-int8")
 
 
 def cpu_s() -> float:
@@ -79,12 +81,16 @@ def ensure_base_model(params) -> Path:
 def make_runner(name: str, model_dir: Path, model, tok, cache_root: Path):
     from pipeline.lm import ct2, generation
 
+    base, _, batch = name.partition("@b")  # "ct2-int8@b96": the same backend at another batch size
+
     def run(prompts, **kw):
-        if name == "transformers":
+        if batch:
+            kw["batch_size"] = int(batch)
+        if base == "transformers":
             return generation.generate(model, tok, prompts, **kw)
-        if name == "transformers-static":
+        if base == "transformers-static":
             return generation.generate(model, tok, prompts, cache="static", **kw)
-        q = {"ct2-fp32": "float32", "ct2-int8": "int8"}[name]
+        q = {"ct2-fp32": "float32", "ct2-int8": "int8"}[base]
         return ct2.generate(model_dir, tok, prompts, quantization=q, cache_root=cache_root, **kw)
     return run
 
@@ -102,7 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset of the prompts (~5 minutes on an idle 2-core machine)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--candidates", default=None, help=f"comma-separated; default {','.join(CANDIDATES)} "
+                    f"(--quick: {','.join(QUICK)})")
     ap.add_argument("--backend", default="ct2-int8", help="the candidate the last line reports")
     ap.add_argument("--workloads", default="sampling,greedy")
     args = ap.parse_args()
@@ -116,14 +123,14 @@ def main() -> None:
     g, e = params.generate, params.evaluate.generation
     train, evals = read_prompts(ROOT / params.paths.train_prompts), read_prompts(ROOT / params.paths.eval_prompts)
     if args.quick:
-        train, evals = train[:: max(1, len(train) // 12)][:12], evals[:: max(1, len(evals) // 16)][:16]
+        train, evals = train[:: max(1, len(train) // 12)][:12], evals[:: max(1, len(evals) // 8)][:8]
     work = {
         "sampling": (train, dict(max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature, top_p=g.top_p,
                                  num_return_sequences=g.samples_per_prompt, batch_size=g.batch_size, seed=g.seed)),
         "greedy": (evals, dict(max_new_tokens=e.max_new_tokens, do_sample=False, batch_size=e.batch_size, seed=0)),
     }
     work = {k: v for k, v in work.items() if k in args.workloads.split(",")}
-    names = args.candidates.split(",")
+    names = (args.candidates or ",".join(QUICK if args.quick else CANDIDATES)).split(",")
     if "transformers" not in names:
         names.insert(0, "transformers")
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
@@ -132,7 +139,7 @@ def main() -> None:
     for n in names:  # conversions (cached) outside the timed runs
         if n.startswith("ct2"):
             from pipeline.lm import ct2
-            ct2.converted(model_dir, {"ct2-fp32": "float32", "ct2-int8": "int8"}[n], cache_root)
+            ct2.converted(model_dir, {"ct2-fp32": "float32", "ct2-int8": "int8"}[n.partition("@b")[0]], cache_root)
     load0 = os.getloadavg()
     res: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeats):

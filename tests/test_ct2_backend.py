@@ -108,3 +108,17 @@ def test_stage_selects_ctranslate2_and_records_quantization(tiny_model_dir, tmp_
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ParamsError, match="needs the ctranslate2 package"):
         generate.choose_backend(p)
+
+
+def test_generate_fn_for_evaluate(tiny_model_dir, tok, tmp_path):
+    from pipeline.lm import generation
+    from pipeline.lm.loading import load_causal_lm
+
+    assert generation.generate_fn("transformers") is generation.generate
+    fn = generation.generate_fn("ctranslate2", quantization="float32", cache_root=tmp_path)
+    model = load_causal_lm(tiny_model_dir)
+    kw = dict(max_new_tokens=4, do_sample=False, batch_size=2, seed=0, desc="e")
+    got = fn(model, tok, PROMPTS, **kw)
+    assert got == ct2.generate(tiny_model_dir, tok, PROMPTS, quantization="float32", cache_root=tmp_path, **kw)
+    with pytest.raises(ValueError, match="use transformers or ctranslate2"):
+        generation.generate_fn("onnx")
