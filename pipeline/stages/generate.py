@@ -100,7 +100,8 @@ def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator
         cache = None if p.cache == "dynamic" else p.cache
         texts = generation.generate(model, tokenizer, messages, batch_size=p.batch_size, desc="generate", stats=stats,
                                     cache=cache, **kw)
-        decoding["quantization"] = "float32"
+        if cache:  # recorded only when not the default, so default rows (and dvc.lock) stay as they were
+            decoding["cache"] = cache
     decoding["backend"] = backend
     rows = []
     finished = stats.pop("finished")
@@ -123,7 +124,8 @@ def _body(ctx: StageContext) -> None:
     rows, stats = run(p, prompts, model_dir, converted_models=ctx.path("converted_models"))
     conversion = stats.pop("conversion", None)
     ctx.record.extra["generation_backend"] = {"backend": rows[0]["decoding"]["backend"] if rows else "none",
-                                              "quantization": rows[0]["decoding"].get("quantization") if rows else None,
+                                              "quantization": (rows[0]["decoding"].get("quantization", "float32")
+                                                               if rows else None),
                                               "conversion": conversion}
     out = ctx.path("generations")
     atomic_write_jsonl(out, rows)
