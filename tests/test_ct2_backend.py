@@ -122,3 +122,15 @@ def test_generate_fn_for_evaluate(tiny_model_dir, tok, tmp_path):
     assert got == ct2.generate(tiny_model_dir, tok, PROMPTS, quantization="float32", cache_root=tmp_path, **kw)
     with pytest.raises(ValueError, match="use transformers or ctranslate2"):
         generation.generate_fn("onnx")
+
+
+def test_card_names_backend_and_precision():
+    from types import SimpleNamespace
+
+    from pipeline.release.cards import _generation_backend_lines
+
+    rec = {"generate": {"extra": {"generation_backend": {"backend": "ctranslate2", "quantization": "int8",
+                                                         "conversion": {"key": "ab" * 32, "ctranslate2": "4.8.5"}}}}}
+    text = "\n".join(_generation_backend_lines(SimpleNamespace(lineage=rec)))
+    assert "ctranslate2 backend, weights in int8" in text and "`abababababab`" in text
+    assert _generation_backend_lines(SimpleNamespace(lineage={})) == []
