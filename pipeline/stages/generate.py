@@ -46,18 +46,27 @@ def generator_name(model_dir: str | Path) -> str:
 
 
 def choose_backend(p: GenerateParams) -> str:
+    """The backend `generate.backend` names; a missing library or device is one line naming what to install."""
+    import importlib.util
+
     from pipeline.core.errors import ParamsError
     from pipeline.lm.generation import vllm_available
 
     if p.backend == "transformers":
         return "transformers"
+    if p.backend == "ctranslate2":
+        if importlib.util.find_spec("ctranslate2") is None:
+            raise ParamsError("generate.backend = 'ctranslate2' needs the ctranslate2 package: "
+                              "pip install 'ctranslate2~=4.8.5' (or pip install -e '.[fast]'); or use 'transformers'")
+        return "ctranslate2"
     available = vllm_available()
     if p.backend == "vllm" and not available:
         raise ParamsError("generate.backend = 'vllm' needs the vllm package and a CUDA device; use 'auto' or 'transformers'")
     return "vllm" if available else "transformers"
 
 
-def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator: str | None = None) -> tuple[list[dict], dict[str, Any]]:
+def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator: str | None = None,
+        converted_models: str | Path | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Sample completions for `prompts` (rows from read_prompts) with the model in `model_dir`.
 
     Returns the generation rows (prompt order, then completion index) and the run's statistics.
@@ -75,11 +84,24 @@ def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator
     backend = choose_backend(p)
     if backend == "vllm":
         texts = generation.generate_vllm(str(model_dir), messages, stats=stats, **kw)
+    elif backend == "ctranslate2":
+        from pipeline.lm import ct2
+        from pipeline.lm.loading import load_tokenizer
+
+        if converted_models is None:
+            raise ValueError("the ctranslate2 backend needs converted_models (paths.converted_models)")
+        texts = ct2.generate(model_dir, load_tokenizer(model_dir), messages, batch_size=p.batch_size, desc="generate",
+                             stats=stats, quantization=p.quantization, cache_root=converted_models, **kw)
+        decoding["quantization"] = p.quantization
     else:
         from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
         model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-        texts = generation.generate(model, tokenizer, messages, batch_size=p.batch_size, desc="generate", stats=stats, **kw)
+        cache = None if p.cache == "dynamic" else p.cache
+        texts = generation.generate(model, tokenizer, messages, batch_size=p.batch_size, desc="generate", stats=stats,
+                                    cache=cache, **kw)
+        if cache:  # recorded only when not the default, so default rows (and dvc.lock) stay as they were
+            decoding["cache"] = cache
     decoding["backend"] = backend
     rows = []
     finished = stats.pop("finished")
@@ -100,7 +122,12 @@ def _body(ctx: StageContext) -> None:
     prompts = read_prompts(prompts_path)
     ctx.add_input(prompts_path, rows=len(prompts), name="train_prompts")
     ctx.add_input(model_dir, log_dataset=False)
-    rows, stats = run(p, prompts, model_dir)
+    rows, stats = run(p, prompts, model_dir, converted_models=ctx.path("converted_models"))
+    conversion = stats.pop("conversion", None)
+    ctx.record.extra["generation_backend"] = {"backend": rows[0]["decoding"]["backend"] if rows else "none",
+                                              "quantization": (rows[0]["decoding"].get("quantization", "float32")
+                                                               if rows else None),
+                                              "conversion": conversion}
     out = ctx.path("generations")
     atomic_write_jsonl(out, rows)
     ctx.add_output(out, rows=len(rows))

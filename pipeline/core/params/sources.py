@@ -61,8 +61,12 @@ class GenerateParams(Section):
     top_p: float = Field(gt=0, le=1, description="Nucleus sampling mass.")
     batch_size: int = Field(ge=1, le=4096, description="Sequences per forward pass (prompts per batch = batch_size // samples_per_prompt, at least 1).")
     seed: int = Field(ge=0, description="Base seed; each batch re-seeds from (seed, batch index), so output is a function of inputs and this seed.")
-    backend: Literal["auto", "transformers", "vllm"] = Field(
-        description="transformers: always; vllm: needs vLLM and CUDA; auto: vLLM when both are present, else transformers.")
+    backend: Literal["auto", "transformers", "ctranslate2", "vllm"] = Field(
+        description="transformers: always; ctranslate2: CPU engine (needs the ctranslate2 package); vllm: needs vLLM and CUDA; auto: vLLM when both are present, else transformers.")
+    quantization: Literal["float32", "int8"] = Field(
+        default="float32", description="Weights precision of the ctranslate2 backend; int8 is opt-in and recorded in every row's decoding and in lineage.")
+    cache: Literal["dynamic", "static"] = Field(
+        default="dynamic", description="KV cache of the transformers backend: dynamic grows by concatenation each step; static is preallocated.")
 
 
 class RateParams(Section):

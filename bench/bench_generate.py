@@ -1,0 +1,181 @@
+"""Benchmark: generation backends on the `generate` stage's sampling and `evaluate`'s greedy decoding.
+
+    .venv/bin/python bench/bench_generate.py [--quick] [--repeats 3] [--candidates transformers,ct2-int8,...]
+
+Workloads (the real defaults): sampling = paths.train_prompts with the chat template, params.yaml's
+`generate` decoding (samples_per_prompt, max_new_tokens, temperature, top_p, batch_size, seed); greedy =
+paths.eval_prompts with `evaluate.generation` (max_new_tokens, batch_size). `--quick` takes every k-th
+prompt (12 train x 4 samples = one batch of 48; 8 eval prompts) and 3 candidates, so 3 repeats take
+about 5-6 minutes on an idle 2-core machine (estimated from CPU seconds measured under load).
+Model: SmolLM2-135M from `paths.base_model` (built with the base_model stage's run() when absent).
+
+Baseline (ratio 1.00): `transformers` = pipeline.lm.generation.generate() as `generate` and `evaluate`
+call it today (dynamic KV cache), run in this same process. Candidates run interleaved (A, B, A, B, ...)
+so a change of load hits all alike. Per candidate: medians over --repeats of new tokens/s (wall), new
+tokens per CPU second and CPU seconds per 1,000 completions (getrusage of this process: every thread),
+the process's peak RSS while the candidate ran (polled from /proc), and quality on the same prompts:
+the share of greedy eval completions passing all their constraints (base pass rate), the mean
+constraint-pass fraction of the sampled completions and their `rate` rating histogram. Last line:
+`speedup sampling X.XX greedy Y.YY` (wall tokens/s of --backend over the baseline, medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see pipeline/stages/generate.py
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# "@bN" runs a backend at batch size N instead of params.yaml's (sequences per forward pass).
+CANDIDATES = ("transformers", "transformers-static", "transformers-static@b96", "ct2-fp32", "ct2-int8", "ct2-int8@b96")
+QUICK = ("transformers", "transformers-static", "ct2-int8")
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class PeakRSS:
+    """Max resident set size of this process while the block runs (polled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def poll():
+            while not self._stop.is_set():
+                with open("/proc/self/statm") as f:
+                    self.peak = max(self.peak, int(f.read().split()[1]) * page)
+                time.sleep(0.02)
+        self._t = threading.Thread(target=poll, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def ensure_base_model(params) -> Path:
+    out = ROOT / params.paths.base_model
+    if not (out / "model.safetensors").is_file():
+        from pipeline.core.io import atomic_dir
+        from pipeline.stages import base_model
+
+        print(f"building {out} with the base_model stage (reads the wheel's GGUF)", file=sys.stderr)
+        with atomic_dir(out) as tmp:
+            base_model.run(params.base_model, tmp)
+    return out
+
+
+def make_runner(name: str, model_dir: Path, model, tok, cache_root: Path):
+    from pipeline.lm import ct2, generation
+
+    base, _, batch = name.partition("@b")  # "ct2-int8@b96": the same backend at another batch size
+
+    def run(prompts, **kw):
+        if batch:
+            kw["batch_size"] = int(batch)
+        if base == "transformers":
+            return generation.generate(model, tok, prompts, **kw)
+        if base == "transformers-static":
+            return generation.generate(model, tok, prompts, cache="static", **kw)
+        q = {"ct2-fp32": "float32", "ct2-int8": "int8"}[base]
+        return ct2.generate(model_dir, tok, prompts, quantization=q, cache_root=cache_root, **kw)
+    return run
+
+
+def quality(texts: list[list[str]], rows: list[dict]) -> dict:
+    from pipeline.constraints.checkers import check, pass_fraction
+    from pipeline.stages.rate import rating
+
+    fracs = [pass_fraction(check(t, r["constraints"])) for outs, r in zip(texts, rows, strict=True) for t in outs]
+    return {"all_pass": sum(f == 1.0 for f in fracs) / len(fracs), "mean_pass": statistics.mean(fracs),
+            "ratings": dict(sorted(Counter(rating(f) for f in fracs).items()))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset of the prompts (~5 minutes on an idle 2-core machine)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--candidates", default=None, help=f"comma-separated; default {','.join(CANDIDATES)} "
+                    f"(--quick: {','.join(QUICK)})")
+    ap.add_argument("--backend", default="ct2-int8", help="the candidate the last line reports")
+    ap.add_argument("--workloads", default="sampling,greedy")
+    args = ap.parse_args()
+
+    from pipeline.constraints.checkers import read_prompts
+    from pipeline.core.params import load_params
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
+
+    params = load_params(ROOT / "params.yaml")
+    model_dir = ensure_base_model(params)
+    g, e = params.generate, params.evaluate.generation
+    train, evals = read_prompts(ROOT / params.paths.train_prompts), read_prompts(ROOT / params.paths.eval_prompts)
+    if args.quick:
+        train, evals = train[:: max(1, len(train) // 12)][:12], evals[:: max(1, len(evals) // 8)][:8]
+    work = {
+        "sampling": (train, dict(max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature, top_p=g.top_p,
+                                 num_return_sequences=g.samples_per_prompt, batch_size=g.batch_size, seed=g.seed)),
+        "greedy": (evals, dict(max_new_tokens=e.max_new_tokens, do_sample=False, batch_size=e.batch_size, seed=0)),
+    }
+    work = {k: v for k, v in work.items() if k in args.workloads.split(",")}
+    names = (args.candidates or ",".join(QUICK if args.quick else CANDIDATES)).split(",")
+    if "transformers" not in names:
+        names.insert(0, "transformers")
+    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    cache_root = ROOT / params.paths.converted_models
+    runners = {n: make_runner(n, model_dir, model, tok, cache_root) for n in names}
+    for n in names:  # conversions (cached) outside the timed runs
+        if n.startswith("ct2"):
+            from pipeline.lm import ct2
+            ct2.converted(model_dir, {"ct2-fp32": "float32", "ct2-int8": "int8"}[n.partition("@b")[0]], cache_root)
+    load0 = os.getloadavg()
+    res: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(args.repeats):
+        for w, (rows, kw) in work.items():
+            msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+            for n in names:
+                st: dict = {}
+                c0, t0 = cpu_s(), time.monotonic()
+                with PeakRSS() as rss:
+                    texts = runners[n](msgs, desc=f"{n} {w}", stats=st, **kw)
+                wall, cpu = time.monotonic() - t0, cpu_s() - c0
+                r = {"wall": wall, "cpu": cpu, "tokens": st["new_tokens"], "seqs": st["sequences"], "rss": rss.peak / 2**20,
+                     "load": os.getloadavg()[0], **quality(texts, rows)}
+                res.setdefault((w, n), []).append(r)
+                print(f"rep {rep} {w} {n}: {r}", file=sys.stderr, flush=True)
+    load1 = os.getloadavg()
+    print(f"\nSmolLM2-135M ({model_dir.name}), {'quick' if args.quick else 'full'}: {len(train)} train prompts x "
+          f"{g.samples_per_prompt} samples, {len(evals)} eval prompts greedy; medians of {args.repeats} interleaved repeats; "
+          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; {os.cpu_count()} CPUs\n")
+    print("| workload | backend | new tokens | tokens/s (wall) | tokens/CPU-s | CPU s per 1,000 completions | peak RSS MB "
+          "| ratio tokens/s | ratio tokens/CPU-s | all constraints pass | mean pass fraction | ratings |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    speed: dict[tuple[str, str], float] = {}
+    for (w, n), rs in res.items():
+        med = {k: statistics.median(x[k] for x in rs) for k in ("wall", "cpu", "tokens", "seqs", "rss", "all_pass", "mean_pass")}
+        tps = statistics.median(x["tokens"] / x["wall"] for x in rs)
+        tpc = statistics.median(x["tokens"] / x["cpu"] for x in rs)
+        speed[(w, n)], speed[(w, n, "cpu")] = tps, tpc
+        b, bc = speed[(w, "transformers")], speed[(w, "transformers", "cpu")]
+        print(f"| {w} | {n} | {med['tokens']:.0f} | {tps:.1f} | {tpc:.1f} | {1000 * med['cpu'] / med['seqs']:.0f} | {med['rss']:.0f} "
+              f"| {tps / b:.2f} | {tpc / bc:.2f} | {med['all_pass']:.3f} | {med['mean_pass']:.3f} | {rs[0]['ratings']} |")
+    ratio = {w: speed.get((w, args.backend), float("nan")) / speed[(w, "transformers")] for w in work}
+    cratio = {w: speed.get((w, args.backend, "cpu"), float("nan")) / speed[(w, "transformers", "cpu")] for w in work}
+    print(f"\n{args.backend} per CPU second: sampling {cratio.get('sampling', float('nan')):.2f} greedy {cratio.get('greedy', float('nan')):.2f}")
+    print(f"speedup sampling {ratio.get('sampling', float('nan')):.2f} greedy {ratio.get('greedy', float('nan')):.2f}")
+
+
+if __name__ == "__main__":
+    main()
