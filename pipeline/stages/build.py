@@ -174,6 +174,10 @@ def _body(ctx: StageContext) -> None:
     sets = eval_sets_for(pr.data, pr.paths.eval_prompts)
     for s in sets:
         ctx.add_input(ctx.root / s.path if not Path(s.path).is_absolute() else s.path, name=f"eval:{s.name}")
+    from pipeline.lm.template import check_template_dir
+
+    base = ctx.path("base_model")
+    ctx.record.extra["chat_template_sha256"] = check_template_dir(base, base, "build")  # token_length counts with it
     reports = ctx.path("reports")
     out = ctx.path("dataset")
     with atomic_dir(out) as tmp:
