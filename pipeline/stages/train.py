@@ -182,7 +182,15 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
             ref_cache_key={"model": model_sha256, "chat_template": fingerprint["chat_template"]})
         setup_s = time.monotonic() - t0
         t1 = time.monotonic()
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume is not None and checkpoints.is_final(resume):
+            # transformers resumed at max_steps trains one step more; the final checkpoint is the result
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume))
+            trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+            output = None
+        else:
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         train_s, cpu_s = time.monotonic() - t1, time.process_time() - cpu0
     peak_train_mb = peak_rss_mb()
     _save_trained(trainer, p, out_dir)
@@ -203,7 +211,7 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
     # TRL counts tokens (non-padding, all ranks) from the start of this process, so the rate is this run's.
     tokens = float(last.get("num_tokens", 0.0)) if trained_steps > 0 else float("nan")
     metrics = {
-        "train_loss": run_loss(history), "train_loss_this_process": float(output.training_loss),
+        "train_loss": run_loss(history), "train_loss_this_process": float(output.training_loss) if output else 0.0,
         "final_loss": last.get("loss", float("nan")),
         **{k.replace("/", "_"): v for k, v in last.items() if k.startswith(("rewards/", "logps/"))},
         "steps": global_step, "epochs": float(epoch or 0), "pairs": len(train),

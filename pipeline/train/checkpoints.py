@@ -53,6 +53,15 @@ def is_complete(path: Path) -> bool:
     return has_weights and has_optimizer and has_scheduler and has_rng
 
 
+def is_final(path: Path) -> bool:
+    """Whether a complete checkpoint already holds the last planned step (nothing is left to train)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return int(state.get("max_steps") or 0) > 0 and int(state.get("global_step", 0)) >= int(state["max_steps"])
+
+
 def last_complete(folder: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     if not folder.is_dir():
