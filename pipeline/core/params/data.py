@@ -93,6 +93,9 @@ class RowRules(Section):
     prompt_ends_with_user: RuleAction = Field(description="The last prompt message is a user turn.")
     ratings_in_range: RuleAction = Field(description="Every rating lies in the source's rating range.")
     unique_ids: RuleAction = Field(description="No two rows share an id.")
+    no_control_chars: RuleAction = Field(
+        default="quarantine", description="No prompt or completion text holds a control character (NUL and the "
+        "other C0/C1 codes) other than tab, newline, and carriage return as part of CRLF.")
 
 
 class PairRules(Section):
