@@ -44,6 +44,7 @@ def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     out = tmp_path_factory.mktemp("smollm-tokenizer")
     tok.save_pretrained(out)
+    write_template_lock(out)
     return out
 
 

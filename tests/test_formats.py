@@ -202,18 +202,28 @@ def test_file_layouts_and_broken_lines(tmp_path):
         read("pairs", tmp_path / "x.csv") if (tmp_path / "x.csv").write_text("a") else None
 
 
-def test_hub_source_offline_is_a_clear_source_error(monkeypatch):
+def test_hub_source_offline_is_a_clear_source_error(monkeypatch, tmp_path):
+    """A Hub source is a pointer file (a local file DVC tracks) naming the dataset and its commit."""
+    from pipeline.core.params import DataParams
+    from pipeline.stages import ingest
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = "hf://datasets/openbmb/UltraFeedback@" + "0" * 40
+    pointer = tmp_path / "uf.hub.json"
+    pointer.write_text(json.dumps({"dataset": "openbmb/UltraFeedback", "revision": "0" * 40}))
+    data = DataParams.model_validate({"sources": [{"name": "uf", "format": "ultrafeedback", "path": str(pointer),
+                                                   "license": "MIT"}]})
     with pytest.raises(SourceError, match=r"cannot load dataset openbmb/UltraFeedback@0{40} split train "
                                           r"\(HF_HUB_OFFLINE is set"):
-        list(READERS["ultrafeedback"](path, DataSource(name="uf", format="ultrafeedback", path=path, license="MIT")))
+        ingest.run(data, None, tmp_path / "out", tmp_path)
+    pointer.write_text(json.dumps({"dataset": "openbmb/UltraFeedback", "revision": "main"}))
+    with pytest.raises(DataError, match=r"uf\.hub\.json: Hub pointer"):
+        ingest.run(data, None, tmp_path / "out", tmp_path)
 
 
 def test_source_params_are_checked():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="pin a commit"):
+    with pytest.raises(ValidationError, match="DVC cannot depend on an hf:// URL.*pin a 40-hex commit"):
         DataSource(name="uf", format="ultrafeedback", path="hf://datasets/openbmb/UltraFeedback@main", license="MIT")
     with pytest.raises(ValidationError, match="min < max"):
         src("pairs", rating_range=(1, 1))
