@@ -243,9 +243,9 @@ def test_eval_logp_and_kl_keys_name_model_dtype_and_code(tmp_path, monkeypatch):
     fake_tok = SimpleNamespace(pad_token_id=0)
     pair = [([{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a"}])]
 
-    def run(models, folder, cache):
+    def run(models, folder, cache, max_length=64):
         calls.clear()
-        logps(models, folder, pair, p, 64, cache, "t")
+        logps(models, folder, pair, p, max_length, cache, "t")
         kls(models, folder, folder, [pair[0][0]], ["a"], p, cache)
         return list(calls)
 
@@ -253,6 +253,7 @@ def test_eval_logp_and_kl_keys_name_model_dtype_and_code(tmp_path, monkeypatch):
     models = Models(loader=lambda f: (None, fake_tok))
     models.known(_model_dir(tmp_path, "m"), "a" * 64)
     assert run(models, tmp_path / "m", cache) == ["logp", "kl"] and run(models, tmp_path / "m", cache) == []
+    assert run(models, tmp_path / "m", cache, max_length=32) == ["logp"], "max_length (truncation)"
     other = Models(loader=lambda f: (None, fake_tok))
     other.known(tmp_path / "m", "b" * 64)
     assert run(other, tmp_path / "m", cache) == ["logp", "kl"], "model sha256"
