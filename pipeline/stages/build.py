@@ -113,7 +113,13 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
         table = pairs.with_format("arrow")[:]  # a zero-copy slice of the memory-mapped pairs
         for name in ("train", "test"):
             write_parquet(table, np.flatnonzero((split == name) & ~q), pair_checks.COLUMNS, out_dir / f"{name}.parquet")
-        write_parquet(table, np.flatnonzero(~q), PROVENANCE, out_dir / "provenance.parquet")
+        import pyarrow as pa
+
+        over = np.zeros(len(frame), dtype=bool)
+        over[outcome.truncated] = True  # kept for TRL to truncate (token_length: truncate)
+        table = table.append_column("truncated", pa.array(over)).append_column(
+            "tokens_max", pa.array(np.asarray(frame["tokens_max"], dtype=np.int64) if len(frame) else [], pa.int64()))
+        write_parquet(table, np.flatnonzero(~q), (*PROVENANCE, "truncated", "tokens_max"), out_dir / "provenance.parquet")
         step("wrote Parquet")
         quarantine_lines = []
         for i in sorted(outcome.quarantined):
@@ -151,6 +157,7 @@ def _metrics(summary, counts, bin_counts, n_kept, n_no_pair, n_pairs, outcome, n
         m[f"binarize.{k}"] = bin_counts.get(k, 0)
     m["pairs_built"] = n_pairs
     m["pairs_quarantined"] = len(outcome.quarantined)
+    m["pairs_truncated"] = len(outcome.truncated)  # longer than max_length, left for TRL to cut
     m["pairs_train"], m["pairs_test"] = n_train, n_test
     m["prompts_train"], m["prompts_test"] = prompts["train"], prompts["test"]
     filtered = sum(counts.get(k, 0) for k in ("decontaminated", "weight", "exact_duplicate", "near_duplicate"))

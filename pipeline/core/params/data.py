@@ -113,8 +113,10 @@ class PairRules(Section):
     required_columns: RuleAction = Field(description="Every contract column is present and not null.")
     text_not_blank: RuleAction = Field(description="Prompt, chosen and rejected have non-blank text.")
     chosen_differs: RuleAction = Field(description="Chosen and rejected texts differ.")
-    token_length: RuleAction = Field(description="prompt+chosen and prompt+rejected, after the chat template, "
-                                     "fit in validate.max_length tokens.")
+    token_length: Literal["fail", "quarantine", "truncate"] = Field(
+        description="prompt+chosen and prompt+rejected, after the chat template, fit in validate.max_length tokens. "
+        "truncate keeps a longer pair for TRL to truncate as train.dpo.truncation_mode says (keep_start: the "
+        "completion's end is cut), flagged per pair in provenance and counted in metrics/data.json.")
     unique_ids: RuleAction = Field(description="No two pairs share an id.")
     prompts_disjoint_across_splits: RuleAction = Field(description="No prompt hash is in both train and test.")
 
