@@ -368,3 +368,12 @@ def test_run_loss_is_the_mean_over_every_logged_step():
     history = [{"loss": 0.6, "step": 2}, {"loss": 0.4, "step": 4}, {"train_runtime": 1.0, "step": 4}]
     assert run_loss(history) == pytest.approx(0.5)
     assert run_loss([]) != run_loss([])  # NaN: no logged loss
+
+
+def test_card_training_section_says_whether_the_run_resumed():
+    from pipeline.release.cards import _resume_line
+
+    yes = _resume_line({"resumed": 1.0, "resumed_from_step": 2, "steps": 4}, {})
+    assert yes.startswith("resumed: yes, from the checkpoint at step 2 of 4")
+    no = _resume_line({"resumed": 0.0, "steps": 4}, {"restart_reason": "checkpoints ... (plan.device: 'cpu' -> 'cuda')"})
+    assert no.startswith("resumed: no (4 steps in one run; checkpoints") and "plan.device" in no
