@@ -44,6 +44,7 @@ def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     out = tmp_path_factory.mktemp("smollm-tokenizer")
     tok.save_pretrained(out)
+    write_template_lock(out)
     return out
 
 
@@ -68,4 +69,15 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     for f in smollm_tokenizer_dir.iterdir():
         shutil.copy(f, out / f.name)
+    write_template_lock(out)
     return out
+
+
+def write_template_lock(model_dir: Path) -> None:
+    """The SOURCE.json record `base_model` writes (the chat template lock later stages check)."""
+    import json
+
+    from pipeline.lm.loading import load_tokenizer
+    from pipeline.lm.template import template_record
+
+    (model_dir / "SOURCE.json").write_text(json.dumps(template_record(load_tokenizer(model_dir))))

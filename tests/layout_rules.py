@@ -94,6 +94,7 @@ def uncovered_imports(root: Path, dvc_yaml: Path | None = None) -> list[str]:
     spec = yaml.safe_load((dvc_yaml or root / "dvc.yaml").read_text(encoding="utf-8"))
     out = []
     for name, stage in spec.get("stages", {}).items():
+        stage = stage.get("do", stage)  # a foreach stage: its body
         m = _STAGE_CMD.search(str(stage.get("cmd", "")))
         if not m:
             continue

@@ -341,6 +341,7 @@ def test_dataset_schema_and_provenance(built):
     assert uf and uf[0]["generator_chosen"] == "a" and uf[0]["license"] == "MIT"
     assert {"aspect": "honesty", "value": None} in uf[0]["ratings_chosen"]
     assert {p["seed"] for p in prov} == {42} and {p["split"] for p in prov} == {"train", "test"}
+    assert not any(p["truncated"] for p in prov) and all(p["tokens_max"] > 0 for p in prov)  # quarantine mode
     test_hashes = set(pq.read_table(tmp / "dataset" / "test.parquet").column("prompt_hash").to_pylist())
     assert not test_hashes & set(train.column("prompt_hash").to_pylist())
 
@@ -370,3 +371,43 @@ def test_source_weights_and_near_dup_off(built, smollm_tokenizer_dir):
     assert 15 <= m["filtered.weight"] <= 45 and m["filtered.near_duplicate"] == 0 and m["rows_unaccounted"] == 0
     filtered = [json.loads(x) for x in (tmp / "weighted" / "filtered.jsonl").read_text().splitlines()]
     assert all(f["id"].startswith("hh:") for f in filtered if f["reason"] == "weight")
+
+
+def test_token_length_truncate_keeps_long_pairs_flagged_and_counted(counter, tmp_path):
+    """token_length: truncate keeps pairs over max_length (TRL truncates them at training), outside the
+    quarantine budget, and names them; quarantine would have set the same pairs aside."""
+    rows, Dataset = _pairs(8)
+    for i in (2, 5):
+        _break(rows, "token_length", i)
+    rules = {r: "quarantine" for r in PairRules.model_fields}
+    v = PARAMS.validate_.model_copy(update={"max_length": 128, "max_quarantine_fraction": 0.0,
+                                            "pairs": PairRules(**{**rules, "token_length": "truncate"})})
+    outcome, frame, _ = build.check_pairs(Dataset.from_list(rows), counter, v, tmp_path, "report.json", 4)
+    assert outcome.error is None and outcome.quarantined == {} and outcome.truncated == [2, 5]
+    assert json.loads((tmp_path / "report.json").read_text())["rules"]["token_length"] == {"action": "truncate",
+                                                                                         "failed_rows": 2}
+    q = PARAMS.validate_.model_copy(update={"max_length": 128, "max_quarantine_fraction": 1.0,
+                                            "pairs": PairRules(**rules)})
+    assert set(build.check_pairs(Dataset.from_list(rows), counter, q, None, "r", 4)[0].quarantined) == {2, 5}
+
+
+def test_truncate_mode_keeps_long_pairs_and_records_them(built, smollm_tokenizer_dir):
+    """The same validated rows at max_length 256 with token_length: truncate: the long hh-rlhf/LLaMA-Factory
+    pairs are kept, flagged per pair in provenance and counted in the metrics."""
+    import pyarrow.parquet as pq
+
+    tmp, first = built
+    data = _sources(tmp)
+    p = PARAMS.build.model_copy(update={"seed": 42, "test_fraction": 0.2, "batch_size": 16})
+    rules = PARAMS.validate_.pairs.model_copy(update={"token_length": "truncate"})
+    v = PARAMS.validate_.model_copy(update={"max_length": 256, "max_quarantine_fraction": 0.5, "pairs": rules})
+    for d in ("trunc", "reports-trunc"):
+        (tmp / d).mkdir(exist_ok=True)
+    m = build.run(tmp / "validated", data, p, v, build.eval_sets_for(data, str(tmp / "eval.jsonl")),
+                  smollm_tokenizer_dir, tmp / "trunc", tmp / "reports-trunc", tmp)
+    prov = pq.read_table(tmp / "trunc" / "provenance.parquet").to_pylist()
+    flagged = [r for r in prov if r["truncated"]]
+    assert m["pairs_truncated"] == len(flagged) > 0 and all(r["tokens_max"] > 256 for r in flagged)
+    quarantined = [json.loads(x) for x in (tmp / "trunc" / "quarantine.jsonl").read_text().splitlines()]
+    assert not any("token_length" in q["rules"] for q in quarantined)  # no pair set aside for its length
+    assert m["pairs_train"] + m["pairs_test"] >= first["pairs_train"] + first["pairs_test"]

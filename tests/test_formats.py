@@ -202,20 +202,63 @@ def test_file_layouts_and_broken_lines(tmp_path):
         read("pairs", tmp_path / "x.csv") if (tmp_path / "x.csv").write_text("a") else None
 
 
-def test_hub_source_offline_is_a_clear_source_error(monkeypatch):
+def test_hub_source_offline_is_a_clear_source_error(monkeypatch, tmp_path):
+    """A Hub source is a pointer file (a local file DVC tracks) naming the dataset and its commit."""
+    from pipeline.core.params import DataParams
+    from pipeline.stages import ingest
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = "hf://datasets/openbmb/UltraFeedback@" + "0" * 40
+    pointer = tmp_path / "uf.hub.json"
+    pointer.write_text(json.dumps({"dataset": "openbmb/UltraFeedback", "revision": "0" * 40}))
+    data = DataParams.model_validate({"sources": [{"name": "uf", "format": "ultrafeedback", "path": str(pointer),
+                                                   "license": "MIT"}]})
     with pytest.raises(SourceError, match=r"cannot load dataset openbmb/UltraFeedback@0{40} split train "
                                           r"\(HF_HUB_OFFLINE is set"):
-        list(READERS["ultrafeedback"](path, DataSource(name="uf", format="ultrafeedback", path=path, license="MIT")))
+        ingest.run(data, None, tmp_path / "out", tmp_path)
+    pointer.write_text(json.dumps({"dataset": "openbmb/UltraFeedback", "revision": "main"}))
+    with pytest.raises(DataError, match=r"uf\.hub\.json: Hub pointer"):
+        ingest.run(data, None, tmp_path / "out", tmp_path)
 
 
 def test_source_params_are_checked():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="pin a commit"):
+    with pytest.raises(ValidationError, match="DVC cannot depend on an hf:// URL.*pin a 40-hex commit"):
         DataSource(name="uf", format="ultrafeedback", path="hf://datasets/openbmb/UltraFeedback@main", license="MIT")
     with pytest.raises(ValidationError, match="min < max"):
         src("pairs", rating_range=(1, 1))
     with pytest.raises(ValidationError, match="applies to format `rated` only"):
         src("pairs", aspects=["x"])
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json-array", "jsonl.gz", "json.gz"])
+def test_bom_crlf_and_blank_last_line_read_as_the_same_rows(tmp_path, layout):
+    recs = [{"prompt": "q1", "chosen": "a\nb", "rejected": "c"}, {"prompt": "q2", "chosen": "d", "rejected": "e"}]
+    if layout.startswith("json-array") or layout == "json.gz":
+        text = "[\n" + ",\n".join(json.dumps(r) for r in recs) + "\n]\n"
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in recs)
+    suffix = {"jsonl": ".jsonl", "json-array": ".json", "jsonl.gz": ".jsonl.gz", "json.gz": ".json.gz"}[layout]
+
+    def write(name: str, data: str, bom: bool) -> str:
+        raw = (b"\xef\xbb\xbf" if bom else b"") + data.encode("utf-8")
+        path = tmp_path / (name + suffix)
+        path.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+        return path
+
+    def rows(path) -> list:
+        return [(r["prompt"], r["completions"], r["source_line"]) for r in read("pairs", path)]
+
+    plain = rows(write("plain", text, bom=False))
+    assert len(plain) == 2
+    assert rows(write("bom", text, bom=True)) == plain
+    assert rows(write("crlf", text.replace("\n", "\r\n"), bom=False)) == plain
+    assert rows(write("all", text.replace("\n", "\r\n") + "\r\n", bom=True)) == plain  # + a blank last line
+
+
+def test_bom_is_dropped_only_at_the_start(tmp_path):
+    rec = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    mid = tmp_path / "m.jsonl"
+    mid.write_bytes(rec.encode() + b"\n\xef\xbb\xbf" + rec.encode() + b"\n")
+    with pytest.raises(DataError, match=r"m\.jsonl:2: valid JSON"):
+        read("pairs", mid)

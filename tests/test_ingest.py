@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.errors import DataError, ParamsError, SourceError
+from pipeline.core.errors import DataError, SourceError
 from pipeline.core.lineage import sha256_file
 from pipeline.core.params import DataParams, load_params
 from pipeline.stages import ingest
@@ -65,10 +65,9 @@ def test_sources_limits_and_errors(tmp_path):
     with pytest.raises(DataError, match=r"empty\.jsonl: \[e\] source has rows: no rows were read"):
         ingest.run(none, PARAMS.paths, tmp_path, tmp_path)
 
-    ref = DataParams.model_validate({"sources": [{"name": "r", "format": "pairs", "path": "${paths.nope}",
-                                                  "license": "MIT"}]})
-    with pytest.raises(ParamsError, match=r"unknown reference paths\.nope"):
-        ingest.run(ref, PARAMS.paths, tmp_path, tmp_path)
+    with pytest.raises(ValueError, match=r"DVC does not interpolate"):  # DVC could not track such a path
+        DataParams.model_validate({"sources": [{"name": "r", "format": "pairs", "path": "${paths.rated}",
+                                                "license": "MIT"}]})
     missing = DataParams.model_validate({"sources": [{"name": "m", "format": "pairs", "path": "nope.jsonl",
                                                       "license": "MIT"}]})
     with pytest.raises(SourceError, match=r"data.sources\[m\]: .*nope\.jsonl does not exist"):
@@ -99,14 +98,24 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     eval_prompts.parent.mkdir(parents=True)
     eval_prompts.write_text(json.dumps({"id": "eval-1", "prompt": "Write a haiku about the number 3.",
                                         "constraints": []}) + "\n")
+    from pipeline.stages import decontam_set
+
+    params_file = tmp_path / "params.yaml"
+    for source in raw["data"]["sources"]:
+        name = source["name"]
+        run_stage(f"ingest_source.{name}", ingest.SOURCE_READS, ingest._source_body(name), params_file=params_file,
+                  root=tmp_path)
+    run_stage("decontam_set._own", decontam_set.OWN_READS, decontam_set._body_for("_own"), params_file=params_file,
+              root=tmp_path)
     for mod in (ingest, validate, build):
-        run_stage(mod.STAGE, mod.READS, mod._body, params_file=tmp_path / "params.yaml", root=tmp_path)
+        run_stage(mod.STAGE, mod.READS, mod._body, params_file=params_file, root=tmp_path)
 
     p = raw["paths"]
     metrics = json.loads((tmp_path / p["metrics"] / "data.json").read_text())
     assert metrics["read"] == 42 and metrics["read.lf"] == 30 and metrics["rows_unaccounted"] == 0
     assert metrics["filtered.decontaminated.eval_prompts"] == 1  # "...the number 3." is an eval prompt
-    assert metrics["pairs_train"] + metrics["pairs_test"] == 41
+    # one LLaMA-Factory prompt holds mojibake C1 controls ("â\x80\x94" for an em dash): no_control_chars
+    assert metrics["pairs_train"] + metrics["pairs_test"] == 40 and metrics["quarantined"] == 1
     for name in ("train.parquet", "test.parquet", "provenance.parquet", "filtered.jsonl"):
         assert (tmp_path / p["dataset"] / name).is_file()
     assert (tmp_path / p["reports"] / "validation" / "docs" / "index.html").is_file()
@@ -117,7 +126,8 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     inputs = {Path(a["path"]).name: a for a in lineage["inputs"]}
     assert inputs["rated.jsonl"]["sha256"] == sha256_file(rated) and inputs["rated.jsonl"]["rows"] == 12
     assert inputs["dpo_en_demo.json"]["rows"] == 30
-    assert set(lineage["params"]) == {"data.sources", "paths.rated", "paths.ingested", "tracking", "paths.lineage"}
+    assert set(lineage["params"]) == {"data.sources", "paths.ingested_sources", "paths.ingested", "tracking",
+                                      "paths.lineage"}
     run_id = lineage["mlflow"]["run_id"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     logged = {i.dataset.name: {t.key: t.value for t in i.tags} for i in client.get_run(run_id).inputs.dataset_inputs}
@@ -128,4 +138,9 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     with rated.open("a") as f:
         f.write('{"instruction": "truncated", "completions": [\n')
     with pytest.raises(DataError, match=r"rated\.jsonl:13: valid JSON"):
-        run_stage(ingest.STAGE, ingest.READS, ingest._body, params_file=tmp_path / "params.yaml", root=tmp_path)
+        run_stage("ingest_source.on-policy", ingest.SOURCE_READS, ingest._source_body("on-policy"),
+                  params_file=params_file, root=tmp_path)
+    # the set file changed after its decontam_set stage recorded it: build refuses to read it
+    eval_prompts.write_text(eval_prompts.read_text() + json.dumps({"id": "eval-2", "prompt": "x", "constraints": []}) + "\n")
+    with pytest.raises(SourceError, match=r"decontamination set eval_prompts: .* its record in .* says"):
+        run_stage(build.STAGE, build.READS, build._body, params_file=params_file, root=tmp_path)

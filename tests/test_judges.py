@@ -42,6 +42,7 @@ class FakeJudgeServer:
         self.fail_first = 0
         self.logprobs = False
         self.reply: str | None = None
+        self.snapshot: str | None = None  # the `model` the server says answered (an alias's snapshot)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,7 +68,8 @@ class FakeJudgeServer:
                                                        "top_logprobs": [
                                                            {"token": verdict, "logprob": math.log(0.8), "bytes": None},
                                                            {"token": " " + other, "logprob": math.log(0.2), "bytes": None}]}]}
-                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0,
+                                 "model": server.snapshot or body["model"],
                                  "choices": [choice]})
 
             def _send(self, code, obj, headers=None):
@@ -131,12 +133,34 @@ def test_openai_judge_is_cached_and_rejudges_on_template_change(server, template
     judge_pairs(OpenAIJudge(_openai_params(server.url)), template, pairs, cache)
     assert len(server.requests) == 2
     judge_pairs(OpenAIJudge(_openai_params(server.url)), template, pairs, cache)
-    assert len(server.requests) == 2  # nothing asked again
+    assert len(server.requests) == 3  # one request to see which snapshot answers; nothing else asked again
     changed = Template(text=template.text + "\nBe strict.", sha256="0" * 64, path="x")
     judge_pairs(OpenAIJudge(_openai_params(server.url)), changed, pairs, cache)
-    assert len(server.requests) == 4
+    assert len(server.requests) == 5
     judge_pairs(OpenAIJudge(_openai_params(server.url, model="other-judge")), template, pairs, cache)
-    assert len(server.requests) == 6
+    assert len(server.requests) == 7
+
+
+def test_openai_judge_cache_is_keyed_by_the_snapshot_that_answered(server, template, tmp_path, monkeypatch):
+    """Found by alias, verified by snapshot: the same alias answered by a new snapshot is a miss."""
+    monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+    cache = EvalCache(tmp_path)
+    pairs = [("Q", "GOOD", "bad"), ("R", "bad", "GOOD")]
+    server.snapshot = "fake-judge-2024-07-18"
+    judge = OpenAIJudge(_openai_params(server.url))
+    judge_pairs(judge, template, pairs, cache)
+    assert len(server.requests) == 4 and judge.snapshot == "fake-judge-2024-07-18"
+    stored = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
+    assert {e["value"]["snapshot"] for e in stored} == {"fake-judge-2024-07-18"}
+    assert all(e["key"]["judge"]["model"] == "fake-judge" for e in stored)  # the alias finds the entry
+    judge_pairs(OpenAIJudge(_openai_params(server.url)), template, pairs, cache)
+    assert len(server.requests) == 5  # the probe only: same snapshot, every verdict reused
+    server.snapshot = "fake-judge-2025-01-01"
+    judge = OpenAIJudge(_openai_params(server.url))
+    judge_pairs(judge, template, pairs, cache)
+    assert len(server.requests) == 5 + 1 + 3  # probe, then the three verdicts of the old snapshot
+    assert judge.snapshot == "fake-judge-2025-01-01"
+    assert {json.loads(p.read_text())["value"]["snapshot"] for p in tmp_path.rglob("*.json")} == {"fake-judge-2025-01-01"}
 
 
 def test_openai_judge_retries_transient_errors(server, template, tmp_path, monkeypatch):

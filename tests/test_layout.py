@@ -82,3 +82,17 @@ def test_planted_missing_dep_is_caught(fixture_tree):
     shutil.rmtree(fixture_tree / "pipeline/train")
     (fixture_tree / "pipeline/eval/stats.py").write_text("")
     assert uncovered_imports(fixture_tree) == []
+
+
+def test_missing_dep_inside_a_foreach_body_is_caught(fixture_tree):
+    (fixture_tree / "dvc.yaml").write_text(textwrap.dedent("""
+        stages:
+          per_item:
+            foreach: [a, b]
+            do:
+              cmd: python -m pipeline.stages.one ${item}
+              deps: [pipeline/stages/one.py]
+    """))
+    (fixture_tree / "pipeline/stages/__init__.py").touch()
+    (fixture_tree / "pipeline/stages/one.py").write_text("from pipeline.core.io import write\n")
+    assert any("stage per_item imports pipeline.core" in line for line in uncovered_imports(fixture_tree))

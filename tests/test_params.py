@@ -104,17 +104,34 @@ def test_top_level_must_be_mapping():
 
 
 def _dvc_stages():
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """Stage name -> its definition (a foreach stage's `do:` body)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: st.get("do", st) for name, st in stages.items()}
+
+
+def _stage_module(stage: str):
+    """(module, READS, argv) of a dvc.yaml stage; a foreach stage runs for its first item."""
+    import re
+
+    cmd = _dvc_stages()[stage]["cmd"]
+    m = re.search(r"python -m (pipeline\.stages\.\w+)(.*)", cmd)
+    module = importlib.import_module(m.group(1))
+    raw_params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    first = {"data.sources": raw_params["data"]["sources"][0]["name"], "data.decontaminate_against": "x"}
+    args = m.group(2).split()
+    item = next((v for k, v in first.items() if k in _dvc_stages()[stage].get("params", [])), None)
+    args = [item if a == "${item.name}" else a for a in args]
+    return module, getattr(module, "DVC_STAGES", {}).get(stage, module.READS), args
 
 
 @pytest.mark.parametrize("stage", list(_dvc_stages()))
 def test_dvc_yaml_lists_exactly_the_params_a_stage_reads(stage):
     from pipeline.core.stage import COMMON_READS
 
-    module = importlib.import_module(f"pipeline.stages.{stage}")
-    assert module.STAGE == stage
+    module, reads, _ = _stage_module(stage)
+    assert module.STAGE == stage or stage in getattr(module, "DVC_STAGES", {})
     declared = _dvc_stages()[stage].get("params", [])
-    assert sorted(declared) == sorted(set(module.READS) | set(COMMON_READS))
+    assert sorted(declared) == sorted(set(reads) | set(COMMON_READS))
     params = load_params(ROOT / "params.yaml")
     for key in declared:  # every listed key resolves in the typed params
         params.section(key)
@@ -127,11 +144,15 @@ def test_typo_stops_every_stage_with_exit_2_and_one_line(stage, raw, tmp_path, m
     bad["tracking"]["experimnet"] = "x"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     monkeypatch.chdir(tmp_path)
-    module = importlib.import_module(f"pipeline.stages.{stage}")
+    module, _, args = _stage_module(stage)
+    monkeypatch.setattr("sys.argv", ["x", *args])
     with pytest.raises(SystemExit) as exc:
         module.main()
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
+    if args:  # a stage run for one item reports itself as <stage>.<item>
+        stage = err[-1].split(": ")[0]
+        assert stage.split(".")[0] in getattr(module, "DVC_STAGES", {}) and "." in stage
     assert err[-1] == f"{stage}: error: {tmp_path / 'params.yaml'}: tracking.experimnet = 'x': unknown key (not allowed here; check spelling)"
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "mlflow.db").exists()

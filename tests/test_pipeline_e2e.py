@@ -28,7 +28,7 @@ def test_dvc_repro_whole_pipeline_then_audit(tiny_model_dir, tmp_path):
                     "sha256": sha256_file(tiny_model_dir / "model.safetensors")},
         generate={"max_prompts": 6, "samples_per_prompt": 2, "max_new_tokens": 16, "batch_size": 12},
         data={"sources": [
-            {"name": "on-policy", "format": "ultrafeedback", "path": "${paths.rated}", "license": "Apache-2.0"},
+            {"name": "on-policy", "format": "ultrafeedback", "path": "outputs/rated.jsonl", "license": "Apache-2.0"},
             {"name": "llama-factory-demo", "format": "sharegpt", "path": str(pairs), "license": "Apache-2.0",
              "max_rows": 40},
         ]},

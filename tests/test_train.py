@@ -271,12 +271,18 @@ def test_completion_only_lm_head_matches_trl(tiny_model_dir):
 
 # -- real training on the tiny model ---------------------------------------------------------------------
 def _run_kwargs(work: Path, tiny_model_dir: Path, data_dir: Path, p, *, ckpt: str = "ckpt", out: str = "out"):
+    """What the stage passes to `run`, with the real sha256 of the model folder and the data."""
+    from pipeline.core.lineage import sha256_path
+    from pipeline.lm.template import check_template_dir
     from pipeline.stages.train import fingerprint
 
     (work / out).mkdir(parents=True, exist_ok=True)
+    model_sha, data_sha = sha256_path(tiny_model_dir), sha256_path(data_dir / "train.parquet")
+    template = check_template_dir(tiny_model_dir, tiny_model_dir, "test")
     return dict(root=ROOT, base_dir=tiny_model_dir, dataset_dir=data_dir, out_dir=work / out,
                 checkpoints_dir=work / ckpt, ref_logps_dir=work / "ref", plots_dir=work / f"plots-{out}",
-                model_sha256="0" * 64, base_ref="models/base", fingerprint=fingerprint(p, "0" * 64, "1" * 64))
+                model_sha256=model_sha, base_ref="models/base",
+                fingerprint=fingerprint(p, model_sha, data_sha, root=ROOT, chat_template_sha256=template))
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +336,48 @@ def test_same_inputs_same_weights_with_warm_reference_cache(first_run, tiny_mode
         assert sha256_file(work / "out2" / f) == sha256_file(work / "out" / f), f
 
 
+def test_changed_model_misses_the_reference_cache(first_run, tiny_model_dir, tmp_path):
+    """The same data and params with other base weights: the reference cache (warm from the first run)
+    misses, and the reference log-probs differ."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.stages.train import run
+
+    work, data, p, first, _ = first_run
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("mlp.down_proj.weight"))
+    weights[name] = weights[name] + 0.05 * torch.ones_like(weights[name])
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    kw = _run_kwargs(work, other, data, p, ckpt="ckpt-other", out="out-other")
+    result = run(p, max_steps=1, **kw)
+    assert result["metrics"]["ref_logps_cache_hit"] == 0.0
+    files = sorted((work / "ref").glob("train-*.safetensors"))
+    assert len(files) == 2  # one per model: nothing was overwritten
+    a, b = (load_file(f)["ref_chosen_logps"] for f in files)
+    assert not torch.equal(a, b)
+
+
+def test_rerun_after_finished_training_reports_the_true_loss_and_resume(first_run, tiny_model_dir):
+    """The stage killed after training but before its outputs were kept: the rerun resumes from the
+    final checkpoint, trains 0 steps, and still reports the whole run's loss and steps, and that it resumed."""
+    from pipeline.stages.train import run
+
+    work, data, p, first, _ = first_run
+    again = run(p, **_run_kwargs(work, tiny_model_dir, data, p, out="out-again"))
+    m = again["metrics"]
+    assert m["resumed"] == 1.0 and m["resumed_from_step"] == 4 and m["steps"] == 4 and m["steps_this_run"] == 0
+    assert m["train_loss"] == pytest.approx(first["metrics"]["train_loss"]) and m["train_loss"] > 0
+    assert again["resume"] == {"resumed": True, "resumed_from_step": 4, "steps_total": 4, "steps_this_run": 0,
+                               "restart_reason": None}
+    assert first["metrics"]["resumed"] == 0.0 and first["resume"]["resumed"] is False
+    assert sha256_file(work / "out-again" / "model.safetensors") == sha256_file(work / "out" / "model.safetensors")
+
+
 def test_sigkill_then_rerun_resumes_to_identical_weights(first_run, tiny_model_dir):
     """Kill the training process after its step-2 checkpoint, leave a partial later checkpoint behind (a
     kill during a write), rerun: it resumes from step 2 and ends with the uninterrupted run's weights."""
@@ -364,6 +412,8 @@ def test_sigkill_then_rerun_resumes_to_identical_weights(first_run, tiny_model_d
     _fake_checkpoint(ckpt, 3, state=False)  # what a kill during checkpoint-3's write would leave
     resumed = run(p, **kw)
     assert resumed["resumed_from"] == "checkpoint-2" and resumed["metrics"]["steps"] == 4
+    assert resumed["metrics"]["resumed"] == 1.0 and resumed["metrics"]["resumed_from_step"] == 2
+    assert resumed["metrics"]["train_loss"] == pytest.approx(first["metrics"]["train_loss"], rel=1e-4)
     assert sha256_file(work / "out-kill" / "model.safetensors") == sha256_file(work / "out" / "model.safetensors")
     rows = (work / "plots-out-kill" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 5  # the curves cover the whole run, restored from the checkpoint's log history

@@ -39,6 +39,8 @@ def breaking(rule: str, i: int) -> list[dict]:
         row["prompt"] = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     elif rule == "ratings_in_range":
         row["completions"][0]["ratings"]["preference"] = 3.0
+    elif rule == "no_control_chars":
+        row["completions"][0]["content"] = "ye\x00s"  # a NUL byte from a broken export
     elif rule == "unique_ids":
         twin = copy.deepcopy(row)
         twin["source_line"] = i + 1000
@@ -137,3 +139,22 @@ def test_broken_line_in_ingested_rows_names_the_line(tmp_path):
     rules = RowRules(**{r: "fail" for r in RULES})
     with pytest.raises(DataError, match=r"rows\.jsonl:2: valid JSON"):
         validate.run(tmp_path / "rows.jsonl", SOURCES, rules, 0.0, tmp_path, None)
+
+
+def test_control_characters_other_than_tab_newline_and_crlf_are_quarantined(tmp_path):
+    ok = good(1)
+    ok["prompt"][0]["content"] = "Col\ta\r\nline two\n"
+    bad = {2: "a\x1bb", 3: "a\rb", 4: "a\x7fb", 5: "tail\r"}
+    rows = [ok]
+    for line, text in bad.items():
+        r = good(line)
+        r["completions"][1]["content"] = text
+        rows.append(r)
+    write_rows(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = validate.run(tmp_path / "rows.jsonl", SOURCES, RowRules(**{r: "quarantine" for r in RULES}), 1.0, out, None)
+    q = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert summary["kept"] == 1 and {e["row"]["source_line"] for e in q} == set(bad)
+    assert all(e["rules"] == ["no_control_chars"] for e in q)
+    assert "control character U+001B in completions[1].content at char 1" in json.dumps(q)

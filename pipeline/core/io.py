@@ -79,9 +79,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def open_text(path: Path):
+    """Text of a (gzipped) UTF-8 file; a leading byte-order mark (Windows exports) is dropped."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict", newline="")
-    return open(path, encoding="utf-8", errors="strict", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="strict", newline="")
+    return open(path, encoding="utf-8-sig", errors="strict", newline="")
 
 
 def _open_binary(path: Path):
@@ -89,7 +90,10 @@ def _open_binary(path: Path):
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, object) for each non-blank line; any bad line is a DataError with file:line."""
+    """Yield (line_number, object) for each non-blank line; any bad line is a DataError with file:line.
+
+    Harmless variations read as the same rows: a UTF-8 byte-order mark, CRLF line ends, blank lines
+    (a blank last line included)."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, "file exists", "no such file")
@@ -99,9 +103,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             # Decode line by line so an encoding error names its own line, not a buffer's.
             for lineno, raw in enumerate(f, start=1):
                 try:
-                    line = raw.decode("utf-8")
-                    if lineno == 1:
-                        line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors)
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(path, lineno, "UTF-8 encoding", f"undecodable byte at column {e.start + 1}") from None
                 if not line.strip():

@@ -347,8 +347,13 @@ def check_pairs(pairs, counter: TokenCounter | None, v: ValidateParams, report_d
         cols = {c: [] for c in (*COLUMNS, "text_min_chars", "chosen_differs", "tokens_max", "split")}
     cols["in_both_splits"] = split_overlap(cols.get("prompt_hash", []), cols["split"])
     frame = pd.DataFrame(cols)
+    actions = v.pairs.model_dump()
+    truncate = actions["token_length"] == "truncate"
+    if truncate:  # GX knows fail | quarantine; the over-long pairs are then taken out of the decision
+        actions["token_length"] = "quarantine"
     results = run_suite("pairs", frame, expectations(list(frame.columns), v.max_length),
-                        v.pairs.model_dump(), docs_dir=report_dir / "docs" if report_dir else None)
+                        actions, docs_dir=report_dir / "docs" if report_dir else None)
+    truncated = sorted(results.pop("token_length").failed) if truncate else []
 
     def excerpt_of(i: int) -> str:
         prompt = pairs[int(i)].get("prompt") or [{}]
@@ -356,6 +361,9 @@ def check_pairs(pairs, counter: TokenCounter | None, v: ValidateParams, report_d
 
     describe = describer(frame, v.max_length, excerpt_of)
     outcome = decide(results, len(frame), v.max_quarantine_fraction, describe, report_name, unit="pairs")
+    outcome.truncated = truncated  # left for TRL to truncate (token_length: truncate)
+    outcome.report["rules"]["token_length"] = {"action": v.pairs.token_length, "failed_rows": len(truncated)} \
+        if truncate else outcome.report["rules"].get("token_length")
     if report_dir is not None:
         outcome.report["data_docs"] = "docs/index.html"
         outcome.report["token_counting"] = dict(counter.stats) if counter else "off (no tokenizer)"

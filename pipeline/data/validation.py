@@ -113,6 +113,7 @@ class Outcome:
     report: dict[str, Any]
     quarantined: dict[int, list[str]]  # frame index -> rules
     error: DataError | None
+    truncated: list[int] = field(default_factory=list)  # kept longer than max_length (token_length: truncate)
 
 
 def decide(results: dict[str, RuleResult], n_rows: int, max_fraction: float,

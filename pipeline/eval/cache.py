@@ -1,7 +1,9 @@
 """A content-addressed store for expensive evaluation results (generations, log-probs, judgments).
 
 Each entry is one small JSON file named by the sha256 of its key: a JSON object naming everything
-the value depends on (model sha256, prompt hash, decoding params, judge id, template hash, ...).
+the value depends on (model sha256, prompt hash, decoding params, judge id, template hash, the code's
+sha256, library versions, device and dtype; see `pipeline.eval.measures.env_key`). The entry stores its
+full key, and a hit requires the stored key to equal the requested one, not just the file name.
 Nothing is ever invalidated in place: when any part of the key changes, the new key simply misses
 and the value is recomputed; stale entries are harmless and can be deleted at any time.
 
@@ -37,12 +39,17 @@ class EvalCache:
         """The stored value, or None on a miss (a corrupt entry counts as a miss and is rewritten)."""
         path = self._file(kind, key)
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))["value"]
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            stored, value = entry["key"], entry["value"]
         except FileNotFoundError:
             self.misses[kind] += 1
             return None
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             log.warning("cache entry %s is unreadable; recomputing it", path)
+            self.misses[kind] += 1
+            return None
+        if stored != json.loads(json.dumps({"kind": kind, **key})):  # compared as stored (JSON round trip)
+            log.warning("cache entry %s holds another key; recomputing it", path)
             self.misses[kind] += 1
             return None
         self.hits[kind] += 1

@@ -14,7 +14,11 @@ A judge turns filled-in judge prompts (the template in `paths.judge_template` wi
   (`max_retries`); requests are spaced to stay under `requests_per_minute`.
 
 `judge_pairs` judges every pair in both orders (to cancel position bias) and caches each judgment
-under (judge id, template sha256, hashes of instruction and both responses). `agreement` measures a
+under (judge id, template sha256, hashes of instruction and both responses, the judge code's sha256
+and, for the local judge, library versions, device and dtype). A remote judge is found by its alias
+(`gpt-4o-mini`) but an entry stores the snapshot that answered (the response's `model`, e.g.
+`gpt-4o-mini-2024-07-18`): before cached verdicts are used one request shows which snapshot answers
+now, and entries from another snapshot are judged again. `agreement` measures a
 judge against human labels (`openrelease judge-agreement FILE`).
 """
 
@@ -76,6 +80,8 @@ def load_template(path: str | Path) -> Template:
 class Judge(Protocol):
     id: dict[str, Any]
     unparsed: int
+    # Remote judges only: the snapshot that answered each prompt of the last `prob_a` call.
+    # snapshots: list[str | None]
 
     def prob_a(self, prompts: Sequence[str]) -> list[float]: ...
 
@@ -86,7 +92,8 @@ class LocalJudge:
     def __init__(self, p: LocalJudgeParams, folder: Path, model_sha256: str,
                  loader: Callable[[Path], tuple[Any, Any]]):
         self.p, self.folder, self.loader = p, folder, loader
-        self.id = {"kind": "local", "model_sha256": model_sha256, "max_length": p.max_length}
+        self.id = {"kind": "local", "model_sha256": model_sha256, "max_length": p.max_length,
+                   "batch_size": p.batch_size, "runtime": _local_runtime(loader, folder)}
         self.unparsed = 0
         self._loaded: tuple[Any, Any, list[list[int]]] | None = None
 
@@ -180,6 +187,7 @@ class OpenAIJudge:
         self.id = {"kind": "openai", "base_url": p.base_url, "model": p.model, "max_tokens": p.max_tokens,
                    "logprobs": p.logprobs, "temperature": 0.0}
         self.unparsed = 0
+        self.snapshots: list[str | None] = []
 
     def _one(self, prompt: str) -> float:
         import openai
@@ -197,6 +205,7 @@ class OpenAIJudge:
         except (openai.APIConnectionError, openai.APITimeoutError) as e:
             raise SourceError(f"judge endpoint {self.p.base_url} cannot be reached "
                               f"after {self.p.max_retries} retries: {e}") from None
+        self.snapshots.append(getattr(resp, "model", None) or None)
         choice = resp.choices[0]
         p = _prob_from_logprobs(choice)
         if p is not None:
@@ -211,7 +220,17 @@ class OpenAIJudge:
     def prob_a(self, prompts: Sequence[str]) -> list[float]:
         from tqdm.auto import tqdm
 
+        self.snapshots = []
         return [self._one(p) for p in tqdm(prompts, desc=f"judge ({self.p.model})", unit="req")]
+
+
+def _local_runtime(loader: Any, folder: Path) -> dict[str, Any]:
+    """Device, dtype, kernel and libraries of a local judge when its loader knows them (`Models.load`)."""
+    from pipeline.core.fingerprint import library_versions
+
+    owner = getattr(loader, "__self__", None)
+    runtime = owner.runtime(folder) if hasattr(owner, "runtime") else {"device": "cpu", "loader": getattr(loader, "__qualname__", type(loader).__name__)}
+    return {**runtime, "versions": library_versions("torch", "transformers", "tokenizers")}
 
 
 def _prob_from_logprobs(choice: Any) -> float | None:
@@ -249,21 +268,44 @@ def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str
                 cache: EvalCache) -> list[tuple[float, float]]:
     """For each (instruction, x, y): (P(x better) shown as A, P(x better) shown as B).
 
-    Judgments already in `cache` are not asked again; only the missing ones go to the judge.
+    Judgments already in `cache` are not asked again; only the missing ones go to the judge. For a remote
+    judge an entry counts only if the snapshot that answered it is the one answering now.
     """
+    from pipeline.core.fingerprint import code_part
+
+    code = code_part("pipeline.eval.judges")
     keys, prompts = [], []
     for instruction, x, y in pairs:
         for a, b in ((x, y), (y, x)):
             keys.append({"judge": judge.id, "template": template.sha256, "instruction": text_sha(instruction),
-                         "a": text_sha(a), "b": text_sha(b)})
+                         "a": text_sha(a), "b": text_sha(b), "code": code})
             prompts.append(template.fill(instruction, a, b))
-    probs: list[float | None] = [cache.get("judgment", k) for k in keys]
-    todo = [i for i, v in enumerate(probs) if v is None]
-    if todo:
-        fresh = judge.prob_a([prompts[i] for i in todo])
-        for i, v in zip(todo, fresh, strict=True):
-            probs[i] = float(v)
-            cache.put("judgment", keys[i], float(v))
+    entries: list[Any] = [cache.get("judgment", k) for k in keys]
+    entries = [e if isinstance(e, dict) and "p" in e else None for e in entries]
+    remote = hasattr(judge, "snapshots")
+    todo = [i for i, e in enumerate(entries) if e is None]
+    if remote and not todo and entries:
+        todo = [0]  # one request shows which snapshot answers the alias now
+    current: str | None = None
+    for _ in range(2):  # new answers; then, once the snapshot is known, entries from another one
+        if todo:
+            fresh = judge.prob_a([prompts[i] for i in todo])
+            answered = list(getattr(judge, "snapshots", [])) or [None] * len(todo)
+            for i, v, snap in zip(todo, fresh, answered, strict=True):
+                entries[i] = {"p": float(v), "snapshot": snap}
+                cache.put("judgment", keys[i], entries[i])
+            current = answered[-1]
+        if not remote:
+            break
+        todo = [i for i, e in enumerate(entries) if e["snapshot"] != current]
+        if todo:
+            log.info("judge %s is answered by snapshot %s now: re-judging %d verdicts from other snapshots",
+                     judge.id.get("model"), current, len(todo))
+            cache.misses["judgment"] += len(todo)
+            cache.hits["judgment"] -= len(todo)
+    if remote:
+        judge.snapshot = current  # what answered; for metrics and lineage
+    probs = [e["p"] for e in entries]
     return [(probs[2 * k], 1.0 - probs[2 * k + 1]) for k in range(len(pairs))]
 
 

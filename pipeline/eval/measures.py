@@ -18,17 +18,21 @@ from pipeline.core.lineage import sha256_json, sha256_path
 from pipeline.core.params import EvaluateParams, GeneralPromptsParams
 from pipeline.eval.cache import EvalCache
 
-# Bump when the way a cached value is computed changes, so old entries stop matching.
-CACHE_VERSION = 2
-
 log = logging.getLogger(__name__)
 
 
 class Models:
-    """Model folders hashed once and loaded on first use (a warm cache loads nothing)."""
+    """Model folders hashed once and loaded on first use (a warm cache loads nothing).
 
-    def __init__(self, loader: Callable[[Path], tuple[Any, Any]] | None = None):
-        self._loader = loader or _load
+    `device` and `attn_implementation` say where and how models run; with the dtype from each folder's
+    config (what transformers loads) they enter every cache key, so they are known before any model is
+    loaded, and a loaded model that does not match them is an error rather than a wrong key.
+    """
+
+    def __init__(self, loader: Callable[[Path], tuple[Any, Any]] | None = None, *, device: str = "cpu",
+                 attn_implementation: str = "sdpa"):
+        self._loader = loader or (lambda folder: _load(folder, attn_implementation))
+        self.device, self.attn_implementation = device, attn_implementation
         self._sha: dict[Path, str] = {}
         self._loaded: dict[Path, tuple[Any, Any]] = {}
         self._tok: dict[Path, Any] = {}
@@ -47,8 +51,24 @@ class Models:
         folder = Path(folder).resolve()
         if folder not in self._loaded:
             log.info("loading %s", folder)
-            self._loaded[folder] = self._loader(folder)
+            model, tok = self._loader(folder)
+            self._check_runtime(folder, model)
+            self._loaded[folder] = (model, tok)
         return self._loaded[folder]
+
+    def runtime(self, folder: Path) -> dict[str, Any]:
+        """Device, dtype and attention kernel the model in `folder` runs with (part of every key)."""
+        return {"device": self.device, "dtype": config_dtype(folder), "attn_implementation": self.attn_implementation}
+
+    def _check_runtime(self, folder: Path, model: Any) -> None:
+        try:
+            param = next(model.parameters())
+        except (AttributeError, StopIteration, TypeError):
+            return  # a test double without parameters
+        have = {"device": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
+        want = self.runtime(folder)
+        if have != {k: want[k] for k in have}:
+            raise RuntimeError(f"{folder}: loaded on {have}, but cache keys name {want}")
 
     def tokenizer(self, folder: Path) -> Any:
         folder = Path(folder).resolve()
@@ -61,10 +81,46 @@ class Models:
         return self._tok[folder]
 
 
-def _load(folder: Path) -> tuple[Any, Any]:
+def _load(folder: Path, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
     from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
-    return load_causal_lm(folder), load_tokenizer(folder)
+    return load_causal_lm(folder, attn_implementation=attn_implementation), load_tokenizer(folder)
+
+
+def config_dtype(folder: Path) -> str:
+    """The dtype transformers loads a checkpoint in by default ("auto": the config's), float32 if unset."""
+    try:
+        cfg = read_json(Path(folder) / "config.json")
+    except DataError:
+        return "float32"
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return str(dtype or "float32").removeprefix("torch.")
+
+
+_CODE: dict[tuple[str, ...], str] = {}
+
+
+def env_key(models: Models, folder: Path, *modules: str, backend: str | None = None) -> dict[str, Any]:
+    """The key parts every cached model output shares: the sha256 of the code that computes it (its
+    import closure), the library versions, the generation backend, device, dtype and attention kernel."""
+    from pipeline.core.fingerprint import code_part, library_versions
+
+    if modules not in _CODE:
+        _CODE[modules] = code_part(*modules)
+    return {"code": _CODE[modules], "versions": library_versions("torch", "transformers", "tokenizers"),
+            "backend": backend, **models.runtime(folder)}
+
+
+def _backend_name(fn: Callable[..., Any]) -> str:
+    """`module.function` of a generation backend, and the version of its library when it is not ours."""
+    from pipeline.core.fingerprint import library_versions
+
+    module = getattr(fn, "__module__", "") or ""
+    name = f"{module}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    top = module.split(".")[0]
+    if top and top != "pipeline":
+        name += f"=={library_versions(top)[top]}"
+    return name
 
 
 # ---------------------------------------------------------------- inputs
@@ -134,9 +190,10 @@ def read_general_prompts(path: Path, gp: GeneralPromptsParams) -> list[dict]:
 def generations(models: Models, folder: Path, convs: list[list[dict]], p: EvaluateParams, cache: EvalCache,
                 generate_fn: Callable[..., list[list[str]]], desc: str) -> list[str]:
     """Greedy responses, generating only those missing from the cache."""
-    decoding = {"do_sample": False, "max_new_tokens": p.generation.max_new_tokens}
+    decoding = {"do_sample": False, "max_new_tokens": p.generation.max_new_tokens, "batch_size": p.generation.batch_size}
     sha = models.sha256(folder)
-    keys = [{"v": CACHE_VERSION, "model": sha, "prompt": sha256_json(c), "decoding": decoding} for c in convs]
+    env = env_key(models, folder, "pipeline.eval.measures", "pipeline.lm.generation", backend=_backend_name(generate_fn))
+    keys = [{"model": sha, "prompt": sha256_json(c), "decoding": decoding, "env": env} for c in convs]
     out = [cache.get("generation", k) for k in keys]
     todo = [i for i, v in enumerate(out) if v is None]
     if todo:
@@ -156,8 +213,9 @@ def logps(models: Models, folder: Path, pairs: list[tuple[list[dict], list[dict]
     from pipeline.lm.scoring import completion_logps, tokenize_completion
 
     sha = models.sha256(folder)
-    keys = [{"v": CACHE_VERSION, "model": sha, "prompt": sha256_json(pr), "completion": sha256_json(co),
-             "max_length": max_length} for pr, co in pairs]
+    env = env_key(models, folder, "pipeline.eval.measures", "pipeline.lm.scoring")
+    keys = [{"model": sha, "prompt": sha256_json(pr), "completion": sha256_json(co), "max_length": max_length,
+             "batch_size": p.score_batch_size, "env": env} for pr, co in pairs]
     out = [cache.get("logp", k) for k in keys]
     todo = [i for i, v in enumerate(out) if v is None]
     if todo:
@@ -175,8 +233,10 @@ def kls(models: Models, policy: Path, base: Path, convs: list[list[dict]], respo
     from pipeline.lm.scoring import completion_kl, tokenize_completion
 
     sp, sb = models.sha256(policy), models.sha256(base)
-    keys = [{"v": CACHE_VERSION, "policy": sp, "ref": sb, "prompt": sha256_json(c), "response": sha256_json(r)}
-            for c, r in zip(convs, responses, strict=True)]
+    env = {"policy": env_key(models, policy, "pipeline.eval.measures", "pipeline.lm.scoring"),
+           "ref": models.runtime(base)}
+    keys = [{"policy": sp, "ref": sb, "prompt": sha256_json(c), "response": sha256_json(r),
+             "batch_size": p.score_batch_size, "env": env} for c, r in zip(convs, responses, strict=True)]
     out = [cache.get("kl", k) for k in keys]
     todo = [i for i, v in enumerate(out) if v is None]
     if todo:

@@ -280,6 +280,7 @@ def _train_section(inp: ReleaseInputs) -> str:
         f"- effective (global) batch size: {fmt(effective)}",
         f"- hardware: {fmt(hardware)}",
         f"- training wall time (s): {fmt(wall)}",
+        f"- {_resume_line(tm, (extra.get('train') or {}).get('resume') or {})}",
         f"- libraries: {', '.join(f'{k} {v}' for k, v in versions.items()) or MISSING}",
         "", "Every training hyperparameter, as the train stage read it:", "",
         _table(["parameter", "value"], [[f"`{k}`", v] for k, v in sorted(hyper.items())]) if hyper else MISSING,
@@ -287,6 +288,19 @@ def _train_section(inp: ReleaseInputs) -> str:
     if tm:
         lines += ["", "Training metrics (`metrics/train.json`):", "", _numbers_table(tm, "training metrics")]
     return "\n".join(lines)
+
+
+def _resume_line(tm: dict[str, Any], resume: dict[str, Any]) -> str:
+    """Whether the run resumed from a checkpoint: the numbers above then cover the whole run."""
+    if not tm and not resume:
+        return f"resumed: {MISSING}"
+    steps = tm.get("steps", resume.get("steps_total"))
+    if tm.get("resumed") or resume.get("resumed"):
+        frm = tm.get("resumed_from_step", resume.get("resumed_from_step"))
+        return (f"resumed: yes, from the checkpoint at step {fmt(frm)} of {fmt(steps)}; loss and steps are the "
+                "whole run's, restored from the checkpoint's trainer state")
+    why = resume.get("restart_reason")
+    return f"resumed: no ({fmt(steps)} steps in one run{'; ' + why if why else ''})"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

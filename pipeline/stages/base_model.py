@@ -123,6 +123,9 @@ def run(p: BaseModelParams, out_dir: Path, scratch: Path | None = None) -> dict[
     tokenizer.save_pretrained(out_dir)
     source["parameters"] = sum(t.numel() for t in model.parameters())
     source["architecture"] = type(model).__name__
+    from pipeline.lm.template import template_record
+
+    source.update(template_record(load_tokenizer(out_dir)))  # the lock later stages check, as saved
     atomic_write_json(out_dir / SOURCE_FILE, source)
     return source
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.errors import DataError, SourceError
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, write_parquet
 from pipeline.core.params import BuildParams, DataParams, EvalPromptSet, ValidateParams
 from pipeline.core.stage import StageContext, stage_main
@@ -49,7 +50,7 @@ from pipeline.data.validation import stepper
 
 STAGE = "build"
 READS = ["build", "data", "validate.pairs", "validate.max_length", "validate.max_quarantine_fraction",
-         "paths.validated", "paths.eval_prompts", "paths.base_model", "paths.dataset", "paths.reports",
+         "paths.validated", "paths.eval_prompts", "paths.decontam_sets", "paths.base_model", "paths.dataset", "paths.reports",
          "paths.metrics"]
 OWN_EVAL_SET = "eval_prompts"
 PROVENANCE = ("id", "source", "source_row", "license", "generator_chosen", "generator_rejected",
@@ -112,7 +113,13 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
         table = pairs.with_format("arrow")[:]  # a zero-copy slice of the memory-mapped pairs
         for name in ("train", "test"):
             write_parquet(table, np.flatnonzero((split == name) & ~q), pair_checks.COLUMNS, out_dir / f"{name}.parquet")
-        write_parquet(table, np.flatnonzero(~q), PROVENANCE, out_dir / "provenance.parquet")
+        import pyarrow as pa
+
+        over = np.zeros(len(frame), dtype=bool)
+        over[outcome.truncated] = True  # kept for TRL to truncate (token_length: truncate)
+        table = table.append_column("truncated", pa.array(over)).append_column(
+            "tokens_max", pa.array(np.asarray(frame["tokens_max"], dtype=np.int64) if len(frame) else [], pa.int64()))
+        write_parquet(table, np.flatnonzero(~q), (*PROVENANCE, "truncated", "tokens_max"), out_dir / "provenance.parquet")
         step("wrote Parquet")
         quarantine_lines = []
         for i in sorted(outcome.quarantined):
@@ -150,6 +157,7 @@ def _metrics(summary, counts, bin_counts, n_kept, n_no_pair, n_pairs, outcome, n
         m[f"binarize.{k}"] = bin_counts.get(k, 0)
     m["pairs_built"] = n_pairs
     m["pairs_quarantined"] = len(outcome.quarantined)
+    m["pairs_truncated"] = len(outcome.truncated)  # longer than max_length, left for TRL to cut
     m["pairs_train"], m["pairs_test"] = n_train, n_test
     m["prompts_train"], m["prompts_test"] = prompts["train"], prompts["test"]
     filtered = sum(counts.get(k, 0) for k in ("decontaminated", "weight", "exact_duplicate", "near_duplicate"))
@@ -167,13 +175,35 @@ def eval_sets_for(data: DataParams, eval_prompts: str) -> list[EvalPromptSet]:
     return sets
 
 
+def check_set_records(sets: list[EvalPromptSet], eval_prompts: str, records: Path, root: Path) -> None:
+    """Each set file must be the one its decontam_set stage hashed (so DVC tracked what build reads)."""
+    from pipeline.core.lineage import sha256_file
+
+    for s in sets:
+        name = "_own" if Path(s.path) == Path(eval_prompts) else s.name
+        try:
+            want = read_json(records / f"{name}.json").get("sha256")
+        except DataError:
+            want = None
+        file = Path(s.path) if Path(s.path).is_absolute() else root / s.path
+        have = sha256_file(file) if file.is_file() else "missing"
+        if have != want:
+            raise SourceError(f"decontamination set {s.name}: {s.path} has sha256 {have[:16]}, its record in "
+                              f"{records} says {str(want)[:16]} (run `dvc repro build`)")
+
+
 def _body(ctx: StageContext) -> None:
     pr = ctx.params
     validated = ctx.path("validated")
     ctx.add_input(validated, name="validated")
     sets = eval_sets_for(pr.data, pr.paths.eval_prompts)
+    check_set_records(sets, pr.paths.eval_prompts, ctx.path("decontam_sets"), ctx.root)
     for s in sets:
         ctx.add_input(ctx.root / s.path if not Path(s.path).is_absolute() else s.path, name=f"eval:{s.name}")
+    from pipeline.lm.template import check_template_dir
+
+    base = ctx.path("base_model")
+    ctx.record.extra["chat_template_sha256"] = check_template_dir(base, base, "build")  # token_length counts with it
     reports = ctx.path("reports")
     out = ctx.path("dataset")
     with atomic_dir(out) as tmp:

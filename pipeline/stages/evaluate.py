@@ -296,6 +296,10 @@ def _body(ctx: StageContext) -> None:
     models = Models()
     for path in (inp.base, inp.policy):
         models.known(path, ctx.add_input(path, log_dataset=False).sha256)  # hash each model folder once
+    from pipeline.lm.template import check_template
+
+    for path, what in ((inp.base, "evaluate (base model)"), (inp.policy, "evaluate (trained model)")):
+        ctx.record.extra["chat_template_sha256"] = check_template(models.tokenizer(path), inp.base, what)
     test_art = ctx.add_input(test, name="test split")
     for path in (inp.eval_prompts, inp.general_prompts, inp.judge_template):
         ctx.add_input(path)

@@ -122,6 +122,9 @@ def _body(ctx: StageContext) -> None:
     prompts = read_prompts(prompts_path)
     ctx.add_input(prompts_path, rows=len(prompts), name="train_prompts")
     ctx.add_input(model_dir, log_dataset=False)
+    from pipeline.lm.template import check_template_dir
+
+    ctx.record.extra["chat_template_sha256"] = check_template_dir(model_dir, model_dir, "generate")
     rows, stats = run(p, prompts, model_dir, converted_models=ctx.path("converted_models"))
     conversion = stats.pop("conversion", None)
     ctx.record.extra["generation_backend"] = {"backend": rows[0]["decoding"]["backend"] if rows else "none",

@@ -1,17 +1,20 @@
-"""Stage `ingest`: read every configured preference source into one normalised schema.
+"""Stages `ingest_source@<i>` and `ingest`: read each configured preference source into one normalised
+schema, then merge them in params order.
 
-Reads:  params `data.sources` (name, format, path, license, split, max_rows, weight, sha256), the files
-        they name (the default: the on-policy rows at `${paths.rated}`), or hf:// datasets.
-Writes: `paths.ingested/rows.jsonl` (one normalised prompt group per line, see pipeline/data/formats/common.py)
-        and `paths.ingested/counts.json` (rows and completions per source, with each file's sha256);
-        every source file is logged as an MLflow dataset input with its sha256.
-Run:    `dvc repro ingest` (or `python -m pipeline.stages.ingest`).
+Reads:  params `data.sources` (name, format, path, license, split, max_rows, weight, sha256) and the file
+        each names: a local file, the on-policy rows (`paths.rated`, written by `rate`), or a Hub pointer
+        file `*.hub.json` ({"dataset": "<id>", "revision": "<40-hex commit>"}, fetched with `datasets`).
+Writes: per source (`python -m pipeline.stages.ingest --source NAME`, the DVC foreach stage
+        `ingest_source@<index>`): `paths.ingested_sources/<name>/{rows.jsonl,counts.json}`;
+        merged (`python -m pipeline.stages.ingest`, stage `ingest`): `paths.ingested/rows.jsonl` (one
+        normalised prompt group per line, see pipeline/data/formats/common.py) and `counts.json` (rows and
+        completions per source, with each file's sha256); every source file is an MLflow dataset input.
+Run:    `dvc repro ingest`.
 
-A source `path` may be `${paths.<key>}`, resolved from params `paths`. DVC tracks the default on-policy
-file as a dependency; any other local source is tracked through params (its path, and its `sha256`
-when pinned: ingest refuses a file whose sha256 differs, and a new sha256 is a params change that
-reruns the stage) and through the sha256 recorded in lineage and MLflow. dvc.yaml cannot list a
-params list as deps (DVC 3.67 interpolates lists only in `foreach`).
+Each source's file is a DVC dependency of its own stage, so editing it reruns that stage (and only the
+stages below it). A source whose path is `paths.rated` (write it as the YAML alias `*rated`: DVC does
+not interpolate inside params values) makes its stage depend on `rate`; without one, `dvc repro
+<stage>` never runs `generate` or `rate`.
 """
 
 from __future__ import annotations
@@ -32,24 +35,13 @@ from pipeline.data.formats import READERS
 from pipeline.data.formats.common import ROWS_FILE
 
 STAGE = "ingest"
-READS = ["data.sources", "paths.rated", "paths.ingested"]
+READS = ["data.sources", "paths.ingested_sources", "paths.ingested"]
+SOURCE_STAGE = "ingest_source"
+SOURCE_READS = ["data.sources", "paths.ingested_sources"]
+DVC_STAGES = {STAGE: READS, SOURCE_STAGE: SOURCE_READS}  # dvc.yaml stage -> the params it reads
 COUNTS_FILE = "counts.json"
-_REF = re.compile(r"\$\{paths\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
 log = logging.getLogger(__name__)
-
-
-def expand_path(path: str, paths: Paths) -> str:
-    """Expand `${paths.<key>}` references; nothing else is interpolated."""
-    def sub(m: re.Match) -> str:
-        if m.group(1) not in Paths.model_fields:
-            raise ParamsError(f"data.sources path {path!r}: unknown reference paths.{m.group(1)}")
-        return getattr(paths, m.group(1))
-
-    expanded = _REF.sub(sub, path)
-    if "${" in expanded:
-        raise ParamsError(f"data.sources path {path!r}: only ${{paths.<key>}} references are allowed")
-    return expanded
 
 
 def resolve_path(path: str, root: Path) -> str:
@@ -73,6 +65,8 @@ def ingest_source(source: DataSource, path: str, out, stats: dict[str, Any]) -> 
         if source.sha256 is not None and stats["sha256"] != source.sha256:
             raise SourceError(f"data.sources[{source.name}]: {path} has sha256 {stats['sha256']}, "
                               f"params pin {source.sha256}")
+        if path.endswith(HUB_POINTER):
+            stats["hub"] = path = hub_url(Path(path))
     rows = reader(path, source)
     if source.max_rows is not None:
         rows = itertools.islice(rows, source.max_rows)
@@ -88,34 +82,107 @@ def ingest_source(source: DataSource, path: str, out, stats: dict[str, Any]) -> 
                  max_rows_reached=source.max_rows is not None and n == source.max_rows)
 
 
-def run(data: DataParams, paths: Paths, out_dir: Path, root: Path) -> dict[str, Any]:
-    """Write rows.jsonl and counts.json into `out_dir`; return the counts."""
-    counts: dict[str, Any] = {"sources": {}}
+HUB_POINTER = ".hub.json"
+
+
+def hub_url(pointer: Path) -> str:
+    """`hf://datasets/<id>@<commit>` from a pointer file {"dataset": "<id>", "revision": "<40-hex commit>"}:
+    a local file DVC can track that pins a Hub dataset (DVC cannot depend on hf:// URLs)."""
+    from pipeline.core.io import read_json
+    from pipeline.core.params.base import HF_DATASET
+
+    spec = read_json(pointer)
+    url = f"hf://datasets/{spec.get('dataset')}@{spec.get('revision')}" if isinstance(spec, dict) else ""
+    if not re.fullmatch(HF_DATASET, url):
+        raise DataError(pointer, None, "Hub pointer {dataset: <namespace>/<name>, revision: <40-hex commit>}",
+                        f"got {spec!r:.120}")
+    return url
+
+
+def _source(data: DataParams, name: str) -> DataSource:
+    for s in data.sources:
+        if s.name == name:
+            return s
+    raise ParamsError(f"data.sources: no source named {name!r} (have {[s.name for s in data.sources]})")
+
+
+def run_source(source: DataSource, out_dir: Path, root: Path) -> dict[str, Any]:
+    """One source into `out_dir/rows.jsonl` and `counts.json` (the foreach stage `ingest_source`)."""
+    written = source.path  # as params name it, so provenance does not depend on where the checkout lives
+    stats: dict[str, Any] = {"format": source.format, "path": written, "license": source.license, "sha256": None,
+                             "params": source.model_dump(mode="json")}
+    log.info("reading source %s (%s) from %s", source.name, source.format, written)
     with open(out_dir / ROWS_FILE, "w", encoding="utf-8", newline="\n") as out:
+        ingest_source(source, resolve_path(written, root), out, stats)
+    log.info("source %s: %d rows, %d completions", source.name, stats["rows"], stats["completions"])
+    atomic_write_json(out_dir / COUNTS_FILE, stats)
+    return stats
+
+
+def merge(data: DataParams, sources_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Concatenate the per-source outputs in params order into `out_dir` (the `ingest` stage).
+
+    A per-source folder made for other source params (run outside DVC, or stale) is refused."""
+    import shutil
+
+    counts: dict[str, Any] = {"sources": {}}
+    with open(out_dir / ROWS_FILE, "wb") as out:
         for source in data.sources:
-            written = expand_path(source.path, paths)
-            path = resolve_path(written, root)
-            stats: dict[str, Any] = {"format": source.format, "path": written,
-                                     "license": source.license, "sha256": None}
-            log.info("reading source %s (%s) from %s", source.name, source.format, stats["path"])
-            ingest_source(source, path, out, stats)
+            folder = sources_dir / source.name
+            try:
+                stats = json.loads((folder / COUNTS_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise SourceError(f"data.sources[{source.name}]: no ingested rows in {folder} "
+                                  "(run `dvc repro ingest`)") from None
+            if stats.pop("params", None) != source.model_dump(mode="json"):
+                raise SourceError(f"data.sources[{source.name}]: {folder} was ingested with other source params "
+                                  "(run `dvc repro ingest`)")
+            with open(folder / ROWS_FILE, "rb") as f:
+                shutil.copyfileobj(f, out)
             counts["sources"][source.name] = stats
-            log.info("source %s: %d rows, %d completions", source.name, stats["rows"], stats["completions"])
     counts["rows"] = sum(s["rows"] for s in counts["sources"].values())
     counts["completions"] = sum(s["completions"] for s in counts["sources"].values())
     atomic_write_json(out_dir / COUNTS_FILE, counts)
     return counts
 
 
+def run(data: DataParams, paths: Paths | None, out_dir: Path, root: Path) -> dict[str, Any]:
+    """Every source, then the merge, in one process (what the DVC stages do one by one); return the counts.
+
+    `paths` is not needed any more (source paths are literal, `*rated` is resolved by YAML); kept for callers."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".ingest-sources-", dir=out_dir.parent) as tmp:
+        for source in data.sources:
+            (Path(tmp) / source.name).mkdir()
+            run_source(source, Path(tmp) / source.name, root)
+        return merge(data, Path(tmp), out_dir)
+
+
+def _source_body(name: str):
+    def body(ctx: StageContext) -> None:
+        source = _source(ctx.params.data, name)
+        out = ctx.path("ingested_sources") / name
+        with atomic_dir(out) as tmp:
+            stats = run_source(source, tmp, ctx.root)
+        if stats["sha256"] is not None:
+            ctx.add_input(resolve_path(stats["path"], ctx.root), rows=stats["rows"], name=name)
+        ctx.add_output(out, rows=stats["rows"])
+        ctx.record.extra["counts"] = {k: v for k, v in stats.items() if k != "params"}
+        ctx.log_metrics({"rows": stats["rows"], "completions": stats["completions"]})
+
+    return body
+
+
 def _body(ctx: StageContext) -> None:
     out = ctx.path("ingested")
     with atomic_dir(out) as tmp:
-        counts = run(ctx.params.data, ctx.params.paths, tmp, ctx.root)
+        counts = merge(ctx.params.data, ctx.path("ingested_sources"), tmp)
     for name, s in counts["sources"].items():
         if s["sha256"] is not None:
             ctx.add_input(resolve_path(s["path"], ctx.root), rows=s["rows"], name=name)
-        else:  # a Hub dataset: the pinned commit is its identity
-            ctx.record.extra.setdefault("hub_sources", {})[name] = s["path"]
+        if s.get("hub") or s["sha256"] is None:  # a Hub dataset: the pinned commit is its identity
+            ctx.record.extra.setdefault("hub_sources", {})[name] = s.get("hub") or s["path"]
     ctx.add_output(out, rows=counts["rows"])
     ctx.record.extra["counts"] = counts
     ctx.log_metrics({"rows": counts["rows"], "completions": counts["completions"],
@@ -123,6 +190,11 @@ def _body(ctx: StageContext) -> None:
 
 
 def main() -> None:
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--source":
+        stage_main(f"{SOURCE_STAGE}.{sys.argv[2]}", SOURCE_READS, _source_body(sys.argv[2]))
+        return
     stage_main(STAGE, READS, _body)
 
 

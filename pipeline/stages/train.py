@@ -79,13 +79,32 @@ def _code_hash() -> str:
     return code_sha256("pipeline.stages.train")
 
 
-def fingerprint(p: TrainParams, model_sha256: str, data_sha256: str) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: params, inputs, code and library versions."""
-    from pipeline.train.report import hardware
+def fingerprint(p: TrainParams, model_sha256: str, data_sha256: str, *, root: Path | None = None,
+                chat_template_sha256: str | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: params, inputs (weights and tokenizer are in the base
+    model folder's sha256, the chat template also on its own), the launcher config, the code (import
+    closure) and library versions. `run` adds the resolved plan (device, precision, attention kernel)."""
+    from pipeline.core.fingerprint import library_versions
+    from pipeline.core.lineage import sha256_file
 
-    hw = hardware()
-    return {"train": p.model_dump(mode="json"), "base_model": model_sha256, "train_data": data_sha256,
-            "code": _code_hash(), "versions": {k: hw[k] for k in ("torch", "transformers", "trl", "peft")}}
+    launcher = None
+    if p.launcher.kind == "accelerate" and root is not None and (root / p.launcher.config).is_file():
+        launcher = sha256_file(root / p.launcher.config)
+    return {"train": p.model_dump(mode="json"), "base_model": model_sha256, "chat_template": chat_template_sha256,
+            "train_data": data_sha256, "launcher_config": launcher, "code": _code_hash(),
+            "versions": library_versions()}
+
+
+def run_loss(history: list[dict[str, Any]]) -> float:
+    """Mean training loss over every logged step of the run, a resumed one included: each logged `loss`
+    is the mean over the steps since the previous log, so it is weighted by those steps. (transformers'
+    `training_loss` counts only this process's steps: 0.0 after resuming from the final checkpoint.)"""
+    prev, total = 0, 0.0
+    for e in history:
+        if "loss" in e and "step" in e and e["step"] > prev:
+            total += float(e["loss"]) * (e["step"] - prev)
+            prev = e["step"]
+    return total / prev if prev else float("nan")
 
 
 def _save_trained(trainer, p: TrainParams, out_dir: Path) -> None:
@@ -142,8 +161,10 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
     log.info("plan: %s", plan.to_dict())
     log.info("effective global batch = %d devices x %d per device x %d accumulation = %d pairs per step",
              plan.world_size, plan.per_device_batch_size, plan.grad_accumulation, plan.global_batch_size)
+    fingerprint = {**fingerprint, "plan": plan.to_dict()}  # device, precision, attention kernel, batch layout
+    restart_reason = None
     if state.is_main_process:
-        checkpoints.prepare(checkpoints_dir, fingerprint)
+        restart_reason = checkpoints.prepare_run(checkpoints_dir, fingerprint).restart_reason
     state.wait_for_everyone()
     resume = checkpoints.last_complete(checkpoints_dir)
 
@@ -158,11 +179,18 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
             model=model, args=cfg, train_dataset=train, processing_class=tokenizer, peft_config=lora_config(p),
             callbacks=[callback], length_grouping=p.length_grouping,
             ref_cache_dir=ref_logps_dir if precompute else None,
-            ref_cache_key={"model": model_sha256, "trl": fingerprint["versions"]["trl"],
-                           "torch": fingerprint["versions"]["torch"]})
+            ref_cache_key={"model": model_sha256, "chat_template": fingerprint["chat_template"]})
         setup_s = time.monotonic() - t0
         t1 = time.monotonic()
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume is not None and checkpoints.is_final(resume):
+            # transformers resumed at max_steps trains one step more; the final checkpoint is the result
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume))
+            trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+            output = None
+        else:
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         train_s, cpu_s = time.monotonic() - t1, time.process_time() - cpu0
     peak_train_mb = peak_rss_mb()
     _save_trained(trainer, p, out_dir)
@@ -178,11 +206,13 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
     write_plots(rows, plots_dir)
     checkpoints.prune(checkpoints_dir, checkpoints.last_complete(checkpoints_dir))
     last = rows[-1] if rows else {}
-    trained_steps = global_step - (checkpoints.checkpoint_step(resume) if resume else 0)
+    resumed_from_step = checkpoints.checkpoint_step(resume) if resume else 0
+    trained_steps = global_step - resumed_from_step
     # TRL counts tokens (non-padding, all ranks) from the start of this process, so the rate is this run's.
     tokens = float(last.get("num_tokens", 0.0)) if trained_steps > 0 else float("nan")
     metrics = {
-        "train_loss": float(output.training_loss), "final_loss": last.get("loss", float("nan")),
+        "train_loss": run_loss(history), "train_loss_this_process": float(output.training_loss) if output else 0.0,
+        "final_loss": last.get("loss", float("nan")),
         **{k.replace("/", "_"): v for k, v in last.items() if k.startswith(("rewards/", "logps/"))},
         "steps": global_step, "epochs": float(epoch or 0), "pairs": len(train),
         "world_size": world_size, "per_device_batch_size": plan.per_device_batch_size,
@@ -191,13 +221,15 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
         "peak_rss_train_mb": peak_train_mb,
         "tokens": tokens, "tokens_per_s": tokens / train_s if train_s > 0 else float("nan"),
         "tokens_per_s_with_setup": tokens / (setup_s + train_s),  # the reference pass counted
-        "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else 0,
+        "resumed": float(resume is not None), "resumed_from_step": resumed_from_step, "steps_this_run": trained_steps,
         "ref_logps_cache_hit": float(all(e["hit"] for e in ref_events)) if ref_events else float("nan"),
     }
     if plan.device == "cuda":
         metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return {"metrics": metrics, "plan": plan.to_dict(), "dpo_config": resolved,
             "hardware": hardware(), "resumed_from": resume.name if resume else None,
+            "resume": {"resumed": resume is not None, "resumed_from_step": resumed_from_step,
+                       "steps_total": global_step, "steps_this_run": trained_steps, "restart_reason": restart_reason},
             "ref_logps": ref_events, "world_size": world_size}
 
 
@@ -275,7 +307,11 @@ def _body(ctx: StageContext) -> None:
     train_file = dataset_dir / "train.parquet"
     train_rows = len(load_pairs(train_file))
     data_art = ctx.add_input(train_file, rows=train_rows, name="train.parquet")
-    fp = fingerprint(p, base_art.sha256, data_art.sha256)
+    from pipeline.lm.template import check_template_dir
+
+    template_sha = check_template_dir(base_dir, base_dir, "train")
+    ctx.record.extra["chat_template_sha256"] = template_sha
+    fp = fingerprint(p, base_art.sha256, data_art.sha256, root=ctx.root, chat_template_sha256=template_sha)
     plots_dir = ctx.path("plots") / "train"
     with atomic_dir(ctx.path("model")) as out_tmp, atomic_dir(plots_dir) as plots_tmp:
         spec = {"root": str(ctx.root), "base_dir": str(base_dir), "dataset_dir": str(dataset_dir),
@@ -299,7 +335,7 @@ def _body(ctx: StageContext) -> None:
     ctx.add_output(plots_dir)
     ctx.add_output(metrics_file)
     ctx.record.extra.update(train={k: result[k] for k in ("plan", "dpo_config", "hardware", "resumed_from",
-                                                          "ref_logps", "world_size")})
+                                                          "resume", "ref_logps", "world_size")})
     ctx.run.log_artifact(plots_dir, artifact_path="plots")
     ctx.run.set_tags({f"hardware.{k}": v for k, v in result["hardware"].items()})
     with tempfile.TemporaryDirectory() as tmp:
@@ -330,13 +366,16 @@ def _secondary() -> None:
         if p.launcher.kind != "accelerate":
             raise OpenReleaseError("train --secondary needs train.launcher.kind: accelerate (a multi-node config)")
         base, data = root / paths.base_model, root / paths.dataset / "train.parquet"
+        from pipeline.lm.template import check_template_dir
+
         model_sha, data_sha = sha256_path(base), sha256_path(data)
+        template_sha = check_template_dir(base, base, "train --secondary")
         scratch = root / ".openrelease" / "train-secondary"
         spec = {"root": str(root), "base_dir": str(base), "dataset_dir": str(root / paths.dataset),
                 "out_dir": str(scratch / "model"), "checkpoints_dir": str(root / paths.checkpoints),
                 "ref_logps_dir": str(root / paths.ref_logps), "plots_dir": str(scratch / "plots"),
                 "model_sha256": model_sha, "base_ref": paths.base_model, "train": p.model_dump(mode="json"),
-                "fingerprint": fingerprint(p, model_sha, data_sha)}
+                "fingerprint": fingerprint(p, model_sha, data_sha, root=root, chat_template_sha256=template_sha)}
         scratch.mkdir(parents=True, exist_ok=True)
         launch_accelerate(p, root, spec, scratch, expect_result=False)
     except OpenReleaseError as e:

@@ -9,7 +9,8 @@ Writes: `paths.validated/rows.parquet` (kept rows, Arrow schema of pipeline.data
 Run:    `dvc repro validate` (or `python -m pipeline.stages.validate`).
 
 Rules over rows (the pairs suite runs in `build`, on the pairs it makes, before it writes them):
-required_fields, text_not_blank, roles_alternate, prompt_ends_with_user, ratings_in_range, unique_ids.
+required_fields, text_not_blank, roles_alternate, prompt_ends_with_user, ratings_in_range, unique_ids,
+no_control_chars.
 Every input row is accounted for: kept (rows.parquet) or quarantined with its rules; rows that
 `build` later filters are accounted for there. A `fail` rule with any failing row, or more than
 `max_quarantine_fraction` quarantined, exits non-zero naming the source, file:line, rule and an excerpt.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import sys
 from collections import Counter
@@ -81,6 +83,20 @@ def _shortest_text(row: dict) -> int:
     return shortest or 0
 
 
+# C0 and C1 control characters and DEL, except tab and newline; a carriage return only inside CRLF.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]|\r(?!\n)")
+
+
+def control_char(row: dict) -> tuple[str, int, str] | None:
+    """(where, char index, U+XXXX) of the first control character in a prompt or completion text."""
+    for where, text in _texts(row):
+        if isinstance(text, str):
+            m = _CONTROL.search(text)
+            if m:
+                return where, m.start(), f"U+{ord(m.group(0)[0]):04X}"
+    return None
+
+
 def _roles(row: dict) -> list[str]:
     prompt = row.get("prompt") if isinstance(row.get("prompt"), list) else []
     return [m.get("role") if isinstance(m, dict) and isinstance(m.get("role"), str) else "?" for m in prompt]
@@ -114,6 +130,7 @@ def _facts_of(row: dict, line: int, cols: dict[str, list]) -> None:
     cols["text_min_chars"].append(_shortest_text(row) if cols["prompt"][-1] else 0)
     roles = _roles(row)
     cols["roles_ok"].append(roles_ok(roles))
+    cols["control_ok"].append(control_char(row) is None)
     cols["last_prompt_role"].append(sys.intern(roles[-1]) if roles else "<none>")
     ratings = _ratings(row)
     cols["rating_min"].append(min(ratings) if ratings else float("nan"))
@@ -173,7 +190,7 @@ def scan(rows_path: Path, staging: Path) -> tuple[dict[str, list], list[int]]:
     import pyarrow.parquet as pq
 
     cols: dict[str, list] = {k: [] for k in (*REQUIRED, "line", "text_min_chars", "roles_ok", "last_prompt_role",
-                                             "rating_min", "rating_max")}
+                                             "rating_min", "rating_max", "control_ok")}
     unconvertible: list[int] = []
     batch: list[dict] = []
     schema = arrow_schema()
@@ -206,6 +223,7 @@ def expectations(sources: list[DataSource]) -> dict[str, list]:
         "prompt_ends_with_user": [gxe.ExpectColumnValuesToBeInSet(column="last_prompt_role", value_set=["user"])],
         "ratings_in_range": [],
         "unique_ids": [gxe.ExpectColumnValuesToBeUnique(column="id")],
+        "no_control_chars": [gxe.ExpectColumnValuesToBeInSet(column="control_ok", value_set=[True])],
     }
     for s in sources:
         lo, hi = rating_range(s)
@@ -244,6 +262,9 @@ def _describer(cols: dict[str, list], fetch: RowFetcher, rows_path: Path, source
             reason = f"ratings span [{cols['rating_min'][i]}, {cols['rating_max'][i]}] outside [{lo}, {hi}]"
         elif rule == "unique_ids":
             reason = f"id {cols['id'][i]!r} appears {ids[cols['id'][i]]} times"
+        elif rule == "no_control_chars":
+            where, at, code = control_char(row) or ("?", -1, "?")
+            reason = f"control character {code} in {where} at char {at}"
         else:
             reason = rule
         located = cols["source_file"][i] is not None and cols["source_line"][i] is not None

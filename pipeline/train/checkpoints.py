@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,15 @@ def is_complete(path: Path) -> bool:
     return has_weights and has_optimizer and has_scheduler and has_rng
 
 
+def is_final(path: Path) -> bool:
+    """Whether a complete checkpoint already holds the last planned step (nothing is left to train)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return int(state.get("max_steps") or 0) > 0 and int(state.get("global_step", 0)) >= int(state["max_steps"])
+
+
 def last_complete(folder: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     if not folder.is_dir():
@@ -60,25 +70,41 @@ def last_complete(folder: Path) -> Path | None:
     return max(done, key=checkpoint_step) if done else None
 
 
-def prepare(folder: Path, fingerprint: dict[str, Any]) -> Path | None:
-    """Make `folder` hold only complete checkpoints of this exact run; return the one to resume from.
+@dataclass(frozen=True)
+class ResumeDecision:
+    """What `prepare_run` found: the checkpoint to resume from, and why older checkpoints were dropped."""
 
-    Call on the main process only, before training starts.
+    resume: Path | None
+    restart_reason: str | None  # None: nothing was discarded
+
+
+def prepare_run(folder: Path, fingerprint: dict[str, Any]) -> ResumeDecision:
+    """Make `folder` hold only complete checkpoints of this exact run; say which one to resume from.
+
+    Checkpoints made for another fingerprint (other inputs, params, code, libraries, device, precision)
+    are never resumed: they are deleted and the reason names the parts that differ. Call on the main
+    process only, before training starts.
     """
+    from pipeline.core.fingerprint import key_diff
+
     folder.mkdir(parents=True, exist_ok=True)
     run_file = folder / RUN_FILE
     try:
         previous = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else None
     except (OSError, ValueError):
-        previous = None
+        previous = "<unreadable>"
     if previous != fingerprint:
         stale = [p for p in folder.iterdir() if p.name != RUN_FILE]
+        reason = None
         if stale:
-            log.info("checkpoints in %s belong to other inputs/params/code: removing %d entries", folder, len(stale))
+            diff = key_diff(previous, fingerprint) if isinstance(previous, dict) else [f"{RUN_FILE}: {previous}"]
+            reason = (f"checkpoints in {folder} were made for other inputs/params/code ("
+                      f"{'; '.join(diff[:4])}{f'; {len(diff) - 4} more' if len(diff) > 4 else ''}): starting over")
+            log.warning("%s", reason)
         for p in stale:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         atomic_write_json(run_file, fingerprint)
-        return None
+        return ResumeDecision(None, reason)
     for p in sorted(folder.iterdir()):
         if checkpoint_step(p) is not None and not is_complete(p):
             log.warning("removing incomplete checkpoint %s (interrupted while it was written)", p.name)
@@ -86,7 +112,12 @@ def prepare(folder: Path, fingerprint: dict[str, Any]) -> Path | None:
     resume = last_complete(folder)
     if resume is not None:
         log.info("resuming from %s", resume)
-    return resume
+    return ResumeDecision(resume, None)
+
+
+def prepare(folder: Path, fingerprint: dict[str, Any]) -> Path | None:
+    """`prepare_run`, returning only the checkpoint to resume from."""
+    return prepare_run(folder, fingerprint).resume
 
 
 def prune(folder: Path, keep: Path | None) -> None:

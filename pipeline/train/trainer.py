@@ -25,9 +25,6 @@ from pipeline.core.lineage import sha256_bytes, sha256_json
 
 log = logging.getLogger(__name__)
 
-REF_LOGPS_VERSION = 1  # bump when the cache layout or the meaning of a key part changes
-
-
 def pair_lengths(dataset) -> list[int]:
     """Tokens of the longer side of each tokenized pair (what the collator pads to)."""
     prompts = dataset["prompt_ids"]
@@ -89,43 +86,41 @@ class OpenReleaseDPOTrainer(DPOTrainer):
         return LengthGroupedEpochSampler(pair_lengths(dataset), step_pairs, self.args.seed)
 
     # -- reference log-probs -------------------------------------------------------------------------
-    def ref_cache_path(self, dataset, name: str) -> Path | None:
+    def ref_cache_key(self, dataset, name: str) -> dict[str, Any]:
+        """Everything the reference log-probs depend on: the inputs (model and chat template from
+        `ref_cache_key`, the token ids), the settings that change the values, the libraries, device,
+        precision and attention kernel, and the sha256 of the code that computes them."""
+        import trl.trainer.utils as trl_utils
+
+        from pipeline.core.fingerprint import code_part, library_versions
+
+        a = self.args
+        model = self.accelerator.unwrap_model(self.ref_model or self.model)
+        attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        return {"split": name, "data": tokenized_data_hash(dataset), "rows": len(dataset),
+                "params": {"max_length": a.max_length, "truncation_mode": a.truncation_mode, "ld_alpha": self.ld_alpha,
+                           "batch_size": a.precompute_ref_batch_size, "padding_free": a.padding_free,
+                           "pad_to_multiple_of": a.pad_to_multiple_of,
+                           "compact_lm_head": bool(trl_utils._use_triton(self.accelerator.device))},
+                "precision": "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32",
+                "dtype": str(next(model.parameters()).dtype), "device": self.accelerator.device.type,
+                "attn_implementation": attn, "versions": library_versions(),
+                "code": code_part("pipeline.train.trainer"), **self._ref_cache_key}
+
+    def ref_cache_path(self, key: dict[str, Any]) -> Path | None:
         if self._ref_cache_dir is None:
             return None
-        key = sha256_json({"version": REF_LOGPS_VERSION, "split": name, "data": tokenized_data_hash(dataset),
-                           "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode,
-                           "ld_alpha": self.ld_alpha,
-                           "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32",
-                           "device": self.accelerator.device.type, **self._ref_cache_key})
-        return self._ref_cache_dir / f"{name}-{key[:32]}.safetensors"
+        return self._ref_cache_dir / f"{key['split']}-{sha256_json(key)[:32]}.safetensors"
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         # The RNG is forked so a cache hit and a cache miss leave the training order identical (TRL's
         # precompute DataLoader draws from the global RNG).
         with torch.random.fork_rng(devices=[]):
-            return self._precompute_cached(dataset, name, batch_size)
-
-    def _precompute_cached(self, dataset, name: str, batch_size: int):
-        from safetensors.torch import load_file
-
-        path = self.ref_cache_path(dataset, name)
-        if path is not None and path.is_file():
-            tensors = load_file(path)
-            chosen, rejected = tensors["ref_chosen_logps"], tensors["ref_rejected_logps"]
-            if len(chosen) == len(dataset):
-                log.info("reference log-probs for %s: cache hit %s", name, path.name)
-                self.ref_cache_events.append({"split": name, "hit": True, "file": path.name})
-                dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
-                return dataset.add_column("ref_rejected_logps", rejected.tolist())
-            log.warning("reference log-prob cache %s has %d rows, expected %d: recomputing",
-                        path.name, len(chosen), len(dataset))
-        chosen, rejected = self._reference_pass(dataset, name, batch_size)
-        if path is not None and self.accelerator.is_main_process:
-            _save_atomic(path, {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
-                         {k: str(v) for k, v in self._ref_cache_key.items()})
-            log.info("reference log-probs for %s: computed and cached in %s", name, path)
-        self.ref_cache_events.append({"split": name, "hit": False, "file": path.name if path else None})
-        self.accelerator.wait_for_everyone()
+            key = self.ref_cache_key(dataset, name)
+            chosen, rejected, event = cached_reference(
+                self.ref_cache_path(key), key, lambda: self._reference_pass(dataset, name, batch_size),
+                Collectives(self.accelerator))
+        self.ref_cache_events.append(event)
         dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
         return dataset.add_column("ref_rejected_logps", rejected.tolist())
 
@@ -159,6 +154,87 @@ class OpenReleaseDPOTrainer(DPOTrainer):
         chosen[order] = torch.cat(chosen_parts)
         rejected[order] = torch.cat(rejected_parts)
         return chosen, rejected
+
+
+class Collectives:
+    """The two collectives the reference cache needs, over accelerate (no-ops in one process)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.accelerator.num_processes == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj])[0]
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+def read_cached(path: Path, key: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (chosen, rejected) log-probs if `path` holds them for exactly `key`, else None.
+
+    The file name is a prefix of the key's hash; the full key stored inside must equal `key` and the
+    tensors must have one value per row, so a collision, a truncated name or a hand-copied file misses.
+    """
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            stored = json.loads((f.metadata() or {}).get("key", "null"))
+    except (SafetensorError, OSError, ValueError) as e:
+        log.warning("reference log-prob cache %s is unreadable (%s): recomputing", path.name, e)
+        return None
+    if stored != key:
+        from pipeline.core.fingerprint import key_diff
+
+        log.warning("reference log-prob cache %s was made for another key (%s): recomputing",
+                    path.name, "; ".join(key_diff(stored, key)[:3]) if isinstance(stored, dict) else "no key")
+        return None
+    chosen, rejected = tensors.get("ref_chosen_logps"), tensors.get("ref_rejected_logps")
+    if chosen is None or rejected is None or len(chosen) != key["rows"] or len(rejected) != key["rows"]:
+        log.warning("reference log-prob cache %s does not hold %d rows: recomputing", path.name, key["rows"])
+        return None
+    return chosen, rejected
+
+
+def cached_reference(path: Path | None, key: dict[str, Any], compute, coll) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Reference log-probs from the cache or from `compute()`, identically on every rank.
+
+    The main process alone decides hit or miss and broadcasts the decision, so every rank takes the same
+    path, and both paths then run the same collectives (broadcast of the values, then a barrier): a rank
+    whose filesystem lacks the file neither deadlocks nor computes different values.
+    """
+    found = read_cached(path, key) if (path is not None and coll.is_main_process) else None
+    hit = bool(coll.broadcast(found is not None))
+    if hit:
+        values = found
+    else:
+        values = compute()  # every rank: the reference pass gathers across ranks
+    values = coll.broadcast(values if coll.is_main_process else None)
+    chosen, rejected = values
+    if not hit and path is not None and coll.is_main_process:
+        import json
+
+        _save_atomic(path, {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
+                     {"key": json.dumps(key, sort_keys=True)})
+        log.info("reference log-probs for %s: computed and cached in %s", key["split"], path)
+    elif hit:
+        log.info("reference log-probs for %s: cache hit %s", key["split"], path.name)
+    coll.barrier()
+    return chosen, rejected, {"split": key["split"], "hit": hit, "file": path.name if path else None}
 
 
 def _order_by_length(dataset) -> list[int]:

@@ -19,7 +19,11 @@ class Paths(Section):
     eval_prompts: str = Field(description="Held-out constraint prompts for evaluation, disjoint from training.")
     generations: str = Field(description="Sampled completions from `generate` (JSONL).")
     rated: str = Field(description="On-policy rows in the ultrafeedback shape written by `rate` (JSONL).")
+    ingested_sources: str = Field(default="outputs/ingested_sources", description="One folder per data source, "
+                                  "written by its `ingest_source` stage and merged by `ingest`.")
     ingested: str = Field(description="Normalised rows from every source written by `ingest` (folder).")
+    decontam_sets: str = Field(default="outputs/decontam_sets", description="sha256 records of the "
+                               "decontamination sets (stages decontam_set, decontam_own), a DVC dep of `build`.")
     validated: str = Field(description="Rows that passed validation, written by `validate` (folder).")
     dataset: str = Field(description="The built DPO dataset: Parquet splits and provenance (folder).")
     checkpoints: str = Field(description="Training checkpoints (DVC persist: survives reruns for resume).")

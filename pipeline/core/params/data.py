@@ -18,7 +18,9 @@ class DataSource(Section):
     format: Literal["ultrafeedback", "hh-rlhf", "pairs", "sharegpt", "rated"] = Field(
         description="Layout of the file: a key of pipeline.data.formats.READERS.")
     path: str = Field(min_length=1, description="Local file (.jsonl, .jsonl.gz, .json array or JSONL, .parquet), "
-                      "a `${paths.<key>}` reference, or hf://datasets/<id>@<40-hex commit> (needs the network).")
+                      "the on-policy rows (`*rated`, the YAML alias of paths.rated), or a Hub pointer file "
+                      "`<name>.hub.json` holding {dataset: <id>, revision: <40-hex commit>} (needs the network). "
+                      "It is the DVC dependency of the source's ingest stage.")
     license: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*( (AND|OR|WITH) [A-Za-z0-9][A-Za-z0-9.+-]*)*$",
                          description="SPDX license id (or expression) of the source; copied onto every pair.")
     split: str | None = Field(default=None, min_length=1,
@@ -37,8 +39,15 @@ class DataSource(Section):
     @field_validator("path")
     @classmethod
     def _hub_path_pinned(cls, v: str) -> str:
-        if v.startswith("hf://") and not re.fullmatch(HF_DATASET, v):
-            raise ValueError("a Hub source is hf://datasets/<namespace>/<name>@<40-hex commit> (pin a commit)")
+        if v.startswith("hf://"):
+            pinned = re.fullmatch(HF_DATASET, v)
+            raise ValueError(
+                "DVC cannot depend on an hf:// URL: write a pointer file such as data/sources/<name>.hub.json "
+                '{"dataset": "<namespace>/<name>", "revision": "<40-hex commit>"} and use its path'
+                + ("" if pinned else " (and pin a 40-hex commit)"))
+        if "${" in v:
+            raise ValueError("DVC does not interpolate ${...} inside params values, so it could not track this "
+                             "file: write the path itself, or the YAML alias `*rated` for paths.rated")
         return v
 
     @model_validator(mode="after")
@@ -93,6 +102,9 @@ class RowRules(Section):
     prompt_ends_with_user: RuleAction = Field(description="The last prompt message is a user turn.")
     ratings_in_range: RuleAction = Field(description="Every rating lies in the source's rating range.")
     unique_ids: RuleAction = Field(description="No two rows share an id.")
+    no_control_chars: RuleAction = Field(
+        default="quarantine", description="No prompt or completion text holds a control character (NUL and the "
+        "other C0/C1 codes) other than tab, newline, and carriage return as part of CRLF.")
 
 
 class PairRules(Section):
@@ -101,8 +113,10 @@ class PairRules(Section):
     required_columns: RuleAction = Field(description="Every contract column is present and not null.")
     text_not_blank: RuleAction = Field(description="Prompt, chosen and rejected have non-blank text.")
     chosen_differs: RuleAction = Field(description="Chosen and rejected texts differ.")
-    token_length: RuleAction = Field(description="prompt+chosen and prompt+rejected, after the chat template, "
-                                     "fit in validate.max_length tokens.")
+    token_length: Literal["fail", "quarantine", "truncate"] = Field(
+        description="prompt+chosen and prompt+rejected, after the chat template, fit in validate.max_length tokens. "
+        "truncate keeps a longer pair for TRL to truncate as train.dpo.truncation_mode says (keep_start: the "
+        "completion's end is cut), flagged per pair in provenance and counted in metrics/data.json.")
     unique_ids: RuleAction = Field(description="No two pairs share an id.")
     prompts_disjoint_across_splits: RuleAction = Field(description="No prompt hash is in both train and test.")
 
