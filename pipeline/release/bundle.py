@@ -22,8 +22,9 @@ from typing import Any
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.core.lineage import sha256_file
 from pipeline.core.params import Params
+from pipeline.core.runs import read_run_records
 from pipeline.release import gates as G
-from pipeline.release.gitinfo import CodeState, code_state, source_archive
+from pipeline.release.gitinfo import CodeState, code_state, public_url, source_archive
 from pipeline.release.inputs import ReleaseInputs, dvc_stage_hashes, gather
 from pipeline.release.licenses import LicenseDecision, derive
 from pipeline.release.manifest import (
@@ -56,7 +57,8 @@ def release_info(params: Params, code: CodeState, model_repo: str | None = None,
     p = params.publish
     return ReleaseInfo(version=code.version, model_repo=model_repo or p.model_repo,
                        dataset_repo=dataset_repo or p.dataset_repo, endpoint=(endpoint or p.endpoint).rstrip("/"),
-                       commit=code.commit, dirty=bool(code.dirty), version_from=code.version_from, remote=code.remote)
+                       commit=code.commit, dirty=bool(code.dirty), version_from=code.version_from,
+                       remote=params.card.code_repo_url or public_url(code.remote))  # never a local path
 
 
 def license_decision(inp: ReleaseInputs) -> LicenseDecision:
@@ -182,10 +184,14 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         results.append(G.GateResult("secrets", "pass", "no tokens or keys found"))
         lock_sha = sha256_file(inp.dvc_lock_path) if inp.dvc_lock_path and inp.dvc_lock_path.is_file() else None
         manifest_params = {k: params.section_dump(k) for k in MANIFEST_PARAMS}
+        runs, runs_missing = read_run_records(root / params.paths.runs, root / params.paths.lineage, inp.stages())
+        for note in runs_missing:
+            log.warning("run facts: %s; the manifest says so under runs_missing", note)
         manifest = build_manifest(
             info=info, bundle=tmp, lineage=inp.lineage, dvc_stages=dvc_stage_hashes(inp.dvc_lock),
             dvc_lock_sha256=lock_sha, archive=archive, license=lic.to_dict(),
-            gates=[r.to_dict() for r in results], public_key_sha256=key.fingerprint, params=manifest_params)
+            gates=[r.to_dict() for r in results], public_key_sha256=key.fingerprint, params=manifest_params,
+            runs=runs, runs_missing=runs_missing)
         bom = atomic_write_text(model / BOM_FILE, build_bom(manifest))
         manifest["files"]["model"] = sorted([*manifest["files"]["model"], {
             "path": BOM_FILE, "sha256": sha256_file(bom), "size": bom.stat().st_size}], key=lambda f: f["path"])
