@@ -111,12 +111,15 @@ def _published_files(inp: ReleaseInputs, model_files: list[str]) -> dict[str, di
 
 
 def run_gates(params: Params, root: Path, inp: ReleaseInputs, code: CodeState, lic: LicenseDecision,
-              model_files: list[str], *, dry_run: bool, strict: bool, check_dvc: bool) -> list[G.GateResult]:
+              model_files: list[str], *, dry_run: bool, strict: bool, check_dvc: bool,
+              require_reproduced_lock: bool = False) -> list[G.GateResult]:
     """Every gate but the secret scan (which needs the finished bundle), in the order they are reported."""
     pp = params.publish
     results = [G.git_clean(code), G.git_version(code, root)]
     results.append(G.dvc_status(root) if check_dvc else
                    G.GateResult("dvc-status", "fail", "not checked inside dvc repro (DVC holds its lock)"))
+    if require_reproduced_lock:
+        results.append(G.dvc_lock_reproduced(root))
     results += [
         G.validation(inp),
         G.lineage(inp, _published_files(inp, model_files)),
@@ -151,7 +154,7 @@ def _previous_eval(name: str | None, params: Params) -> dict[str, Any] | None:
 
 def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict: bool = False,
                  version: str | None = None, model_repo: str | None = None, dataset_repo: str | None = None,
-                 endpoint: str | None = None, check_dvc: bool = True) -> Bundle:
+                 endpoint: str | None = None, check_dvc: bool = True, require_reproduced_lock: bool = False) -> Bundle:
     """Gather inputs, run the gates, write cards, manifest, BOM and signature into `out` (atomically).
 
     Raises GateError listing every failed gate; then nothing is written to `out`.
@@ -169,7 +172,8 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
     key = signing.resolve_key(pp.signing_key, root / params.paths.keys)
     log.info("building release %s (%s) from %s into %s", info.version, code.version_from, code.short, out)
     model_files = _model_files(inp.model_dir, pp.include_adapter)
-    results = run_gates(params, root, inp, code, lic, model_files, dry_run=dry_run, strict=strict, check_dvc=check_dvc)
+    results = run_gates(params, root, inp, code, lic, model_files, dry_run=dry_run, strict=strict, check_dvc=check_dvc,
+                        require_reproduced_lock=require_reproduced_lock)
     G.enforce(results)  # fail before copying half a gigabyte
     with atomic_dir(out) as tmp:
         model, dataset = tmp / MODEL_DIR, tmp / DATASET_DIR

@@ -86,6 +86,49 @@ def dvc_status(root: Path) -> GateResult:
                                             f"{', '.join(stale[:8])}; run dvc repro (or dvc pull) and commit dvc.lock")
 
 
+def _stage_diff(committed: dict[str, Any], current: dict[str, Any]) -> str:
+    """What differs in one dvc.lock stage entry: the paths whose hash changed, or the fields."""
+    if not committed or not current:
+        return "only in the " + ("reproduced" if current else "committed") + " dvc.lock"
+    paths = []
+    for kind in ("deps", "outs"):
+        old = {i.get("path"): i for i in committed.get(kind) or [] if isinstance(i, dict)}
+        new = {i.get("path"): i for i in current.get(kind) or [] if isinstance(i, dict)}
+        paths += [f"{kind[:-1]} {p}" for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)]
+    fields = [k for k in sorted(set(committed) | set(current)) if k not in ("deps", "outs") and
+              committed.get(k) != current.get(k)]
+    return ", ".join(paths + fields) or "entry differs"
+
+
+def dvc_lock_reproduced(root: Path) -> GateResult:
+    """The reproduce path of a CI release: after `dvc repro` from the tag, the dvc.lock it wrote must
+    equal the committed one for every stage that makes the data and the model (the release stages
+    are rebuilt by `openrelease publish` itself). Equal means the tag reproduces bit for bit."""
+    import yaml
+
+    from pipeline.release.gitinfo import git
+
+    name = "dvc-lock-reproduced"
+    text = git(root, "show", "HEAD:dvc.lock", check=False)
+    if text is None:
+        return GateResult(name, "fail", "no dvc.lock committed at HEAD to compare the reproduction with")
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return GateResult(name, "fail", "no dvc.lock in the working tree: run dvc repro first")
+    try:
+        committed = (yaml.safe_load(text) or {}).get("stages") or {}
+        current = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except yaml.YAMLError as e:
+        return GateResult(name, "fail", f"dvc.lock is not valid YAML: {str(e).splitlines()[0]}")
+    stages = [s for s in sorted(set(committed) | set(current)) if s not in RELEASE_STAGES]
+    differ = [f"{s} ({_stage_diff(committed.get(s) or {}, current.get(s) or {})})" for s in stages
+              if committed.get(s) != current.get(s)]
+    if differ:
+        return GateResult(name, "fail", f"{len(differ)} stage(s) did not reproduce the committed dvc.lock: "
+                                        f"{'; '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}")
+    return GateResult(name, "pass", f"{len(stages)} stage(s) reproduced the committed dvc.lock exactly")
+
+
 def validation(inp: ReleaseInputs) -> GateResult:
     if inp.record("validate") is None:
         return GateResult("validation", "fail", "no lineage record for the validate stage (run dvc repro validate)")
