@@ -160,6 +160,25 @@ def test_adapter_config_target_modules_sorted_and_no_machine_path(tmp_path):
                    "r": 16}
 
 
+def test_checkpoint_drops_machine_specific_files(tmp_path):
+    """Found by the two-repro test: the checkpoint's pickled training args and TRL's README name this
+    machine's output_dir, so the checkpoints hash in dvc.lock differed between two clones."""
+    from pipeline.train.checkpoints import is_complete, stabilize_checkpoint
+
+    ck = tmp_path / "checkpoint-4"
+    ck.mkdir()
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (ck / name).write_bytes(b"x")
+    (ck / "trainer_state.json").write_text('{"global_step": 4}')
+    (ck / "training_args.bin").write_bytes(b"/home/someone/proj/checkpoints")
+    (ck / "README.md").write_text("base_model: /home/someone/proj/models/base\n")
+    (ck / "adapter_config.json").write_text('{"target_modules": ["v_proj", "q_proj"]}')
+    stabilize_checkpoint(ck, "models/base")
+    assert sorted(p.name for p in ck.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
+                                                    "rng_state.pth", "scheduler.pt", "trainer_state.json"]
+    assert is_complete(ck)  # still resumable
+
+
 def test_gx_data_docs_are_byte_stable(tmp_path):
     import great_expectations as gx
     import pandas as pd

@@ -110,15 +110,22 @@ def stabilize_adapter_config(cfg_file: Path, base_ref: str) -> None:
     atomic_write_json(cfg_file, cfg)
 
 
+def stabilize_checkpoint(path: Path, base_ref: str) -> None:
+    """A checkpoint folder's hash is in dvc.lock: sort its adapter config and drop the two files that
+    name this machine's paths and that resuming does not read: `training_args.bin` (a pickle of the
+    arguments, output_dir included) and TRL's auto-generated README.md."""
+    stabilize_adapter_config(path / "adapter_config.json", base_ref)
+    for name in ("training_args.bin", "README.md"):
+        (path / name).unlink(missing_ok=True)
+
+
 def stable_checkpoint_callback(base_ref: str):
-    """A TrainerCallback that applies `stabilize_adapter_config` to each checkpoint as it is saved (the
-    checkpoint folder's hash is in dvc.lock)."""
+    """A TrainerCallback that applies `stabilize_checkpoint` to each checkpoint as it is saved."""
     from transformers import TrainerCallback
 
     class StableCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                stabilize_adapter_config(Path(args.output_dir) / f"checkpoint-{state.global_step}" /
-                                         "adapter_config.json", base_ref)
+                stabilize_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", base_ref)
 
     return StableCheckpoints()
