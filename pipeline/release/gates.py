@@ -79,11 +79,42 @@ def dvc_status(root: Path) -> GateResult:
         return GateResult("dvc-status", "fail", f"dvc status printed no JSON: {out.stdout[:200]!r}")
     # The release's own stages are rebuilt by `openrelease publish` itself (their outputs hold the commit
     # that records them, so they can never match it), so only the stages that make the model count.
+    uncached = _uncached_outs(root)
+    status = {k: v for k, v in status.items() if _real_changes(v, uncached)}
     stale = sorted(k for k in status if k.split(":")[-1] not in RELEASE_STAGES)
     if not stale:
         return GateResult("dvc-status", "pass", "every stage up to evaluate is up to date with dvc.lock")
     return GateResult("dvc-status", "fail", f"{len(stale)} stage(s) out of date with dvc.lock: "
                                             f"{', '.join(stale[:8])}; run dvc repro (or dvc pull) and commit dvc.lock")
+
+
+def _uncached_outs(root: Path) -> set[str]:
+    """Paths of the `cache: false` outputs in dvc.yaml (checkpoints and content-keyed caches)."""
+    try:
+        from dvc.exceptions import DvcException
+        from dvc.repo import Repo
+    except ImportError:
+        return set()
+    try:
+        with Repo(str(root)) as repo:
+            return {Path(o.fs_path).relative_to(Path(repo.root_dir)).as_posix() for o in repo.index.outs
+                    if not o.use_cache}
+    except (DvcException, OSError, ValueError):
+        return set()
+
+
+def _real_changes(entries: Any, uncached: set[str]) -> bool:
+    """A stage's `dvc status` entries without "deleted" uncached outputs: a fresh clone never has those
+    (nothing can pull them) and no release reads them, so their absence leaves the stage up to date."""
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if not isinstance(entry, dict):
+            return True
+        for kind, changes in entry.items():
+            if kind != "changed outs" or not isinstance(changes, dict):
+                return True
+            if any(not (state == "deleted" and path in uncached) for path, state in changes.items()):
+                return True
+    return False
 
 
 def _stage_diff(committed: dict[str, Any], current: dict[str, Any]) -> str:
