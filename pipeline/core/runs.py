@@ -31,18 +31,22 @@ def write_run_record(runs_dir: Path, stage: str, lineage_file: Path, facts: dict
     return atomic_write_json(Path(runs_dir) / f"{stage}.json", record)
 
 
-def read_run_records(runs_dir: Path, lineage_dir: Path, stages: list[str]) -> tuple[dict[str, dict], list[str]]:
+def read_run_records(runs_dir: Path, lineage_dir: Path, stages: list[str],
+                     shown: str | None = None) -> tuple[dict[str, dict], list[str]]:
     """Run records of `stages` that belong to the lineage records on disk, and a note per stage without one.
 
     A run record whose lineage sha256 differs (outputs checked out or pulled from another run) is left
-    out and said so: its times and run ids describe other outputs.
+    out and said so: its times and run ids describe other outputs. Notes name the folder as `shown`
+    (the params path, never this machine's absolute path: they go into the release manifest).
     """
+    runs_dir = Path(runs_dir)
+    where = shown or runs_dir.name
     found: dict[str, dict] = {}
     notes: list[str] = []
     for stage in stages:
-        path, lineage = Path(runs_dir) / f"{stage}.json", Path(lineage_dir) / f"{stage}.json"
+        path, lineage = runs_dir / f"{stage}.json", Path(lineage_dir) / f"{stage}.json"
         if not path.is_file():
-            notes.append(f"{stage}: no run record in {runs_dir} (outputs from dvc pull or another workspace)")
+            notes.append(f"{stage}: no run record in {where} (outputs from dvc pull or another workspace)")
             continue
         try:
             rec = read_json(path)
@@ -50,7 +54,7 @@ def read_run_records(runs_dir: Path, lineage_dir: Path, stages: list[str]) -> tu
             notes.append(f"{stage}: unreadable run record {path.name}: {e}")
             continue
         if not isinstance(rec, dict) or not lineage.is_file() or rec.get("lineage_sha256") != sha256_file(lineage):
-            notes.append(f"{stage}: the run record in {runs_dir} belongs to another run (lineage sha256 differs)")
+            notes.append(f"{stage}: the run record in {where} belongs to another run (lineage sha256 differs)")
             continue
         found[stage] = rec
     return found, notes

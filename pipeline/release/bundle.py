@@ -188,7 +188,8 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         results.append(G.GateResult("secrets", "pass", "no tokens or keys found"))
         lock_sha = sha256_file(inp.dvc_lock_path) if inp.dvc_lock_path and inp.dvc_lock_path.is_file() else None
         manifest_params = {k: params.section_dump(k) for k in MANIFEST_PARAMS}
-        runs, runs_missing = read_run_records(root / params.paths.runs, root / params.paths.lineage, inp.stages())
+        runs, runs_missing = read_run_records(root / params.paths.runs, root / params.paths.lineage, inp.stages(),
+                                              shown=params.paths.runs)
         for note in runs_missing:
             log.warning("run facts: %s; the manifest says so under runs_missing", note)
         manifest = build_manifest(
