@@ -7,7 +7,8 @@
    `git clone` of the tag (same venv, no reinstall), `dvc pull`; `openrelease publish` with every gate
    enforced to the loopback Hub server, without rerunning a stage; `openrelease audit <repo>
    --revision <tag> --public-key <pinned>` passes. Then `dvc artifacts get` finds the released model.
-In the default suite (a few minutes on 2 cores) so CI runs the whole pipeline and the release path.
+In the default suite so CI runs the whole pipeline and the release path: 239 s wall (157 s user CPU)
+measured on 2 cores shared with other jobs (load average 6-7).
 """
 
 from __future__ import annotations
