@@ -242,7 +242,7 @@ def test_two_clean_repros_of_one_commit_give_one_dvc_lock(tiny_model_dir, tmp_pa
     git(a, "commit", "-qm", "release v0.0.1")
     git(a, "tag", "v0.0.1")
     git(b, "fetch", "-q", "--tags", str(a))
-    git(b, "reset", "-q", "--soft", "v0.0.1")   # b's reproduction, at the tagged commit
+    git(b, "reset", "-q", "v0.0.1")   # b's reproduction, at the tagged commit (index too, tree kept)
     ok = subprocess.run([str(Path(sys.executable).parent / "openrelease"), "publish", "--dry-run", "--strict",
                          "--require-reproduced-lock", "--to", str(tmp_path / "bundle")], cwd=b, env=env_for(b),
                         capture_output=True, text=True, timeout=900)
