@@ -65,3 +65,36 @@ def env_for(project: Path, **extra: str) -> dict[str, str]:
 def dvc(project: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
     return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=project,
                           env=env or env_for(project), capture_output=True, text=True, timeout=timeout)
+
+
+GIT = ["git", "-c", "user.email=t@e", "-c", "user.name=t", "-c", "commit.gpgsign=false", "-c", "tag.gpgsign=false"]
+
+
+def git(project: Path, *args: str) -> str:
+    out = subprocess.run([*GIT, *args], cwd=project, capture_output=True, text=True)
+    assert out.returncode == 0, f"git {' '.join(args)}: {out.stderr}"
+    return out.stdout.strip()
+
+
+def configure_tiny(project: Path, tiny_model_dir: Path, pairs: Path) -> None:
+    """The tiny config of the pipeline tests: tiny random Llama, 6 on-policy prompts + 40 real pairs,
+    one short epoch, a few evaluation prompts (about two minutes of `dvc repro` on 2 cores)."""
+    from pipeline.core.lineage import sha256_file
+
+    edit_params(
+        project,
+        base_model={"name": "tiny-llama", "source": "local", "local": str(tiny_model_dir), "license": "MIT",
+                    "sha256": sha256_file(tiny_model_dir / "model.safetensors")},
+        generate={"max_prompts": 6, "samples_per_prompt": 2, "max_new_tokens": 16, "batch_size": 12},
+        data={"sources": [
+            {"name": "on-policy", "format": "ultrafeedback", "path": "outputs/rated.jsonl", "license": "Apache-2.0"},
+            {"name": "llama-factory-demo", "format": "sharegpt", "path": str(pairs), "license": "Apache-2.0",
+             "max_rows": 40},
+        ]},
+        validate={"max_quarantine_fraction": 0.5, "max_length": 1024},  # = train.dpo.max_length
+        train={"dpo": {"num_train_epochs": 1, "max_length": 1024, "precompute_ref_batch_size": 4},
+               "per_device_batch_size": 2, "global_batch_size": 4, "checkpoint_every": 4},
+        evaluate={"max_eval_prompts": 4, "pref_max_pairs": 8, "generation": {"max_new_tokens": 16, "batch_size": 8},
+                  "general": {"max_prompts": 2}, "bootstrap": {"n_resamples": 199}},
+        publish={"thresholds": {}},  # a random tiny model answers with nothing: no length ratio to gate on
+    )

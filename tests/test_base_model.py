@@ -78,17 +78,20 @@ def test_dvc_repro_base_model_in_fresh_clone(tiny_model_dir, tmp_path):
     assert source["kind"] == "local" and source["license"] == "MIT"
 
     record = json.loads((project / "lineage" / "base_model.json").read_text())
-    assert record["git"] == {"commit": head, "dirty": False}
+    run = json.loads((project / ".openrelease" / "runs" / "base_model.json").read_text())
+    assert "git" not in record and "mlflow" not in record  # run facts live in the run record
+    assert run["git"] == {"commit": head, "dirty": False} and run["lineage_sha256"] == sha256_file(
+        project / "lineage" / "base_model.json")
     assert record["outputs"][0]["path"] == "models/base"
     assert record["outputs"][0]["files"]["model.safetensors"] == sha256_file(out / "model.safetensors")
     assert record["params"]["base_model"]["name"] == "tiny-llama"
     assert record["versions"]["transformers"].startswith("5.")
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    child = client.get_run(record["mlflow"]["run_id"])
+    child = client.get_run(run["mlflow"]["run_id"])
     assert child.data.tags["openrelease.stage"] == "base_model"
     assert child.data.tags["openrelease.git_commit"] == head
-    assert child.data.tags["mlflow.parentRunId"] == record["mlflow"]["parent_run_id"]
+    assert child.data.tags["mlflow.parentRunId"] == run["mlflow"]["parent_run_id"]
     assert child.data.tags["openrelease.params_digest"] == record["params_digest"]
     assert child.data.params["base_model.name"] == "tiny-llama"
     assert "base_model" in (project / "dvc.lock").read_text()

@@ -310,7 +310,11 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     exp = mlflow.set_experiment(params["tracking"]["experiment"])
     model_id = mlflow.create_external_model(name="trained", experiment_id=exp.experiment_id).model_id
     (root / "lineage").mkdir()
-    (root / "lineage" / "train.json").write_text(json.dumps({"extra": {"mlflow_model_id": model_id}}))
+    (root / "lineage" / "train.json").write_text(json.dumps({"stage": "train"}))
+    from pipeline.core.runs import write_run_record  # the id is a run fact: the run record holds it
+
+    write_run_record(root / ".openrelease" / "runs", "train", root / "lineage" / "train.json",
+                     {"mlflow_model_id": model_id})
     monkeypatch.setattr(pipeline.lm.generation, "generate", FakeGenerate())
 
     run_stage(evaluate.STAGE, evaluate.READS, evaluate._body, params_file=root / "params.yaml", root=root)
@@ -325,7 +329,8 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     assert sorted(p.name for p in out.iterdir()) == ["constraints.parquet", "general.parquet", "preference.parquet"]
     assert any((root / params["paths"]["eval_cache"]).rglob("*.json"))
     record = read_json(root / "lineage" / "evaluate.json")
-    assert record["extra"]["logged_model_id"] == model_id
+    assert "logged_model_id" not in record["extra"] and "cache" not in record["extra"]  # run facts, not lineage
+    assert read_json(root / ".openrelease" / "runs" / "evaluate.json")["logged_model_id"] == model_id
     assert {"models/base", "models/trained", "dataset/test.parquet"} <= {a["path"] for a in record["inputs"]}
     linked = mlflow.get_logged_model(model_id)
     assert {m.key for m in linked.metrics} >= {"pref_accuracy", "pass_rate_delta", "win_rate", "kl"}

@@ -58,7 +58,8 @@ def test_manifest_lists_every_file_with_sha256(bundle):
         for rel, f in listed.items():
             assert f["sha256"] == sha256_file(on_disk[rel]) and f["size"] == on_disk[rel].stat().st_size
     assert set(m["lineage"]) == {"base_model", "ingest", "validate", "build", "train", "evaluate"}
-    assert m["mlflow"]["train"]["run_id"].endswith("5")
+    assert m["mlflow"]["train"]["run_id"].endswith("5") and m["runs"]["train"]["git"]["dirty"] is True
+    assert m["lineage"]["train"]["mlflow"]["run_id"].endswith("5") and m["runs_missing"] == []
     assert set(m["dvc"]["stages"]) == {"build", "train"} and m["dvc"]["lock_sha256"]
     assert m["code"]["commit"] == bundle.info.commit and m["code"]["dirty"] is False
     assert archive_commit(bundle.path / "model" / m["code"]["archive"]["path"]) == m["code"]["commit"]
@@ -90,7 +91,8 @@ def test_model_card_sections_and_numbers(bundle):
     assert "[0.0278, 0.3056]" in text                      # the interval is shown
     assert "![loss](plots/train/loss.png)" in text
     assert "`dpo.beta` | 0.1" in text and "effective (global) batch size: 8" in text
-    assert "00000000000000000000000000000005" in text      # the train stage's MLflow run id
+    # the card is a DVC output: run ids stay out of it; the manifest carries them (from the run records)
+    assert "00000000000000000000000000000005" not in text and "manifest.json`, `runs.train`" in text
     assert "Model Card for Model ID" not in text           # TRL's README is replaced
     ds = (bundle.path / "dataset" / "README.md").read_text()
     assert "| train | 4 |" in ds and "license:\n- apache-2.0\n- mit" in ds

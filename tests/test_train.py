@@ -449,11 +449,12 @@ def test_stage_runs_two_ddp_processes_under_accelerate(tmp_path, tiny_model_dir,
     assert {Path(o["path"]).name for o in lineage["outputs"]} >= {"trained", "train", "train.json"}
     assert (tmp_path / raw["paths"]["model"] / "model.safetensors").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(lineage["mlflow"]["run_id"])
+    facts = json.loads((tmp_path / ".openrelease" / "runs" / "train.json").read_text())  # run ids: the run record
+    run = client.get_run(facts["mlflow"]["run_id"])
     assert run.data.metrics["world_size"] == 2
     history = client.get_metric_history(run.info.run_id, "rewards/margins")
     assert sorted(m.step for m in history) == [1, 2]  # logged live by rank 0 of the accelerate workers
-    model = client.get_logged_model(lineage["extra"]["mlflow_model_id"])
+    model = client.get_logged_model(facts["mlflow_model_id"])
     assert model.source_run_id == run.info.run_id
 
 

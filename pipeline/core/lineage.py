@@ -1,7 +1,9 @@
 """Hashing and per-stage lineage records.
 
 A lineage record is a small JSON file per stage: what it read and wrote (path, sha256, size, row
-count where it applies), the params it read, the git commit, library versions and its MLflow run id.
+count where it applies), the params it read, the sha256 of the stage's code and library versions.
+It is a DVC output, so it holds nothing that differs between two clean runs of one commit: the git
+commit, the dirty flag, times, hosts and MLflow run ids are in the run record (pipeline.core.runs).
 Later stages and the release manifest are built from these records.
 """
 
@@ -13,7 +15,6 @@ import platform
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -91,17 +92,66 @@ def _relative(p: Path, root: str | Path) -> str:
 
 
 def git_state(root: str | Path = ".") -> dict[str, Any]:
-    """The commit at HEAD and whether the working tree differs from it (None outside a git repo)."""
+    """The commit at HEAD and whether the tree differs from it (None outside a git repo).
+
+    Dirty means a tracked file differs from HEAD; dvc.lock and the outputs it lists do not count:
+    DVC rewrites them during every `dvc repro`, so counting them would mark every stage dirty.
+    """
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return out.stdout.strip() if out.returncode == 0 else None
+        return out.stdout if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    status = git("status", "--porcelain=v1", "-z", "--untracked-files=no")
+    if status is None:
+        return {"commit": commit.strip() if commit else None, "dirty": None}
+    changed = changed_paths(status)
+    managed = dvc_managed_paths(Path(root))
+    dirty = [p for p in changed if not _is_managed(p, managed)]
+    return {"commit": commit.strip() if commit else None, "dirty": bool(dirty)}
+
+
+def changed_paths(porcelain_z: str) -> list[str]:
+    """Paths from `git status --porcelain=v1 -z` (both sides of a rename)."""
+    out, entries = [], porcelain_z.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        out.append(entry[3:])
+        if entry[0] in "RC":  # a rename or copy: the source path follows as its own entry
+            out.append(entries[i])
+            i += 1
+    return out
+
+
+def dvc_managed_paths(root: Path) -> set[str]:
+    """dvc.lock files and every output path their stages list (resolved paths, no templating)."""
+    import yaml
+
+    managed: set[str] = set()
+    for lock in [root / "dvc.lock"]:
+        if not lock.is_file():
+            continue
+        managed.add(lock.relative_to(root).as_posix())
+        try:
+            data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for st in (data.get("stages") or {}).values() if isinstance(data, dict) else []:
+            for out in (st or {}).get("outs") or []:
+                if isinstance(out, dict) and out.get("path"):
+                    managed.add(Path(out["path"]).as_posix().rstrip("/"))
+    return managed
+
+
+def _is_managed(path: str, managed: set[str]) -> bool:
+    return Path(path).name == "dvc.lock" or any(path == m or path.startswith(m + "/") for m in managed)
 
 
 def library_versions() -> dict[str, str]:
@@ -121,11 +171,8 @@ class LineageRecord:
     params_digest: str
     inputs: list[Artifact] = field(default_factory=list)
     outputs: list[Artifact] = field(default_factory=list)
-    git: dict[str, Any] = field(default_factory=dict)
+    code: dict[str, Any] = field(default_factory=dict)   # {"module", "sha256"}: the stage's import closure
     versions: dict[str, str] = field(default_factory=library_versions)
-    mlflow: dict[str, Any] = field(default_factory=dict)
-    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    finished_at: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     platform: str = field(default_factory=lambda: f"{platform.system()}-{platform.machine()} ({sys.implementation.name})")
 
@@ -134,7 +181,9 @@ class LineageRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LineageRecord:
-        d = dict(d)
+        """Read a record; keys of older records that moved to the run record (git, mlflow, times) are dropped."""
+        known = set(cls.__dataclass_fields__)
+        d = {k: v for k, v in d.items() if k in known}
         d["inputs"] = [Artifact(**a) for a in d.get("inputs", [])]
         d["outputs"] = [Artifact(**a) for a in d.get("outputs", [])]
         return cls(**d)

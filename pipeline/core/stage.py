@@ -21,6 +21,7 @@ from pipeline.core.errors import OpenReleaseError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.lineage import Artifact, LineageRecord, git_state, sha256_json
 from pipeline.core.params import Params, load_params
+from pipeline.core.runs import write_run_record
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class StageContext:
     record: LineageRecord
     run: Any = None  # pipeline.core.tracking.StageRun
     metrics: dict[str, float] = field(default_factory=dict)
+    # Facts of this execution only (durations, resource use, cache hits, commit, run ids): they go to
+    # MLflow and the run record (pipeline.core.runs), never into a DVC output.
+    run_facts: dict[str, Any] = field(default_factory=dict)
 
     def path(self, key: str) -> Path:
         """Absolute path of `paths.<key>` from params.yaml."""
@@ -59,6 +63,13 @@ class StageContext:
             self.metrics.update(metrics)
         if self.run is not None:
             self.run.log_metrics(metrics, step=step)
+
+    def log_run_metrics(self, metrics: dict[str, float]) -> None:
+        """Metrics that differ between two runs of the same inputs (seconds, RSS, tokens/s, cache hits):
+        logged to MLflow and kept in the run record, out of the lineage record and DVC metrics."""
+        self.run_facts.setdefault("metrics", {}).update(metrics)
+        if self.run is not None:
+            self.run.log_metrics(metrics)
 
 
 def configure_logging(level: str | None = None) -> None:
@@ -98,24 +109,39 @@ def run_stage(stage: str, reads: list[str], body: Callable[[StageContext], None]
     read_values = {k: params.section_dump(k) for k in keys}
     digest = sha256_json(read_values)
     git = git_state(root)
-    record = LineageRecord(stage=stage, params=read_values, params_digest=digest, git=git)
+    record = LineageRecord(stage=stage, params=read_values, params_digest=digest, code=_code(stage))
+    started = _now()
     t0 = time.monotonic()
     with tracking.stage_run(stage, params.tracking.experiment, digest, git, root=root,
                             timeout_s=params.tracking.connect_timeout_s) as run:
         ctx = StageContext(stage=stage, params=params, root=root, record=record, run=run)
         run.log_params(read_values)
         body(ctx)
-        wall = time.monotonic() - t0
-        ctx.log_metrics({"wall_time_s": wall})
-        record.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-        record.mlflow = {"run_id": run.run_id, "parent_run_id": run.parent_run_id,
-                         "experiment_id": run.experiment_id, "tracking_uri": _redact(run.uri)}
+        ctx.log_run_metrics({"wall_time_s": time.monotonic() - t0})
         record.extra.setdefault("metrics", {}).update(ctx.metrics)
         out = ctx.path("lineage") / f"{stage}.json"
         atomic_write_json(out, record.to_dict())
         run.log_artifact(out, artifact_path="lineage")
+        facts = {"started_at": started, "finished_at": _now(), "git": git,
+                 "mlflow": {"run_id": run.run_id, "parent_run_id": run.parent_run_id,
+                            "experiment_id": run.experiment_id, "tracking_uri": _redact(run.uri)},
+                 **ctx.run_facts}
+        run_file = write_run_record(root / params.paths.runs, stage, out, facts)
+        run.log_artifact(run_file, artifact_path="lineage/runs")
     log.info("%s done in %.1fs", stage, time.monotonic() - t0)
     return ctx
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+
+def _code(stage: str) -> dict[str, str]:
+    """The stage module and the sha256 of its source with its whole pipeline import closure."""
+    from pipeline.core.imports import code_sha256, module_path
+
+    module = f"pipeline.stages.{stage}"
+    return {"module": module, "sha256": code_sha256(module)} if module_path(module) else {}
 
 
 def _redact(uri: str) -> str:

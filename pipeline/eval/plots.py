@@ -16,7 +16,7 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})  # stable bytes
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 

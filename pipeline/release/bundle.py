@@ -22,8 +22,9 @@ from typing import Any
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.core.lineage import sha256_file
 from pipeline.core.params import Params
+from pipeline.core.runs import read_run_records
 from pipeline.release import gates as G
-from pipeline.release.gitinfo import CodeState, code_state, source_archive
+from pipeline.release.gitinfo import CodeState, code_state, public_url, source_archive
 from pipeline.release.inputs import ReleaseInputs, dvc_stage_hashes, gather
 from pipeline.release.licenses import LicenseDecision, derive
 from pipeline.release.manifest import (
@@ -57,7 +58,8 @@ def release_info(params: Params, code: CodeState, model_repo: str | None = None,
     p = params.publish
     return ReleaseInfo(version=code.version, model_repo=model_repo or p.model_repo,
                        dataset_repo=dataset_repo or p.dataset_repo, endpoint=(endpoint or p.endpoint).rstrip("/"),
-                       commit=code.commit, dirty=bool(code.dirty), version_from=code.version_from, remote=code.remote)
+                       commit=code.commit, dirty=bool(code.dirty), version_from=code.version_from,
+                       remote=params.card.code_repo_url or public_url(code.remote))  # never a local path
 
 
 def license_decision(inp: ReleaseInputs) -> LicenseDecision:
@@ -147,12 +149,15 @@ def _published_files(inp: ReleaseInputs, model_files: list[str]) -> dict[str, di
 
 
 def run_gates(params: Params, root: Path, inp: ReleaseInputs, code: CodeState, lic: LicenseDecision,
-              model_files: list[str], *, dry_run: bool, strict: bool, check_dvc: bool) -> list[G.GateResult]:
+              model_files: list[str], *, dry_run: bool, strict: bool, check_dvc: bool,
+              require_reproduced_lock: bool = False) -> list[G.GateResult]:
     """Every gate but the secret scan (which needs the finished bundle), in the order they are reported."""
     pp = params.publish
     results = [G.git_clean(code), G.git_version(code, root)]
     results.append(G.dvc_status(root) if check_dvc else
                    G.GateResult("dvc-status", "fail", "not checked inside dvc repro (DVC holds its lock)"))
+    if require_reproduced_lock:
+        results.append(G.dvc_lock_reproduced(root))
     results += [
         G.validation(inp),
         G.lineage(inp, _published_files(inp, model_files)),
@@ -197,7 +202,7 @@ def _previous_eval(name: str | None, params: Params) -> dict[str, Any] | None:
 
 def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict: bool = False,
                  version: str | None = None, model_repo: str | None = None, dataset_repo: str | None = None,
-                 endpoint: str | None = None, check_dvc: bool = True) -> Bundle:
+                 endpoint: str | None = None, check_dvc: bool = True, require_reproduced_lock: bool = False) -> Bundle:
     """Gather inputs, run the gates, write cards, manifest, BOM and signature into `out` (atomically).
 
     Raises GateError listing every failed gate; then nothing is written to `out`.
@@ -216,7 +221,8 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
     key = signing.resolve_key(pp.signing_key, root / params.paths.keys) if method == "key" else None
     log.info("building release %s (%s) from %s into %s", info.version, code.version_from, code.short, out)
     model_files = _model_files(inp.model_dir, pp.include_adapter)
-    results = run_gates(params, root, inp, code, lic, model_files, dry_run=dry_run, strict=strict, check_dvc=check_dvc)
+    results = run_gates(params, root, inp, code, lic, model_files, dry_run=dry_run, strict=strict, check_dvc=check_dvc,
+                        require_reproduced_lock=require_reproduced_lock)
     results.append(G.signing_anchor(method, pp.public_key, _committed(root, code.commit, pp.public_key),
                                     key.public_pem if key else None))
     G.enforce(results)  # fail before copying half a gigabyte
@@ -235,11 +241,16 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         lock_sha = sha256_file(inp.dvc_lock_path) if inp.dvc_lock_path and inp.dvc_lock_path.is_file() else None
         manifest_params = {k: params.section_dump(k) for k in MANIFEST_PARAMS}
         manifest_params["publish"].pop("signing_key", None)  # a local path to a private key: never published
+        runs, runs_missing = read_run_records(root / params.paths.runs, root / params.paths.lineage, inp.stages(),
+                                              shown=params.paths.runs)
+        for note in runs_missing:
+            log.warning("run facts: %s; the manifest says so under runs_missing", note)
         manifest = scrub_local_paths(build_manifest(
             info=info, bundle=tmp, lineage=inp.lineage, dvc_stages=dvc_stage_hashes(inp.dvc_lock),
             dvc_lock_sha256=lock_sha, archive=archive, license=lic.to_dict(),
             gates=[r.to_dict() for r in results], public_key_sha256=key.fingerprint if key else None,
-            params=manifest_params, method=method, repo_public_key=pp.public_key), root)
+            params=manifest_params, method=method, repo_public_key=pp.public_key,
+            runs=runs, runs_missing=runs_missing), root)
         bom = atomic_write_text(model / BOM_FILE, build_bom(manifest))
         manifest["files"]["model"] = sorted([*manifest["files"]["model"], {
             "path": BOM_FILE, "sha256": sha256_file(bom), "size": bom.stat().st_size}], key=lambda f: f["path"])

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.release.inputs import ReleaseInputs, flat_numbers
+from pipeline.release.inputs import RELEASE_STAGES, ReleaseInputs, flat_numbers
 from pipeline.release.licenses import LicenseDecision, hub_metadata
 from pipeline.release.manifest import ReleaseInfo
 
@@ -232,18 +232,16 @@ def _lineage_section(inp: ReleaseInputs, info: ReleaseInfo) -> str:
     rows = []
     for stage in inp.stages():
         rec = inp.lineage[stage]
-        git = rec.get("git") or {}
-        ml = rec.get("mlflow") or {}
-        rows.append([stage, f"`{str(git.get('commit'))[:12]}`" if git.get("commit") else MISSING,
-                     git.get("dirty"), f"`{ml.get('run_id')}`" if ml.get("run_id") else MISSING,
-                     f"`{rec.get('params_digest', '')[:12]}`"])
-    lines += ["", _table(["stage", "commit", "dirty", "MLflow run", "params digest"], rows) if rows
-              else f"Lineage records: {MISSING}"]
+        code = (rec.get("code") or {}).get("sha256")
+        rows.append([stage, f"`{code[:12]}`" if code else MISSING, f"`{rec.get('params_digest', '')[:12]}`"])
+    lines += ["", _table(["stage", "code sha256", "params digest"], rows) if rows else f"Lineage records: {MISSING}"]
+    # The card is a DVC output: what differs between two runs of one commit (commits, MLflow run ids,
+    # times, hosts) is not in it but in the signed manifest.json, under `runs`.
     lines += _generation_backend_lines(inp)
-    parents = sorted({(rec.get("mlflow") or {}).get("parent_run_id") for rec in inp.lineage.values()} - {None})
-    if parents:
-        lines += ["", f"MLflow parent run(s) (one per pipeline execution): {', '.join(f'`{p}`' for p in parents)}"]
-    stages = dvc_stage_hashes(inp.dvc_lock)
+    lines += ["", "Commit, dirty flag, MLflow run ids, times and host of each stage of this build: "
+                  "`manifest.json` in the model repo, under `runs`."]
+    # the release stages' own entries change with the release (version, commit) and are rebuilt by it
+    stages = {k: v for k, v in dvc_stage_hashes(inp.dvc_lock).items() if k not in RELEASE_STAGES}
     if stages:
         rows = [[name, "<br>".join(f"`{p}` md5 `{h}`" for p, h in st["outs"].items()) or "-"]
                 for name, st in stages.items()]
@@ -274,12 +272,11 @@ def _train_section(inp: ReleaseInputs) -> str:
     hyper = _flatten(tp)
     effective = tm.get("effective_batch_size", extra.get("effective_batch_size", tp.get("global_batch_size")))
     hardware = extra.get("hardware") or tm.get("hardware") or (rec.get("platform") if rec else None)
-    wall = tm.get("wall_time_s", (extra.get("metrics") or {}).get("wall_time_s"))
     versions = rec.get("versions") or {}
     lines = [
         f"- effective (global) batch size: {fmt(effective)}",
         f"- hardware: {fmt(hardware)}",
-        f"- training wall time (s): {fmt(wall)}",
+        "- training wall time, CPU seconds and peak memory of this build: `manifest.json`, `runs.train`",
         f"- {_resume_line(tm, (extra.get('train') or {}).get('resume') or {})}",
         f"- libraries: {', '.join(f'{k} {v}' for k, v in versions.items()) or MISSING}",
         "", "Every training hyperparameter, as the train stage read it:", "",

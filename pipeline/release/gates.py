@@ -79,11 +79,85 @@ def dvc_status(root: Path) -> GateResult:
         return GateResult("dvc-status", "fail", f"dvc status printed no JSON: {out.stdout[:200]!r}")
     # The release's own stages are rebuilt by `openrelease publish` itself (their outputs hold the commit
     # that records them, so they can never match it), so only the stages that make the model count.
+    uncached = _uncached_outs(root)
+    status = {k: v for k, v in status.items() if _real_changes(v, uncached)}
     stale = sorted(k for k in status if k.split(":")[-1] not in RELEASE_STAGES)
     if not stale:
         return GateResult("dvc-status", "pass", "every stage up to evaluate is up to date with dvc.lock")
     return GateResult("dvc-status", "fail", f"{len(stale)} stage(s) out of date with dvc.lock: "
                                             f"{', '.join(stale[:8])}; run dvc repro (or dvc pull) and commit dvc.lock")
+
+
+def _uncached_outs(root: Path) -> set[str]:
+    """Paths of the `cache: false` outputs in dvc.yaml (checkpoints and content-keyed caches)."""
+    try:
+        from dvc.exceptions import DvcException
+        from dvc.repo import Repo
+    except ImportError:
+        return set()
+    try:
+        with Repo(str(root)) as repo:
+            return {Path(o.fs_path).relative_to(Path(repo.root_dir)).as_posix() for o in repo.index.outs
+                    if not o.use_cache}
+    except (DvcException, OSError, ValueError):
+        return set()
+
+
+def _real_changes(entries: Any, uncached: set[str]) -> bool:
+    """A stage's `dvc status` entries without "deleted" uncached outputs: a fresh clone never has those
+    (nothing can pull them) and no release reads them, so their absence leaves the stage up to date."""
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if not isinstance(entry, dict):
+            return True
+        for kind, changes in entry.items():
+            if kind != "changed outs" or not isinstance(changes, dict):
+                return True
+            if any(not (state == "deleted" and path in uncached) for path, state in changes.items()):
+                return True
+    return False
+
+
+def _stage_diff(committed: dict[str, Any], current: dict[str, Any]) -> str:
+    """What differs in one dvc.lock stage entry: the paths whose hash changed, or the fields."""
+    if not committed or not current:
+        return "only in the " + ("reproduced" if current else "committed") + " dvc.lock"
+    paths = []
+    for kind in ("deps", "outs"):
+        old = {i.get("path"): i for i in committed.get(kind) or [] if isinstance(i, dict)}
+        new = {i.get("path"): i for i in current.get(kind) or [] if isinstance(i, dict)}
+        paths += [f"{kind[:-1]} {p}" for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)]
+    fields = [k for k in sorted(set(committed) | set(current)) if k not in ("deps", "outs") and
+              committed.get(k) != current.get(k)]
+    return ", ".join(paths + fields) or "entry differs"
+
+
+def dvc_lock_reproduced(root: Path) -> GateResult:
+    """The reproduce path of a CI release: after `dvc repro` from the tag, the dvc.lock it wrote must
+    equal the committed one for every stage that makes the data and the model (the release stages
+    are rebuilt by `openrelease publish` itself). Equal means the tag reproduces bit for bit."""
+    import yaml
+
+    from pipeline.release.gitinfo import git
+
+    name = "dvc-lock-reproduced"
+    text = git(root, "show", "HEAD:dvc.lock", check=False)
+    if text is None:
+        return GateResult(name, "fail", "no dvc.lock committed at HEAD to compare the reproduction with")
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return GateResult(name, "fail", "no dvc.lock in the working tree: run dvc repro first")
+    try:
+        committed = (yaml.safe_load(text) or {}).get("stages") or {}
+        current = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except yaml.YAMLError as e:
+        return GateResult(name, "fail", f"dvc.lock is not valid YAML: {str(e).splitlines()[0]}")
+    stages = [s for s in sorted(set(committed) | set(current)) if s not in RELEASE_STAGES]
+    differ = [f"{s} ({_stage_diff(committed.get(s) or {}, current.get(s) or {})})" for s in stages
+              if committed.get(s) != current.get(s)]
+    if differ:
+        return GateResult(name, "fail", f"{len(differ)} stage(s) did not reproduce the committed dvc.lock: "
+                                        f"{'; '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}")
+    return GateResult(name, "pass", f"{len(stages)} stage(s) reproduced the committed dvc.lock exactly")
 
 
 def validation(inp: ReleaseInputs) -> GateResult:

@@ -60,6 +60,21 @@ def code_state(root: Path, given_version: str | None, tag_pattern: str) -> CodeS
                      version=version, version_from=how, remote=_strip_credentials(remote))
 
 
+def public_url(remote: str | None) -> str | None:
+    """`remote` when it is a URL others can clone (https, ssh, git, or scp-like `user@host:path`); None
+    for a local path or file:// URL, which means nothing on another machine."""
+    from urllib.parse import urlparse
+
+    if not remote:
+        return None
+    u = urlparse(remote)
+    if u.scheme in ("https", "http", "ssh", "git") and u.hostname:
+        return remote
+    if not u.scheme and re.fullmatch(r"[\w.-]+@[\w.-]+:[^/].*", remote):
+        return remote
+    return None
+
+
 def tag_commit(root: Path, tag: str) -> str | None:
     return git(root, "rev-list", "-n", "1", f"refs/tags/{tag}", check=False)
 

@@ -75,11 +75,28 @@ def environment() -> dict[str, Any]:
             "packages": dict(sorted(packages.items()))}
 
 
+def with_run_facts(lineage: dict[str, dict], runs: dict[str, dict]) -> dict[str, dict]:
+    """Each lineage record as written, plus `git` and `mlflow` from the run record that belongs to it
+    (the record files carry no run facts, so that they stay byte-stable DVC outputs)."""
+    out = {}
+    for stage, rec in lineage.items():
+        run = runs.get(stage) or {}
+        out[stage] = {**rec, **{k: run[k] for k in ("git", "mlflow") if k in run}}
+    return out
+
+
 def build_manifest(*, info: ReleaseInfo, bundle: Path, lineage: dict[str, dict], dvc_stages: dict[str, dict],
                    dvc_lock_sha256: str | None, archive: Path, license: dict[str, Any],
                    gates: list[dict[str, Any]], public_key_sha256: str | None, params: dict[str, Any],
-                   method: str = "key", repo_public_key: str | None = None) -> dict[str, Any]:
-    """The manifest dict for the bundle laid out under `bundle/model` and `bundle/dataset`."""
+                   method: str = "key", repo_public_key: str | None = None,
+                   runs: dict[str, dict] | None = None, runs_missing: list[str] | None = None) -> dict[str, Any]:
+    """The manifest dict for the bundle laid out under `bundle/model` and `bundle/dataset`.
+
+    `runs` are the run records (pipeline.core.runs) read at publish time: times, host, commit, dirty
+    flag and MLflow ids of the build; `runs_missing` says for which stages there was none (outputs that
+    came from `dvc pull` carry no run facts)."""
+    runs = runs or {}
+    lineage = with_run_facts(lineage, runs)
     model, dataset = bundle / MODEL_DIR, bundle / DATASET_DIR
     archive_rel = archive.relative_to(model).as_posix()
     return {
@@ -99,6 +116,8 @@ def build_manifest(*, info: ReleaseInfo, bundle: Path, lineage: dict[str, dict],
         "dvc": {"lock_sha256": dvc_lock_sha256, "stages": dvc_stages},
         "lineage": lineage,
         "mlflow": {stage: rec.get("mlflow", {}) for stage, rec in lineage.items()},
+        "runs": runs,
+        "runs_missing": list(runs_missing or []),
         "params": params,
         "params_sha256": sha256_json(params),
         "license": license,

@@ -22,13 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def dry_run(params: Params, root: Path, to: Path, *, strict: bool = False, version: str | None = None,
-            check_dvc: bool = True, **repos: str | None) -> Bundle:
+            check_dvc: bool = True, require_reproduced_lock: bool = False, **repos: str | None) -> Bundle:
     """Write exactly what would be uploaded to `to` (model/ and dataset/); environment gates only warn."""
-    return build_bundle(params, root, to, dry_run=True, strict=strict, version=version, check_dvc=check_dvc, **repos)
+    return build_bundle(params, root, to, dry_run=True, strict=strict, version=version, check_dvc=check_dvc,
+                        require_reproduced_lock=require_reproduced_lock, **repos)
 
 
 def publish(params: Params, root: Path, *, version: str | None = None, keep: Path | None = None,
-            **repos: str | None) -> tuple[Bundle, list[Any]]:
+            require_reproduced_lock: bool = False, **repos: str | None) -> tuple[Bundle, list[Any]]:
     """Build the bundle with every gate enforced, then publish it. Returns the bundle and what was done.
 
     The MLflow run is opened before anything is uploaded (an unreachable server stops the release
@@ -43,7 +44,8 @@ def publish(params: Params, root: Path, *, version: str | None = None, keep: Pat
     tracking.check_reachable(tracking.default_tracking_uri(root), params.tracking.connect_timeout_s)
     with tempfile.TemporaryDirectory(prefix="openrelease-publish-") as tmp:
         out = keep or Path(tmp) / "bundle"
-        bundle = build_bundle(params, root, out, dry_run=False, version=version, **repos)
+        bundle = build_bundle(params, root, out, dry_run=False, version=version,
+                              require_reproduced_lock=require_reproduced_lock, **repos)
         info = bundle.info
         logged = {"version": info.version, "model_repo": info.model_repo, "dataset_repo": info.dataset_repo,
                   "endpoint": info.endpoint, "commit": info.commit}
@@ -74,13 +76,15 @@ def _publish_cli(args: argparse.Namespace) -> int:
     repos = {"model_repo": args.model_repo, "dataset_repo": args.dataset_repo, "endpoint": args.endpoint}
     if args.dry_run:
         to = args.to or root / params.paths.release
-        bundle = dry_run(params, root, to, strict=args.strict, version=args.version, **repos)
+        bundle = dry_run(params, root, to, strict=args.strict, version=args.version,
+                         require_reproduced_lock=args.require_reproduced_lock, **repos)
         for g in bundle.gates:
             print(g.line())
         print(f"dry run: release {bundle.info.version} written to {to} ({to / 'model'}, {to / 'dataset'}); "
               f"check it with `openrelease audit {to}`")
         return 0
-    bundle, done = publish(params, root, version=args.version, keep=args.to, **repos)
+    bundle, done = publish(params, root, version=args.version, keep=args.to,
+                           require_reproduced_lock=args.require_reproduced_lock, **repos)
     for g in bundle.gates:
         print(g.line())
     for p in done:
@@ -97,6 +101,9 @@ def register_cli(sub) -> None:
                    help="dry run: the folder to write (default paths.release); real: keep the bundle here")
     p.add_argument("--version", default=None, help="release version / Hub tag (default: the git tag at HEAD)")
     p.add_argument("--strict", action="store_true", help="dry run: enforce the git and dvc gates too")
+    p.add_argument("--require-reproduced-lock", action="store_true",
+                   help="CI's reproduce path: after `dvc repro` from the tag, refuse unless dvc.lock equals the "
+                        "committed one for every stage but card and publish (gate dvc-lock-reproduced)")
     p.add_argument("--model-repo", default=None, help="override publish.model_repo")
     p.add_argument("--dataset-repo", default=None, help="override publish.dataset_repo")
     p.add_argument("--endpoint", default=None, help="override publish.endpoint (the Hub URL)")

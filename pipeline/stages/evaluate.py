@@ -3,7 +3,7 @@
 Reads:  `paths.model` (trained), `paths.base_model` (reference), `paths.dataset/test.parquet`,
         `paths.eval_prompts` (held-out constraint prompts), `paths.general_prompts` and
         `paths.judge_template`; params `evaluate` and `train.dpo` (beta and max_length, so the implicit
-        reward is the one training optimised); `paths.lineage/train.json` `extra.mlflow_model_id`
+        reward is the one training optimised); `paths.runs/train.json` `mlflow_model_id`
         when present (the MLflow LoggedModel the metrics are attached to).
 Writes: `paths.metrics/eval.json` (flat DVC metrics), `paths.eval_dir/{preference,constraints,general}.parquet`
         (one row per test pair / prompt), `paths.plots/eval_pass_rates.png`, `paths.plots/eval_win_rate.png`,
@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import SourceError
-from pipeline.core.io import atomic_dir, atomic_write_json, read_json
+from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.params import EvaluateParams
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.eval.cache import EvalCache
@@ -273,14 +273,13 @@ def dpo_setting(dpo: dict[str, Any], name: str) -> Any:
     return DPOConfig.__dataclass_fields__[name].default
 
 
-def _logged_model_id(lineage_dir: Path) -> str | None:
-    """The trained model's MLflow LoggedModel id from `train`'s lineage record: `extra.mlflow_model_id`
-    (what `train` writes) or `extra.logged_model_id`."""
-    path = lineage_dir / "train.json"
-    if not path.is_file():
-        return None
-    extra = read_json(path).get("extra", {})
-    return extra.get("mlflow_model_id") or extra.get("logged_model_id")
+def _logged_model_id(runs_dir: Path, lineage_dir: Path) -> str | None:
+    """The trained model's MLflow LoggedModel id from `train`'s run record (`mlflow_model_id`), when that
+    record belongs to the train lineage record on disk (a run id is no DVC output)."""
+    from pipeline.core.runs import read_run_records
+
+    found, _ = read_run_records(runs_dir, lineage_dir, ["train"])
+    return (found.get("train") or {}).get("mlflow_model_id")
 
 
 def _body(ctx: StageContext) -> None:
@@ -319,12 +318,12 @@ def _body(ctx: StageContext) -> None:
     ctx.log_metrics(result.metrics)
     ctx.run.log_metrics({**cache.stats(), **result.timings})
     ctx.run.log_artifact(out, artifact_path="eval")
-    ctx.record.extra["cache"] = cache.stats()
-    model_id = _logged_model_id(ctx.path("lineage"))
+    ctx.run_facts["cache"] = cache.stats()   # hits depend on what earlier runs left: not a DVC output
+    model_id = _logged_model_id(ctx.path("runs"), ctx.path("lineage"))
     if model_id and tracking.log_model_metrics(model_id, result.metrics, dataset=(test, test_art.sha256)):
-        ctx.record.extra["logged_model_id"] = model_id
+        ctx.run_facts["logged_model_id"] = model_id
     elif not model_id:
-        log.info("no LoggedModel id in %s/train.json: metrics are on the evaluate run only", P.paths.lineage)
+        log.info("no LoggedModel id in %s/train.json: metrics are on the evaluate run only", P.paths.runs)
 
 
 def main() -> None:

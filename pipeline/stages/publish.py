@@ -6,7 +6,8 @@ Reads:  everything the `card` stage reads, plus `paths.eval_prompts` (and the ot
 Writes: `paths.release/model/` and `paths.release/dataset/`: exactly what `openrelease publish` would
         upload to the two Hub repos (weights, cards, manifest.json, model.sig, signing-key.pub,
         bom.cdx.json, eval results, the source archive; Parquet splits and reports), and
-        `paths.lineage/publish.json`.
+        `paths.lineage/publish.json` (the gates' verdicts). `paths.release` is not a DVC output: a
+        signed, dated bundle differs on every run; its sha256 is in the run record.
 Run:    `dvc repro publish` (or `python -m pipeline.stages.publish`); check the result with
         `openrelease audit release`. Publishing for real is `openrelease publish` (see its --help).
 
@@ -38,13 +39,18 @@ def run(params: Params, root: Path, out: Path) -> Bundle:
 
 
 def _body(ctx: StageContext) -> None:
+    from pipeline.core.lineage import sha256_file, sha256_path
+
     ctx.add_input(ctx.path("model"), log_dataset=False)
     ctx.add_input(ctx.path("dataset"))
     out = ctx.path("release")
     bundle = run(ctx.params, ctx.root, out)
-    ctx.add_output(out)
     gates = {g.name: g.status for g in bundle.gates}
-    ctx.record.extra.update(release=bundle.info.to_dict(), gates=gates)
+    ctx.record.extra.update(gates=gates)
+    # The bundle is signed (ECDSA signatures are randomised), dated and may use a locally generated key,
+    # so no two runs match: it is not a DVC output, and its facts are run facts, not lineage.
+    ctx.run_facts.update(release=bundle.info.to_dict(), bundle_sha256=sha256_path(out),
+                         manifest_sha256=sha256_file(out / "model" / "manifest.json"))
     ctx.run.set_tags({"release.version": bundle.info.version,
                       **{f"gate.{k}": v for k, v in gates.items()}})
     ctx.run.log_artifact(out / "model" / "manifest.json", artifact_path="release")

@@ -42,6 +42,9 @@ READS = ["train", "paths.base_model", "paths.dataset", "paths.model", "paths.che
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 
 log = logging.getLogger(__name__)
+# Facts of one execution, not of the inputs: kept out of metrics/train.json (see _body).
+RUN_METRICS = ("train_runtime_s", "setup_s", "cpu_s", "peak_rss_mb", "peak_rss_train_mb", "peak_gpu_mem_mb", "tokens",
+               "tokens_per_s", "tokens_per_s_with_setup", "resumed_from_step", "ref_logps_cache_hit")
 
 
 def load_pairs(path: Path):
@@ -121,10 +124,10 @@ def _finish_release(p: TrainParams, base_dir: Path, out_dir: Path, base_ref: str
     if p.lora.enabled:
         from peft import PeftModel
 
-        cfg_file = adapter_dir / "adapter_config.json"
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        cfg["base_model_name_or_path"] = base_ref  # not this machine's absolute path
-        atomic_write_json(cfg_file, cfg)
+        from pipeline.train.checkpoints import stabilize_adapter_config
+
+        # not this machine's absolute path, and target_modules sorted (PEFT writes a set's order)
+        stabilize_adapter_config(adapter_dir / "adapter_config.json", base_ref)
         merged = PeftModel.from_pretrained(load_causal_lm(base_dir), adapter_dir).merge_and_unload()
         merged.save_pretrained(out_dir, safe_serialization=True)
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
@@ -173,11 +176,12 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
     model = load_causal_lm(base_dir, attn_implementation=plan.attn_implementation, dtype=torch.float32)
     precompute = bool(cfg.precompute_ref_log_probs)
     callback = MetricsCallback(log_fn)
+    stable = checkpoints.stable_checkpoint_callback(base_ref)
     with completion_only_lm_head(p.completion_only_lm_head and plan.device == "cpu"):
         t0, cpu0 = time.monotonic(), time.process_time()
         trainer = OpenReleaseDPOTrainer(
             model=model, args=cfg, train_dataset=train, processing_class=tokenizer, peft_config=lora_config(p),
-            callbacks=[callback], length_grouping=p.length_grouping,
+            callbacks=[callback, stable], length_grouping=p.length_grouping,
             ref_cache_dir=ref_logps_dir if precompute else None,
             ref_cache_key={"model": model_sha256, "chat_template": fingerprint["chat_template"]})
         setup_s = time.monotonic() - t0
@@ -328,14 +332,21 @@ def _body(ctx: StageContext) -> None:
             with tempfile.TemporaryDirectory(prefix=f".{STAGE}-launch-", dir=out_tmp.parent) as work:
                 result = launch_accelerate(p, ctx.root, spec, Path(work))
     metrics = _flat_metrics(result["metrics"])
+    # seconds, memory, token rates, resume and cache facts differ between two runs of the same inputs:
+    # MLflow and the run record get them, metrics/train.json (a DVC output) does not
+    run_metrics = {k: metrics.pop(k) for k in RUN_METRICS if k in metrics}
     metrics_file = ctx.path("metrics") / "train.json"
     atomic_write_json(metrics_file, metrics)
     ctx.log_metrics(metrics)
+    ctx.log_run_metrics(run_metrics)
     ctx.add_output(ctx.path("model"))
     ctx.add_output(plots_dir)
     ctx.add_output(metrics_file)
-    ctx.record.extra.update(train={k: result[k] for k in ("plan", "dpo_config", "hardware", "resumed_from",
-                                                          "resume", "ref_logps", "world_size")})
+    dpo_config = {k: (Path(v).relative_to(ctx.root).as_posix() if isinstance(v, str) and v.startswith(f"{ctx.root}/")
+                      else v) for k, v in result["dpo_config"].items()}  # output_dir: no machine path
+    ctx.record.extra.update(train={"plan": result["plan"], "dpo_config": dpo_config, "hardware": result["hardware"],
+                                   "resume": result["resume"], "world_size": result["world_size"]})
+    ctx.run_facts.update(train={k: result[k] for k in ("resumed_from", "ref_logps")})
     ctx.run.log_artifact(plots_dir, artifact_path="plots")
     ctx.run.set_tags({f"hardware.{k}": v for k, v in result["hardware"].items()})
     with tempfile.TemporaryDirectory() as tmp:
@@ -345,7 +356,7 @@ def _body(ctx: StageContext) -> None:
         "dpo-model", ctx.run, params={"plan": result["plan"], "lora": p.lora.model_dump(mode="json")},
         tags={"openrelease.model_dir": ctx.params.paths.model, "openrelease.base_model_sha256": base_art.sha256},
         inputs=[(train_file, data_art.sha256)])
-    ctx.record.extra["mlflow_model_id"] = model_id
+    ctx.run_facts["mlflow_model_id"] = model_id
     log.info("trained %d steps; model in %s (MLflow LoggedModel %s)", metrics.get("steps", 0),
              ctx.params.paths.model, model_id)
 

@@ -126,3 +126,37 @@ def prune(folder: Path, keep: Path | None) -> None:
         if checkpoint_step(p) is not None and p != keep:
             shutil.rmtree(p, ignore_errors=True)
     (folder / "README.md").unlink(missing_ok=True)  # TRL's auto model card; the card stage writes the real one
+
+
+def stabilize_adapter_config(cfg_file: Path, base_ref: str) -> None:
+    """Make a PEFT adapter_config.json depend only on its content: PEFT writes `target_modules` from a
+    set (a different order in every process) and the base model's absolute path on this machine."""
+    if not cfg_file.is_file():
+        return
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    if "base_model_name_or_path" in cfg:
+        cfg["base_model_name_or_path"] = base_ref
+    atomic_write_json(cfg_file, cfg)
+
+
+def stabilize_checkpoint(path: Path, base_ref: str) -> None:
+    """A checkpoint folder's hash is in dvc.lock: sort its adapter config and drop the two files that
+    name this machine's paths and that resuming does not read: `training_args.bin` (a pickle of the
+    arguments, output_dir included) and TRL's auto-generated README.md."""
+    stabilize_adapter_config(path / "adapter_config.json", base_ref)
+    for name in ("training_args.bin", "README.md"):
+        (path / name).unlink(missing_ok=True)
+
+
+def stable_checkpoint_callback(base_ref: str):
+    """A TrainerCallback that applies `stabilize_checkpoint` to each checkpoint as it is saved."""
+    from transformers import TrainerCallback
+
+    class StableCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                stabilize_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", base_ref)
+
+    return StableCheckpoints()

@@ -243,11 +243,19 @@ def _order_by_length(dataset) -> list[int]:
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its content.
+
+    safetensors keeps `__metadata__` in a Rust HashMap, so several keys come out in a different order in
+    every process (and the file's hash with them); one key holding sorted JSON has only one order.
+    """
+    import json
+
     from safetensors.torch import save
 
     from pipeline.core.io import atomic_write_bytes
 
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    header = {"openrelease": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else None
+    atomic_write_bytes(path, save(tensors, metadata=header))
 
 
 @contextlib.contextmanager

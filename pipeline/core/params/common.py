@@ -37,6 +37,9 @@ class Paths(Section):
     cards: str = Field(description="Model and dataset cards written by `card` (a folder with model/ and dataset/).")
     release: str = Field(description="The release bundle folder (dry-run publishes write here).")
     keys: str = Field(description="Git-ignored folder for a locally generated signing key pair.")
+    runs: str = Field(default=".openrelease/runs",
+                      description="Git-ignored folder of run records (times, hosts, commit, MLflow ids); not a DVC "
+                                  "output, so they never change dvc.lock. The release manifest reads them.")
 
 
 class Tracking(Section):

@@ -27,6 +27,21 @@ class CardParams(Section):
     judge_weaknesses: list[str] = Field(min_length=1, description="Known weaknesses of the win-rate judge.")
     license_override: LicenseOverride | None = Field(
         default=None, description="Set only to publish despite a license conflict; the reason goes in both cards.")
+    code_repo_url: str | None = Field(
+        default=None, description="Public https URL of this code repository, for the cards' reproduce steps; "
+                                  "null: the git remote `origin` when it is a URL, else the bundled source archive.")
+
+    @field_validator("code_repo_url")
+    @classmethod
+    def _https_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlparse
+
+        if v is None:
+            return v
+        u = urlparse(v)
+        if u.scheme != "https" or not u.hostname or u.username or u.password or " " in v:
+            raise ValueError(f"{v!r} is not an https URL without credentials (e.g. https://github.com/org/repo)")
+        return v
 
 
 class MetricBound(Section):
