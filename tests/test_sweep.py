@@ -208,3 +208,13 @@ def test_audit_sweep_check_fails_on_an_edited_table(tmp_path):
 
 def test_no_sweep_is_said_on_the_card():
     assert "one training run with one seed" in sweep_release.card_section(None)
+
+
+def test_sweep_refuses_interpolations_dvc_set_param_would_resolve(tmp_path):
+    from pipeline.sweep.run import SweepError, check_no_interpolation
+
+    check_no_interpolation(ROOT / "params.yaml")  # the shipped params are sweepable
+    bad = tmp_path / "params.yaml"
+    bad.write_text("a: 1  # ${ok in a comment}\ndata:\n  path: ${paths.rated}\n")
+    with pytest.raises(SweepError, match=r"params.yaml:3: 'path: \$\{paths.rated\}'"):
+        check_no_interpolation(bad)

@@ -48,14 +48,19 @@ class Member:
     def overrides(self, seed_key: str) -> dict[str, Any]:
         return {**self.config, seed_key: self.seed}
 
-    def command(self, seed_key: str, queue: bool = False) -> list[str]:
+    def command(self, seed_key: str, queue: bool = False, copy_paths: tuple[str, ...] = ()) -> list[str]:
+        """The member's `dvc exp run`. A queued run works in a temporary copy of the workspace that has
+        only what git tracks plus the DVC cache, so `copy_paths` brings the untracked, uncached stage
+        outputs (lineage records, reports) that keep the upstream stages from rerunning there."""
         cmd = ["dvc", "exp", "run", *(["--queue"] if queue else []), "-n", self.name]
+        for path in copy_paths if queue else ():
+            cmd += ["-C", path]
         for key, value in self.overrides(seed_key).items():
             cmd += ["-S", f"{key}={format_value(value)}"]
         return [*cmd, TARGET]
 
-    def command_line(self, seed_key: str, queue: bool = False) -> str:
-        return shlex.join(self.command(seed_key, queue))
+    def command_line(self, seed_key: str, queue: bool = False, copy_paths: tuple[str, ...] = ()) -> str:
+        return shlex.join(self.command(seed_key, queue, copy_paths))
 
 
 def sweep_id(sweep: SweepParams) -> str:

@@ -54,10 +54,27 @@ def last_stage_times(params: Params, root: Path) -> dict[str, float]:
     return out
 
 
+def check_no_interpolation(path: Path) -> None:
+    """`dvc exp run -S` rewrites params.yaml through OmegaConf, which resolves `${...}` references; a
+    member's params would then differ from the workspace's and every stage reading them would rerun."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if "${" in line.split("#", 1)[0]:
+            raise SweepError(f"{path.name}:{n}: {line.strip()!r}: a sweep cannot keep ${{...}} references in "
+                             "params values (DVC's -S resolves them); write the value literally")
+
+
 def plan(params: Params, root: Path) -> tuple[list[Member], dict[str, float]]:
     if params.sweep is None:
         raise SweepError("params.yaml: sweep: is null; add a sweep section (axes, seed_key, seeds, selection)")
+    check_no_interpolation(root / "params.yaml")
     return expand(params.sweep), last_stage_times(params, root)
+
+
+def copy_paths(params: Params, root: Path) -> tuple[str, ...]:
+    """Untracked, uncached outputs the members need: upstream lineage records and reports (else DVC sees
+    them missing and reruns every stage) and the content-keyed evaluation cache (base-model answers)."""
+    p = params.paths
+    return tuple(x for x in (p.lineage, p.reports, p.metrics, p.eval_cache) if (root / x).exists())
 
 
 def queue_status(root: Path) -> dict[str, str]:
@@ -136,10 +153,12 @@ def run_sweep(params: Params, root: Path, release: bool = True) -> dict[str, Any
 
     os.environ[tracking.ENV_SWEEP_RUN_ID] = parent  # the queue workers started below inherit it
     _dvc("queue", "stop", root=root, check=False)    # idle workers of an earlier sweep hold an old environment
-    existing = [m.name for m in members if m.name in queue_status(root)]
-    if existing:
-        _dvc("exp", "remove", "--queue", *existing, root=root, check=False)
-        _dvc("exp", "remove", *existing, root=root, check=False)
+    # Same grid, same names: an earlier sweep's entries of these members are replaced, not mixed in.
+    in_queue = queue_status(root)
+    for m in members:
+        if m.name in in_queue:
+            _dvc("queue", "remove", m.name, root=root, check=False)
+        _dvc("exp", "remove", m.name, root=root, check=False)
     status = "FAILED"
     try:
         est = sum(times.values()) * len(members) or None
@@ -151,7 +170,7 @@ def run_sweep(params: Params, root: Path, release: bool = True) -> dict[str, Any
                 if not batch:
                     continue
                 for m in batch:
-                    _dvc(*m.command(sweep.seed_key, queue=True)[1:], root=root)
+                    _dvc(*m.command(sweep.seed_key, queue=True, copy_paths=copy_paths(params, root))[1:], root=root)
                 _dvc("queue", "start", "-j", str(jobs), root=root)
                 _wait([m.name for m in batch], root, bar)
         rows = collect(params, members, root)
