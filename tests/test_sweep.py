@@ -218,3 +218,24 @@ def test_sweep_refuses_interpolations_dvc_set_param_would_resolve(tmp_path):
     bad.write_text("a: 1  # ${ok in a comment}\ndata:\n  path: ${paths.rated}\n")
     with pytest.raises(SweepError, match=r"params.yaml:3: 'path: \$\{paths.rated\}'"):
         check_no_interpolation(bad)
+
+
+def test_dvc_set_param_rewrite_changes_only_the_members_keys(tmp_path):
+    # What `dvc exp run -S` does to params.yaml (DVC's own function): the result must load, and differ from
+    # the workspace's params only in the member's keys, or upstream stages would rerun in every member.
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.core.params import load_params
+
+    base = load_params(ROOT / "params.yaml")
+    member = expand(base.sweep)[-1]
+    copy_ = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", copy_)
+    apply_overrides(copy_, [a for a in member.command(base.sweep.seed_key)[5:-1] if a != "-S"])
+    ran = load_params(copy_)
+    assert ran.train.dpo["beta"] == member.config["train.dpo.beta"] and ran.train.dpo["seed"] == member.seed
+    want = base.model_dump(mode="json", by_alias=True)
+    want["train"]["dpo"].update(beta=ran.train.dpo["beta"], seed=member.seed)
+    assert ran.model_dump(mode="json", by_alias=True) == want

@@ -31,7 +31,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         else:
             print(f"{len(members)} members; no train/evaluate run in MLflow yet, so no cost estimate")
         return 0
-    table = run.run_sweep(params, root, release=not args.no_release)
+    table = run.run_sweep(params, root, release=not args.no_release, collect_only=args.collect)
     w = table["winner"]
     print(f"sweep {table['sweep_id']}: {len(table['members'])} members, {table['reference_passes']} reference "
           f"pass(es), {table['wall_s']:.0f}s; winner {w['label']} ({w['metric']} mean {w['mean']:.4g}, "
@@ -46,4 +46,6 @@ def register_cli(sub) -> None:
     p.add_argument("--print-members", action="store_true",
                    help="print one `dvc exp run` command per member (for a cluster scheduler) and exit")
     p.add_argument("--no-release", action="store_true", help="stop after the sweep table; do not apply the winner")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: build the table from the members DVC already has (e.g. after `dvc exp pull`)")
     p.set_defaults(func=_cmd_sweep)

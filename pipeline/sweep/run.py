@@ -136,7 +136,11 @@ def _pick(raw: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_sweep(params: Params, root: Path, release: bool = True) -> dict[str, Any]:
+def run_sweep(params: Params, root: Path, release: bool = True, collect_only: bool = False) -> dict[str, Any]:
+    """Queue and run every member (or, with `collect_only`, take the members DVC already has, e.g. pulled
+    from a cluster with `dvc exp pull`), write the table, and release the rule's pick."""
+    import os
+
     from tqdm import tqdm
 
     from pipeline.core import tracking
@@ -145,47 +149,50 @@ def run_sweep(params: Params, root: Path, release: bool = True) -> dict[str, Any
     members, times = plan(params, root)
     sid = sweep_id(sweep)
     t0 = time.monotonic()
-    log.info("sweep %s: %d members; building data once (dvc repro build)", sid, len(members))
-    _dvc("repro", "build", root=root)
-    parent = tracking.start_sweep_run(params.tracking.experiment, f"sweep {sid}",
-                                      {"openrelease.sweep_id": sid}, {"sweep": sweep.model_dump(mode="json")}, root)
-    import os
-
-    os.environ[tracking.ENV_SWEEP_RUN_ID] = parent  # the queue workers started below inherit it
-    _dvc("queue", "stop", root=root, check=False)    # idle workers of an earlier sweep hold an old environment
-    # Same grid, same names: an earlier sweep's entries of these members are replaced, not mixed in.
-    in_queue = queue_status(root)
-    for m in members:
-        if m.name in in_queue:
-            _dvc("queue", "remove", m.name, root=root, check=False)
-        _dvc("exp", "remove", m.name, root=root, check=False)
+    experiment = params.tracking.experiment
+    previous = tracking.find_runs(experiment, f"tags.`openrelease.sweep_id` = '{sid}'", root) if collect_only else []
+    parent = (max(previous, key=lambda r: r.info.start_time).info.run_id if previous else
+              tracking.start_sweep_run(experiment, f"sweep {sid}", {"openrelease.sweep_id": sid},
+                                       {"sweep": sweep.model_dump(mode="json")}, root))
     status = "FAILED"
     try:
-        est = sum(times.values()) * len(members) or None
-        with tqdm(total=len(members), desc=f"sweep {sid}", unit="member") as bar:
-            if est:
-                bar.set_postfix_str(f"~{est / 60:.0f} min from the last run's stage times")
-            # the first member alone fills the shared reference cache; the rest reuse it
-            for batch, jobs in ((members[:1], 1), (members[1:], sweep.jobs)):
-                if not batch:
-                    continue
-                for m in batch:
-                    _dvc(*m.command(sweep.seed_key, queue=True, copy_paths=copy_paths(params, root))[1:], root=root)
-                _dvc("queue", "start", "-j", str(jobs), root=root)
-                _wait([m.name for m in batch], root, bar)
+        if not collect_only:
+            log.info("sweep %s: %d members; building data once (dvc repro build)", sid, len(members))
+            _dvc("repro", "build", root=root)
+            os.environ[tracking.ENV_SWEEP_RUN_ID] = parent  # the queue workers started below inherit it
+            _dvc("queue", "stop", root=root, check=False)    # idle workers of an earlier sweep hold an old environment
+            # Same grid, same names: an earlier sweep's entries of these members are replaced, not mixed in.
+            in_queue = queue_status(root)
+            for m in members:
+                if m.name in in_queue:
+                    _dvc("queue", "remove", m.name, root=root, check=False)
+                _dvc("exp", "remove", m.name, root=root, check=False)
+            est = sum(times.values()) * len(members) or None
+            with tqdm(total=len(members), desc=f"sweep {sid}", unit="member") as bar:
+                if est:
+                    bar.set_postfix_str(f"~{est / 60:.0f} min from the last run's stage times")
+                # the first member alone fills the shared reference cache; the rest reuse it
+                for batch, jobs in ((members[:1], 1), (members[1:], sweep.jobs)):
+                    if not batch:
+                        continue
+                    for m in batch:
+                        _dvc(*m.command(sweep.seed_key, queue=True, copy_paths=copy_paths(params, root))[1:], root=root)
+                    _dvc("queue", "start", "-j", str(jobs), root=root)
+                    _wait([m.name for m in batch], root, bar)
         rows = collect(params, members, root)
-        runs = tracking.member_runs(params.tracking.experiment, parent, [m.name for m in members], root)
+        runs = tracking.member_runs(experiment, parent, [m.name for m in members], root)
         for r in rows:
             r["mlflow_run_id"] = runs.get(r["name"])
         table = report.build_table(sweep, sid, rows, len(configs(sweep)))
         table["mlflow_parent_run_id"] = parent
-        wall = time.monotonic() - t0
+        wall = None if collect_only else time.monotonic() - t0
         table["wall_s"] = wall
         written = report.write(table, root / params.paths.reports / "sweep", root / params.paths.plots / "sweep",
                                root / params.paths.metrics / "sweep.json", wall)
         status = "FINISHED"
     finally:
-        _dvc("queue", "stop", root=root, check=False)
+        if not collect_only:
+            _dvc("queue", "stop", root=root, check=False)
         if status != "FINISHED":
             tracking.end_sweep_run(parent, {}, [], "FAILED", root)
     tracking.end_sweep_run(parent, report.flat_summary(table, wall), written, "FINISHED", root)
