@@ -66,7 +66,6 @@ def check_no_interpolation(path: Path) -> None:
 def plan(params: Params, root: Path) -> tuple[list[Member], dict[str, float]]:
     if params.sweep is None:
         raise SweepError("params.yaml: sweep: is null; add a sweep section (axes, seed_key, seeds, selection)")
-    check_no_interpolation(root / "params.yaml")
     return expand(params.sweep), last_stage_times(params, root)
 
 
@@ -157,6 +156,7 @@ def run_sweep(params: Params, root: Path, release: bool = True, collect_only: bo
     status = "FAILED"
     try:
         if not collect_only:
+            check_no_interpolation(root / "params.yaml")
             log.info("sweep %s: %d members; building data once (dvc repro build)", sid, len(members))
             _dvc("repro", "build", root=root)
             os.environ[tracking.ENV_SWEEP_RUN_ID] = parent  # the queue workers started below inherit it
@@ -206,9 +206,21 @@ def run_sweep(params: Params, root: Path, release: bool = True, collect_only: bo
 
 def release_winner(table: dict[str, Any], root: Path) -> None:
     """Put the winner's first-seed member in the workspace and run the rest of the pipeline on it."""
-    name = table["winner"]["release_member"]
-    log.info("releasing %s (%s)", name, table["winner"]["label"])
-    _dvc("exp", "apply", name, root=root)
+    from pipeline.core.params import load_params
+    from pipeline.core.selection import config_matches
+
+    w = table["winner"]
+    name = w["release_member"]
+    log.info("releasing %s (%s)", name, w["label"])
+    # apply restores params.yaml, dvc.lock and the member's cached outputs; it exits non-zero when an output
+    # of a stage the member did not run (card, publish) is absent from the cache: `dvc repro` remakes those.
+    applied = _dvc("exp", "apply", name, root=root, check=False)
+    raw = load_params(root / "params.yaml").model_dump(mode="json", by_alias=True)
+    got = {k: _pick(raw, [k])[k] for k in [*w["config"], table["seed_key"]]}
+    wrong = config_matches({**w["config"], table["seed_key"]: w["release_seed"]}, got)
+    if wrong:
+        tail = (applied.stderr or applied.stdout).strip().splitlines()[-1:] or [""]
+        raise SweepError(f"`dvc exp apply {name}` did not give the winner's params ({wrong[0]}): {tail[0]}")
     # Stage outputs DVC does not keep in experiment commits (lineage records) are reproduced here; the
     # weights are deterministic on CPU and the reference log-probs come from the shared cache.
     _dvc("repro", root=root)
