@@ -33,8 +33,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     table = run.run_sweep(params, root, release=not args.no_release, collect_only=args.collect)
     w = table["winner"]
+    wall = f"{table['wall_s']:.0f}s" if table.get("wall_s") is not None else "collected"
     print(f"sweep {table['sweep_id']}: {len(table['members'])} members, {table['reference_passes']} reference "
-          f"pass(es), {table['wall_s']:.0f}s; winner {w['label']} ({w['metric']} mean {w['mean']:.4g}, "
+          f"pass(es), {wall}; winner {w['label']} ({w['metric']} mean {w['mean']:.4g}, "
           f"Holm p {w['p_vs_base_holm']}); released {w['release_member']}" if w else "no winner")
     return 0
 
