@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install dev repro test lint clean
+.PHONY: install dev repro sweep test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ dev: $(VENV)/.installed-dev
 
 repro: install
 	$(BIN)/dvc repro publish  # the release and what it needs: unused stages (generate without an on-policy source) never run
+
+# The `sweep:` grid of params.yaml as DVC experiments, then the rule's pick released (README: Sweeps)
+sweep: install
+	$(BIN)/openrelease sweep
 
 test: dev
 	$(BIN)/pytest

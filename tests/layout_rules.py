@@ -26,8 +26,10 @@ ALLOWED = {
     "train": {"core", "lm", "root"},
     "eval": {"core", "lm", "constraints", "root"},
     "release": {"core", "root"},
-    "stages": {"core", "data", "constraints", "lm", "train", "eval", "release", "root"},
-    "cli": {"core", "eval", "release", "root"},
+    # the sweep orchestrates DVC experiments; release reads its output files, never the wing
+    "sweep": {"core", "root"},
+    "stages": {"core", "data", "constraints", "lm", "train", "eval", "release", "sweep", "root"},
+    "cli": {"core", "eval", "release", "sweep", "root"},
 }
 
 

@@ -29,6 +29,9 @@ TAG_COMMIT = "openrelease.git_commit"
 TAG_DIRTY = "openrelease.git_dirty"
 TAG_PARAMS_DIGEST = "openrelease.params_digest"
 ENV_PIPELINE_KEY = "OPENRELEASE_PIPELINE_KEY"
+# `openrelease sweep` sets this: each member's pipeline run becomes a child of the sweep's parent run
+ENV_SWEEP_RUN_ID = "OPENRELEASE_SWEEP_RUN_ID"
+TAG_DVC_EXP = "openrelease.dvc_exp"
 
 
 def project_root(root: str | Path = ".") -> Path:
@@ -95,7 +98,8 @@ def pipeline_key() -> str:
             cmd = parent.cmdline()
             names = {Path(c).name for c in cmd[:3]}
             if "dvc" in names or any(c.endswith("/dvc") for c in cmd[:3]):
-                return f"dvc-{parent.pid}-{int(parent.create_time())}"
+                exp = os.environ.get("DVC_EXP_NAME")  # set by DVC for every experiment it runs
+                return f"dvc-{parent.pid}-{int(parent.create_time())}" + (f"-{exp}" if exp else "")
     except (psutil.Error, OSError):
         pass
     return f"proc-{proc.pid}-{int(proc.create_time())}"
@@ -210,9 +214,10 @@ def stage_run(stage: str, experiment: str, params_digest: str, git: dict[str, An
         if found:
             parent_id = found[0].info.run_id
         else:
-            parent = client.create_run(exp_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            parent = client.create_run(exp_id, run_name=os.environ.get("DVC_EXP_NAME")
+                                       or f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                        tags={TAG_PIPELINE_KEY: key, TAG_COMMIT: str(git.get("commit")),
-                                             TAG_DIRTY: str(git.get("dirty"))})
+                                             TAG_DIRTY: str(git.get("dirty")), **_sweep_tags()})
             parent_id = parent.info.run_id
     except MlflowException as e:
         raise TrackingError(f"MLflow tracking URI {uri}: {str(e).splitlines()[0]}") from None
@@ -303,3 +308,64 @@ def log_model_metrics(model_id: str, metrics: dict[str, float],
     mlflow.log_metrics(clean, model_id=model_id, dataset=ds)
     mlflow.set_tag("openrelease.evaluated_model_id", model_id)
     return True
+
+
+def _sweep_tags() -> dict[str, str]:
+    tags = {}
+    if sweep := os.environ.get(ENV_SWEEP_RUN_ID):
+        tags["mlflow.parentRunId"] = sweep
+    if exp := os.environ.get("DVC_EXP_NAME"):
+        tags[TAG_DVC_EXP] = exp
+    return tags
+
+
+def start_sweep_run(experiment: str, name: str, tags: dict[str, str], params: dict[str, Any],
+                    root: str | Path = ".", timeout_s: float = 5.0) -> str:
+    """Create the sweep's parent run (left RUNNING until `end_sweep_run`); returns its id."""
+    uri = default_tracking_uri(root)
+    _quiet_mlflow_env(timeout_s)
+    check_reachable(uri, timeout_s)
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+    flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run.info.run_id, params=flat[i : i + 100])
+    return run.info.run_id
+
+
+def member_runs(experiment: str, sweep_run_id: str, names: list[str], root: str | Path = ".") -> dict[str, str]:
+    """DVC experiment name -> the id of its pipeline run. A member whose run is not yet a child of the
+    sweep run (its worker started without the environment variable) is adopted now."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(default_tracking_uri(root))
+    out: dict[str, str] = {}
+    for run in find_runs(experiment, "", root):
+        exp_name = run.data.tags.get(TAG_DVC_EXP)
+        if exp_name in names and TAG_STAGE not in run.data.tags:
+            if exp_name not in out or run.info.start_time > client.get_run(out[exp_name]).info.start_time:
+                out[exp_name] = run.info.run_id
+    for run_id in out.values():
+        if client.get_run(run_id).data.tags.get("mlflow.parentRunId") != sweep_run_id:
+            client.set_tag(run_id, "mlflow.parentRunId", sweep_run_id)
+    return out
+
+
+def end_sweep_run(run_id: str, metrics: dict[str, float], artifacts: list[Path], status: str,
+                  root: str | Path = ".") -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(default_tracking_uri(root))
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if _is_number(v)]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path="sweep")
+    client.set_terminated(run_id, status)

@@ -210,6 +210,13 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
     return problems
 
 
+def _with_sweep(manifest: dict[str, Any], model: Path, problems: list[str], checked: list[str]):
+    from pipeline.release.sweep_release import check
+
+    p, n = check(manifest, model)
+    return problems + p, checked + n
+
+
 def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | None = None,
                  dataset_dir: Path | None = None, anchor: Anchor | None = None) -> AuditReport:
     """Every check on a bundle folder; problems are collected, not raised."""
@@ -239,6 +246,7 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
     report.problems += arch_problems
     report.checked += notes
     report.problems += _check_cards(model, dataset)
+    report.problems, report.checked = _with_sweep(manifest, model, report.problems, report.checked)
     report.checked.append(f"{len(files.get('model', []))} model and {len(files.get('dataset', []))} dataset "
                           "file(s) checked against the manifest")
     report.tree = lineage_tree(manifest)

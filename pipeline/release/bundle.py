@@ -207,7 +207,7 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
 
     Raises GateError listing every failed gate; then nothing is written to `out`.
     """
-    from pipeline.release import audit, secretscan, signing
+    from pipeline.release import audit, secretscan, signing, sweep_release
     from pipeline.release.bom import build_bom
     from pipeline.release.cards import write_cards
 
@@ -231,6 +231,7 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         _copy_files(inp.model_dir, model_files, model)
         _copy_dataset(inp, dataset)
         _copy_metrics(inp, model)
+        sweep_entry = sweep_release.copy_into(root, params.paths.reports, model)  # None: no sweep ran
         write_cards(inp, info, lic, model, dataset)
         archive = source_archive(root, code.commit, f"{PROJECT}-{info.version}",
                                  model / "source" / f"{PROJECT}-{info.version}.tar.gz")
@@ -251,6 +252,8 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
             gates=[r.to_dict() for r in results], public_key_sha256=key.fingerprint if key else None,
             params=manifest_params, method=method, repo_public_key=pp.public_key,
             runs=runs, runs_missing=runs_missing), root)
+        if sweep_entry:
+            manifest["sweep"] = sweep_entry
         bom = atomic_write_text(model / BOM_FILE, build_bom(manifest))
         manifest["files"]["model"] = sorted([*manifest["files"]["model"], {
             "path": BOM_FILE, "sha256": sha256_file(bom), "size": bom.stat().st_size}], key=lambda f: f["path"])

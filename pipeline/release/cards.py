@@ -328,6 +328,12 @@ def _plots(inp: ReleaseInputs) -> str:
     return "\n\n".join(f"![{p.stem}](plots/{p.relative_to(base).as_posix()})" for p in inp.plots)
 
 
+def _sweep_section(inp: ReleaseInputs) -> str:
+    from pipeline.release.sweep_release import card_section, load_table
+
+    return card_section(load_table(inp.root, inp.params.paths.reports))
+
+
 def copy_plots(inp: ReleaseInputs, dest: Path) -> None:
     base = inp.root / inp.params.paths.plots
     for p in inp.plots:
@@ -365,6 +371,7 @@ def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "training": _train_section(inp), "evaluation": eval_table(inp.metrics.get("eval")), "judge": _judge(inp),
         "judge_weaknesses": _bullets(cp.judge_weaknesses), "plots": _plots(inp), "limitations": _bullets(cp.limitations),
         "license": _license_section(lic, "model"), "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
+        "sweep": _sweep_section(inp),
     })
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 

@@ -34,6 +34,7 @@ from typing import Any
 from pipeline.core.errors import DataError, OpenReleaseError
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.params import TrainParams
+from pipeline.core.shared import shared_cache_dir
 from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "train"
@@ -320,7 +321,7 @@ def _body(ctx: StageContext) -> None:
     with atomic_dir(ctx.path("model")) as out_tmp, atomic_dir(plots_dir) as plots_tmp:
         spec = {"root": str(ctx.root), "base_dir": str(base_dir), "dataset_dir": str(dataset_dir),
                 "out_dir": str(out_tmp), "checkpoints_dir": str(ctx.path("checkpoints")),
-                "ref_logps_dir": str(ctx.path("ref_logps")), "plots_dir": str(plots_tmp),
+                "ref_logps_dir": str(shared_cache_dir(ctx.root, ctx.params.paths.ref_logps)), "plots_dir": str(plots_tmp),
                 "model_sha256": base_art.sha256, "base_ref": ctx.params.paths.base_model, "fingerprint": fp}
         if p.launcher.kind == "python":
             result = run(p, log_fn=ctx.log_metrics, root=ctx.root, model_sha256=base_art.sha256,

@@ -38,6 +38,7 @@ from pipeline.core.params.eval import (  # noqa: F401 (re-exported)
 )
 from pipeline.core.params.release import HUB_REPO_ID, CardParams, LicenseOverride, MetricBound, PublishParams  # noqa: F401 (re-exported)
 from pipeline.core.params.sources import BaseModelParams, GenerateParams, HubSource, RateParams, WheelSource  # noqa: F401 (re-exported)
+from pipeline.core.params.sweep import SelectionRule, SweepParams, check_sweep_keys  # noqa: F401 (re-exported)
 from pipeline.core.params.train import LauncherParams, LoraParams, TrainParams  # noqa: F401 (re-exported)
 
 
@@ -56,6 +57,7 @@ class Params(Section):
     evaluate: EvaluateParams
     card: CardParams
     publish: PublishParams
+    sweep: SweepParams | None = Field(default=None, description="`openrelease sweep`: null when no sweep is configured.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -67,6 +69,18 @@ class Params(Section):
         if dpo_max is not None and self.validate_.max_length != dpo_max:
             raise ValueError(f"validate.max_length = {self.validate_.max_length} must equal "
                              f"train.dpo.max_length = {dpo_max}")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_keys_exist(self) -> Params:
+        if self.sweep is not None:
+            def validate(raw: dict[str, Any]) -> None:
+                try:
+                    Params.model_validate(raw)
+                except ValidationError as e:
+                    raise ValueError(format_validation_error("", e, raw).removeprefix(": ")) from None
+
+            check_sweep_keys(self.model_dump(mode="json", by_alias=True), validate)
         return self
 
     def section(self, dotted: str) -> Any:
