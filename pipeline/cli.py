@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extensions():
-    """Subcommands defined next to their logic (audit, publish); absent modules are skipped."""
-    for name in ("pipeline.release.audit", "pipeline.release.publish", "pipeline.eval.judge_agreement"):
+    """Subcommands defined next to their logic (audit, publish, ifeval); absent modules are skipped."""
+    for name in ("pipeline.release.audit", "pipeline.release.publish", "pipeline.eval.judge_agreement",
+                 "pipeline.constraints.cli"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
