@@ -452,6 +452,12 @@ def test_unreliable_judge_changes_no_gate_and_no_model_index_entry():
     assert eval_thresholds(good, thresholds).status == "fail"
     assert regression(good, {**good, "win_rate": 0.9}, "v0", tol).status == "fail"
     assert {"win_rate", "lc_win_rate"} <= set(model_index_metrics(good))
+    from pipeline.release.eval_card import judge_section
+
+    assert "**The judge is unreliable**" in judge_section(bad, None, None)  # the card says why
+    assert "none was run" in judge_section(bad, None, None)
+    rep = {"file": "h.jsonl", "n": 9, "agreement": 0.5, "kappa": 0.1, "agreement_no_tie": 0.6}
+    assert "kappa 0.100" in judge_section(good, rep, "h.jsonl")
 
 
 def test_model_index_has_measured_metrics_with_datasets_and_intervals():

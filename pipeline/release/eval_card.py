@@ -112,7 +112,10 @@ def judge_section(m: dict, agreement: dict | None, labels: str | None) -> str:
     lines = ["### Judge", ""]
     if "judge_order_consistency" not in m:
         return "\n".join([*lines, f"Judge: {MISSING}"])
-    if m.get("judge_reliable") == 0:
+    if "judge_reliable" not in m:
+        lines.append(f"Order consistency {_f(m.get('judge_order_consistency'))}; this evaluation did not rate the "
+                     "judge's reliability (no `judge_reliable` in its results).")
+    elif m.get("judge_reliable") == 0:
         lines.append(f"**The judge is unreliable**: it named the same winner in both presentation orders for "
                      f"{_f(m.get('judge_order_consistency'))} of the pairs, below the threshold "
                      f"{_f(m.get('judge_min_order_consistency'))} (`evaluate.judge.min_order_consistency`); it mostly "

@@ -1,11 +1,13 @@
 """Stage `evaluate`: the trained model against its reference (the base model) on data neither saw.
 
 Reads:  `paths.model` (trained), `paths.base_model` (reference), `paths.dataset/test.parquet`,
-        `paths.eval_prompts` (held-out constraint prompts), `paths.general_prompts` and
+        `paths.eval_prompts` (held-out constraint prompts, the project's format or IFEval's),
+        `paths.ifeval_prompts` (the IFEval subset), `paths.train_prompts` (which instruction ids
+        training saw), `paths.general_prompts` and
         `paths.judge_template`; params `evaluate` and `train.dpo` (beta and max_length, so the implicit
         reward is the one training optimised); `paths.lineage/train.json` `extra.mlflow_model_id`
         when present (the MLflow LoggedModel the metrics are attached to).
-Writes: `paths.metrics/eval.json` (flat DVC metrics), `paths.eval_dir/{preference,constraints,general}.parquet`
+Writes: `paths.metrics/eval.json` (flat DVC metrics), `paths.eval_dir/{preference,constraints,ifeval,general}.parquet`
         (one row per test pair / prompt), `paths.plots/eval_pass_rates.png`, `paths.plots/eval_win_rate.png`,
         and the cache `paths.eval_cache` (DVC `persist: true`).
 Run:    `dvc repro evaluate` (or `python -m pipeline.stages.evaluate`).
@@ -16,16 +18,26 @@ What is measured:
    does, truncated at train's max_length keeping the start); accuracy = fraction with
    r_chosen > r_rejected (a tie is not a win, as in TRL's rewards/accuracies), margin =
    mean(r_chosen - r_rejected). Pairs with no completion token left after truncation are counted
-   (`pref_n_truncated_away`) and left out, as TRL leaves them out of training.
-2. Verifiable instruction following: greedy responses of both models to the held-out constraint
-   prompts, checked by `pipeline.constraints.checkers.check`. Prompt-level pass = every constraint holds;
-   constraint-level = pooled fraction of constraints that hold. Deltas (policy - base) get a paired
-   bootstrap interval that resamples prompts.
+   (`pref_n_truncated_away`) and left out, as TRL leaves them out of training. Several pairs can
+   come from one prompt, so the interval is a cluster bootstrap over prompts (`pref_n_prompts`);
+   with fewer than `bootstrap.min_clusters` prompts no interval is reported (NaN), never [1, 1].
+2. Verifiable instruction following (`pipeline.eval.verifiable`, `pipeline.eval.ifeval_eval`): greedy
+   responses of both models to the held-out constraint prompts and to the IFEval subset. The
+   validity rule: an empty response, or one cut at max_new_tokens, is a failed answer, so
+   `pass_rate_*` (the headline) cannot be gamed by saying less; `empty_rate_*` and
+   `unfinished_rate_*` give the share of such responses per model over every evaluation prompt.
+   IFEval is scored with its reference semantics (strict and loose, prompt- and instruction-level;
+   comparable with published numbers) and, separately, with the validity rule; instruction ids the
+   training prompts never use are reported apart (`ifeval_heldout_*` vs `ifeval_indist_*`). When
+   `paths.eval_prompts` is itself in IFEval's format the headline is its IFEval prompt-level
+   strict accuracy with the validity rule.
 3. Judged win rate on the general prompts: each (policy, base) pair judged in both orders; a pair
-   judged differently in the two orders is a tie; ties count half. Length-controlled win rate:
-   see `pipeline.eval.stats.lc_win_rate`. `judge_order_consistency` (the share of pairs the judge
-   decides the same way in both orders) says how much the judge's verdicts are worth: a judge that
-   always picks one position scores 0 there, and its win rate is 0.5 by construction.
+   judged differently in the two orders is a tie; ties count half; a blank answer loses without
+   the judge. Length-controlled win rate: AlpacaEval 2's GLM (`pipeline.eval.lc`) with its standard
+   error and a bootstrap interval. `judge_order_consistency` (the share of pairs the judge
+   decides the same way in both orders) says how much the judge's verdicts are worth: below
+   `judge.min_order_consistency` `judge_reliable` is 0 and the release leaves its win rates out of
+   the model-index and of every gate.
 4. Length and drift: mean response length in tokens of each model over all evaluation prompts, their
    ratio, and `kl`, an estimate of KL(policy || base). Along each of the policy's greedy responses,
    the exact next-token KL over the whole vocabulary is computed at every completion position (given
@@ -45,7 +57,6 @@ no model is even loaded.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -64,13 +75,12 @@ from pipeline.eval.cache import EvalCache
 from pipeline.eval.measures import Models, generations, kls, logps, read_general_prompts, read_test_pairs
 from pipeline.eval.stats import (
     cluster_bootstrap_ci,
-    mean_diff,
     mean_stat,
     order_score,
     pair_scores,
     paired_bootstrap_ci,
-    pooled_rate_diff,
 )
+from pipeline.eval.verifiable import verifiable
 
 STAGE = "evaluate"
 READS = ["evaluate", "train.dpo", "paths.base_model", "paths.model", "paths.dataset", "paths.eval_prompts",
@@ -149,49 +159,6 @@ def preference(models: Models, inp: Inputs, p: EvaluateParams, cache: EvalCache,
                           "tokens_chosen": n_tok[0::2].astype(int), "tokens_rejected": n_tok[1::2].astype(int),
                           "reward_chosen": r_c, "reward_rejected": r_r, "margin": margin,
                           "correct": correct.astype(bool), "scored": scored})
-    return m, table
-
-
-def valid_mask(responses: list[str], finished: list[bool | None]) -> np.ndarray:
-    """The validity rule: an empty response, or one cut at max_new_tokens, is a failed answer."""
-    return np.array([bool(r.strip()) and f is not False for r, f in zip(responses, finished, strict=True)])
-
-
-def verifiable(rows: list[dict], resp_base: list[str], resp_pol: list[str], ci: dict,
-               fin_base: list[bool | None] | None = None, fin_pol: list[bool | None] | None = None,
-               min_clusters: int = 2) -> tuple[dict, Any]:
-    """Prompt- and constraint-level pass rates of both models and their paired deltas, with the
-    validity rule: an invalid (empty or unfinished) response meets none of its constraints."""
-    import pandas as pd
-
-    from pipeline.constraints.checkers import check
-
-    fin_base = fin_base or [None] * len(rows)
-    fin_pol = fin_pol or [None] * len(rows)
-    val_b, val_p = valid_mask(resp_base, fin_base), valid_mask(resp_pol, fin_pol)
-    res_b = [check(r, row["constraints"]) for r, row in zip(resp_base, rows, strict=True)]
-    res_p = [check(r, row["constraints"]) for r, row in zip(resp_pol, rows, strict=True)]
-    n = np.array([len(row["constraints"]) for row in rows], dtype=float)
-    ok_b = np.array([sum(c["ok"] for c in r) for r in res_b], dtype=float) * val_b
-    ok_p = np.array([sum(c["ok"] for c in r) for r in res_p], dtype=float) * val_p
-    pass_b, pass_p = (ok_b == n).astype(float), (ok_p == n).astype(float)
-    m: dict[str, float] = {"n_eval_prompts": len(rows), "n_constraints": int(n.sum())}
-    few = len(rows) < min_clusters
-    for key, data, stat in (("pass_rate_base", (pass_b,), mean_stat), ("pass_rate_policy", (pass_p,), mean_stat),
-                            ("pass_rate_delta", (pass_p, pass_b), mean_diff)):
-        est, lo, hi = paired_bootstrap_ci(data, stat, **ci)
-        _ci(key, (est, float("nan"), float("nan")) if few else (est, lo, hi), m)
-    m["constraint_pass_rate_base"] = float(ok_b.sum() / n.sum())
-    m["constraint_pass_rate_policy"] = float(ok_p.sum() / n.sum())
-    _ci("constraint_pass_rate_delta", paired_bootstrap_ci((ok_p, ok_b, n), pooled_rate_diff, **ci), m)
-    table = pd.DataFrame({
-        "id": [row["id"] for row in rows], "prompt": [row["prompt"] for row in rows],
-        "constraints": [json.dumps(row["constraints"]) for row in rows],
-        "response_base": resp_base, "response_policy": resp_pol,
-        "valid_base": val_b, "valid_policy": val_p,
-        "pass_base": pass_b.astype(bool), "pass_policy": pass_p.astype(bool),
-        "n_constraints": n.astype(int), "ok_base": ok_b.astype(int), "ok_policy": ok_p.astype(int),
-        "checks_base": [json.dumps(r) for r in res_b], "checks_policy": [json.dumps(r) for r in res_p]})
     return m, table
 
 
