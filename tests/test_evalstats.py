@@ -134,6 +134,8 @@ def test_cluster_bootstrap_resamples_prompts_not_pairs():
     assert (hi - lo) > 2 * (phi - plo)  # ~sqrt(10) wider, as 30 clusters warrant
     est, lo, hi, k = cluster_bootstrap_ci(np.ones(3), ["a", "b", "c"], min_clusters=10)
     assert est == 1.0 and k == 3 and np.isnan(lo) and np.isnan(hi)  # 3 prompts: no [1, 1] interval
+    est, lo, hi, k = cluster_bootstrap_ci(np.ones(60), [f"p{i}" for i in range(60)], min_clusters=10)
+    assert est == 1.0 and k == 60 and np.isnan(lo) and np.isnan(hi)  # all right: no [1, 1] either
 
 
 def test_lc_glm_with_instruction_difficulty_recovers_a_known_answer():

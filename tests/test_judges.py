@@ -312,7 +312,7 @@ def test_judge_agreement_cli(tmp_path, tiny_model_dir, capsys):
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"].update(base_model=str(tiny_model_dir), judge_template=str(TEMPLATE),
-                           eval_cache=str(tmp_path / "cache"))
+                           eval_cache=str(tmp_path / "cache"), judge_labels="pairs.jsonl", reports="reports")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"instruction": f"Q{i}", "response_a": "yes", "response_b": "no",
@@ -321,6 +321,8 @@ def test_judge_agreement_cli(tmp_path, tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 4 and out["judge"]["kind"] == "local" and 0 <= out["agreement"] <= 1
     assert any((tmp_path / "cache" / "judgment").rglob("*.json"))
+    report = json.loads((tmp_path / "reports" / "judge_agreement.json").read_text())  # FILE is paths.judge_labels
+    assert report["file"] == "pairs.jsonl" and report["n"] == 4 and len(report["file_sha256"]) == 64
     assert main([str(tmp_path / "missing.jsonl"), "--params", str(tmp_path / "params.yaml")]) == 1
     assert "missing.jsonl: file exists: no such file" in capsys.readouterr().err
 

@@ -96,10 +96,16 @@ def _cmd(args: argparse.Namespace) -> int:
     stats = agreement(judge, template, rows, EvalCache(root / params.paths.eval_cache))
     stats["file"] = args.file
     stats["file_sha256"] = sha256_path(Path(args.file))
-    if args.out:  # the card reports this file when it names the labelled file in paths.judge_labels
+    stats["limit"] = args.limit
+    out = args.out
+    if out is None and params.paths.judge_labels and \
+            Path(args.file).resolve() == (root / params.paths.judge_labels).resolve():
+        out = root / params.paths.reports / "judge_agreement.json"  # where the model card looks
+    if out:
         from pipeline.core.io import atomic_write_json
 
-        atomic_write_json(Path(args.out), stats)
+        stats["file"] = params.paths.judge_labels if out != args.out else args.file
+        atomic_write_json(Path(out), stats)
     print(json.dumps(stats, indent=2, sort_keys=True))
     return 0
 
@@ -109,8 +115,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("file", help="JSONL of labelled pairs (see pipeline/eval/judge_agreement.py)")
     p.add_argument("--params", default="params.yaml", help="params file whose evaluate.judge is used")
     p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
-    p.add_argument("--out", default=None, help="also write the result as JSON here (reports/judge_agreement.json "
-                   "is where the model card looks)")
+    p.add_argument("--out", default=None, help="also write the result as JSON here; default: "
+                   "<paths.reports>/judge_agreement.json when FILE is paths.judge_labels (the card reads it)")
     p.set_defaults(func=_cmd)
 
 

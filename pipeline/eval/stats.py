@@ -104,8 +104,9 @@ def cluster_bootstrap_ci(values: Sequence[float], clusters: Sequence[str], *, mi
 
     Several values that share a cluster (test pairs built from one prompt) are not independent
     draws: the bootstrap resamples the clusters (prompts) and recomputes the pooled mean
-    sum(values) / count. With fewer than `min_clusters` clusters no interval is given (NaN): a
-    bootstrap over a handful of prompts describes those prompts, not the population.
+    sum(values) / count. With fewer than `min_clusters` clusters, or when every cluster has the same
+    rate, no interval is given (NaN): a bootstrap over a handful of prompts describes those prompts,
+    not the population.
     """
     values = np.asarray(values, dtype=float)
     clusters = list(clusters)
@@ -118,7 +119,9 @@ def cluster_bootstrap_ci(values: Sequence[float], clusters: Sequence[str], *, mi
         sums[index[c]] += v
         counts[index[c]] += 1
     est = float(values.mean())
-    if len(names) < max(2, min_clusters):
+    if len(names) < max(2, min_clusters) or np.all(sums / counts == sums[0] / counts[0]):
+        # too few prompts, or every prompt scored the same (all pairs right, say): a bootstrap cannot
+        # see variability the sample does not show, and [1, 1] would claim certainty
         return est, float("nan"), float("nan"), len(names)
     _, lo, hi = paired_bootstrap_ci((sums, counts), ratio_of_sums, n_resamples=n_resamples,
                                     confidence_level=confidence_level, seed=seed)

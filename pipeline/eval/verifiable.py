@@ -52,7 +52,8 @@ def verifiable(rows: list[dict], resp_base: list[str], resp_pol: list[str], ci: 
         _ci(key, (est, float("nan"), float("nan")) if few else (est, lo, hi), m)
     m["constraint_pass_rate_base"] = float(ok_b.sum() / n.sum())
     m["constraint_pass_rate_policy"] = float(ok_p.sum() / n.sum())
-    _ci("constraint_pass_rate_delta", paired_bootstrap_ci((ok_p, ok_b, n), pooled_rate_diff, **ci), m)
+    est, lo, hi = paired_bootstrap_ci((ok_p, ok_b, n), pooled_rate_diff, **ci)
+    _ci("constraint_pass_rate_delta", (est, float("nan"), float("nan")) if few else (est, lo, hi), m)
     table = pd.DataFrame({
         "id": [row["id"] for row in rows], "prompt": [row["prompt"] for row in rows],
         "constraints": [json.dumps(row["constraints"]) for row in rows],

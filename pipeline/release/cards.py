@@ -45,6 +45,19 @@ EVAL_LABELS = {
     "n_eval_prompts": "held-out constraint prompts evaluated",
     "n_constraints": "constraints checked over those prompts",
     "n_general_prompts": "general prompts judged",
+    "empty_rate_base": "share of empty responses, base model",
+    "empty_rate_policy": "share of empty responses, this model",
+    "unfinished_rate_base": "share of responses cut at max_new_tokens, base model",
+    "unfinished_rate_policy": "share of responses cut at max_new_tokens, this model",
+    "lc_win_rate_se": "AlpacaEval's standard error of the LC win rate (sem of the GLM predictions)",
+    "judge_reliable": "1 if judge_order_consistency reaches evaluate.judge.min_order_consistency",
+    "pref_n_prompts": "prompts the held-out test pairs come from (the bootstrap's clusters)",
+    "ifeval_prompt_strict_base": "IFEval prompt-level strict accuracy, base model",
+    "ifeval_prompt_strict_policy": "IFEval prompt-level strict accuracy, this model",
+    "ifeval_prompt_strict_valid_base": "IFEval prompt-level strict, empty/unfinished answers failed, base",
+    "ifeval_prompt_strict_valid_policy": "IFEval prompt-level strict, empty/unfinished answers failed, this model",
+    "ifeval_heldout_inst_strict_policy": "IFEval instruction-level strict on ids never used in training, this model",
+    "ifeval_indist_inst_strict_policy": "IFEval instruction-level strict on ids used in training, this model",
 }
 # Counts and judge diagnostics are in the table but are not results for the model-index.
 NOT_RESULTS = ("n_", "judge_")
