@@ -1,4 +1,7 @@
-"""The verifiable-instruction checkers: one passing and one failing example per checker, bad kwargs."""
+"""The project's prompt files in IFEval terms (pipeline.constraints.prompts) and the shim evaluate uses.
+
+The 25 checkers themselves: tests/test_ifeval.py.
+"""
 
 from __future__ import annotations
 
@@ -6,103 +9,11 @@ import json
 
 import pytest
 
-from pipeline.constraints.checkers import (
-    CHECKERS,
-    check,
-    read_prompts,
-    sentences,
-    validate_constraints,
-    words,
-)
+from pipeline.constraints import checkers, prompts
 from pipeline.core.errors import DataError
 
-# (constraint, response that passes, response that fails)
-CASES = [
-    ({"type": "lowercase"}, "all quiet here, 42 times.", "All quiet here."),
-    ({"type": "uppercase"}, "LOUD AND CLEAR, 42!", "LOUD and CLEAR"),
-    ({"type": "word_count", "min": 3, "max": 5}, "one two three four", "one two"),
-    ({"type": "word_count", "max": 3}, "don't stop now", "one two three four"),
-    ({"type": "word_count", "min": 2}, "well-known fact", "single"),
-    ({"type": "sentence_count", "min": 2, "max": 2}, "It rains. We stay in!", "It rains. We stay in. Fine?"),
-    ({"type": "sentence_count", "max": 1}, "Just one sentence here.", "One. Two."),
-    ({"type": "keywords", "keywords": ["Budget", "due date"]}, "The budget is set; the DUE DATE is Friday.",
-     "The budgetary due date."),
-    ({"type": "forbidden_words", "words": ["very", "really"]}, "Everything is every bit fine.",
-     "It is Really fine."),
-    ({"type": "ends_with", "phrase": "Any other questions?"}, "Done.\nAny other questions?  \n",
-     "Any other questions? Thanks."),
-    ({"type": "starts_with", "phrase": "Dear team,"}, "  Dear team, hello.", "Hello. Dear team,"),
-    ({"type": "bullet_count", "n": 3}, "Intro:\n* one\n- two\n  * three\n***\nend", "* one\n* two\n*not a bullet"),
-    ({"type": "json_format"}, '```json\n{"a": [1, 2]}\n```', 'Here it is: {"a": 1}'),
-    ({"type": "json_format"}, ' {"name": "x"} ', '{"name": "x",}'),
-    ({"type": "no_commas"}, "No commas at all.", "Well, one comma."),
-    ({"type": "title"}, "<<A Day Out>>\nWe went.", "<< >> is blank and <not double>"),
-    ({"type": "paragraphs", "n": 2}, "First one.\n\nSecond one.", "Only one paragraph here."),
-    ({"type": "paragraphs", "n": 3}, "A.\n***\nB.\n\n  \nC.", "A.\n\nB."),
-    ({"type": "placeholders", "min": 2}, "Meet at [place] on [date].", "Meet at [place] on Monday []."),
-    ({"type": "postscript"}, "Bye.\n\nP.S. bring snacks", "Bye. I said p.s. in the middle."),
-    ({"type": "postscript", "marker": "P.P.S"}, "Bye.\np.p.s. again", "Bye.\nP.S. once"),
-]
-
-
-def test_every_checker_has_cases():
-    assert {c["type"] for c, _, _ in CASES} == set(CHECKERS)
-
-
-@pytest.mark.parametrize(("constraint", "good", "bad"), CASES, ids=[f"{c['type']}-{i}" for i, (c, _, _) in enumerate(CASES)])
-def test_checker_pass_and_fail(constraint, good, bad):
-    [ok] = check(good, [constraint])
-    [not_ok] = check(bad, [constraint])
-    assert ok["ok"] is True, ok["detail"]
-    assert not_ok["ok"] is False, not_ok["detail"]
-    assert ok["type"] == not_ok["type"] == constraint["type"]
-    assert isinstance(ok["detail"], str) and not_ok["detail"]
-
-
-def test_counts_and_details():
-    assert words("Don't  stop -- the well-known 3 cats_dogs") == ["Don't", "stop", "the", "well-known", "3", "cats", "dogs"]
-    assert len(sentences("Dr. Who? Yes! e.g. fine...")) == 5  # abbreviations count as sentence ends, by design
-    assert check("a b c d", [{"type": "word_count", "max": 2}])[0]["detail"] == "4 words, more than the maximum 2"
-    assert check("x", [{"type": "keywords", "keywords": ["cat", "dog"]}])[0]["detail"] == "missing: cat, dog"
-    assert not check("", [{"type": "lowercase"}])[0]["ok"]  # no letters is not "all lowercase"
-
-
-def test_check_keeps_order_and_scores_each():
-    res = check("hello, world", [{"type": "lowercase"}, {"type": "no_commas"}, {"type": "word_count", "min": 2}])
-    assert [(r["type"], r["ok"]) for r in res] == [("lowercase", True), ("no_commas", False), ("word_count", True)]
-
-
-@pytest.mark.parametrize(("constraints", "match"), [
-    ([{"type": "shout"}], "unknown constraint type 'shout'"),
-    ([{"kind": "lowercase"}], "unknown constraint type None"),
-    (["lowercase"], "must be an object"),
-    ([], "non-empty list"),
-    ({"type": "lowercase"}, "non-empty list"),
-    ([{"type": "lowercase", "strict": True}], r"unknown argument\(s\) \['strict'\]"),
-    ([{"type": "word_count"}], "needs min, max or both"),
-    ([{"type": "word_count", "min": 10, "max": 5}], "min 10 is greater than max 5"),
-    ([{"type": "word_count", "max": "50"}], "max must be an integer"),
-    ([{"type": "word_count", "max": True}], "max must be an integer"),
-    ([{"type": "word_count", "min": -1}], "min must be >= 0"),
-    ([{"type": "bullet_count"}], r"missing argument\(s\) \['n'\]"),
-    ([{"type": "bullet_count", "n": 0}], "n must be >= 1"),
-    ([{"type": "paragraphs", "n": 2.0}], "n must be an integer"),
-    ([{"type": "keywords", "keywords": []}], "non-empty list of non-blank strings"),
-    ([{"type": "keywords", "keywords": "cat"}], "non-empty list of non-blank strings"),
-    ([{"type": "forbidden_words", "words": ["ok", " "]}], "non-empty list of non-blank strings"),
-    ([{"type": "ends_with", "phrase": "  "}], "phrase must be a non-blank string"),
-    ([{"type": "placeholders"}], r"missing argument\(s\) \['min'\]"),
-    ([{"type": "lowercase"}, {"type": "postscript", "marker": 3}], "constraint 1: postscript: marker must be"),
-])
-def test_bad_constraints_raise_with_location(constraints, match):
-    with pytest.raises(DataError, match=match) as e:
-        validate_constraints(constraints, "prompts.jsonl", 7)
-    assert str(e.value).startswith("prompts.jsonl:7: constraints: ")
-
-
-def test_check_rejects_unknown_type():
-    with pytest.raises(DataError, match="unknown constraint type"):
-        check("hi", [{"type": "nope"}])
+LOWER = "change_case:english_lowercase"
+GOOD = json.dumps({"id": "a", "prompt": "Say hi in lowercase.", "instruction_id_list": [LOWER], "kwargs": [{}]})
 
 
 def _write(tmp_path, lines):
@@ -111,29 +22,54 @@ def _write(tmp_path, lines):
     return p
 
 
-GOOD = json.dumps({"id": "a", "prompt": "Say hi in lowercase.", "constraints": [{"type": "lowercase"}]})
-
-
 def test_read_prompts_ok(tmp_path):
-    rows = read_prompts(_write(tmp_path, [GOOD, "", json.dumps({"id": "b", "prompt": "x", "constraints": [{"type": "no_commas"}]})]))
+    other = json.dumps({"id": "b", "prompt": "x", "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words"],
+                        "kwargs": [{}, {"relation": "less than", "num_words": 9}]})
+    rows = prompts.read_prompts(_write(tmp_path, [GOOD, "", other]))
     assert [(r["id"], r["line"]) for r in rows] == [("a", 1), ("b", 3)]
+    assert rows[1]["kwargs"][1] == {"relation": "less than", "num_words": 9}
+
+
+def _row(**kw):
+    return json.dumps({"id": "b", "prompt": "x", "instruction_id_list": [LOWER], "kwargs": [{}], **kw})
 
 
 @pytest.mark.parametrize(("bad", "match"), [
-    ('{"id": "b", "prompt": "x", "constraints": [', r"prompts.jsonl:2: valid JSON"),
-    (json.dumps({"id": "b", "prompt": "x", "constraints": [{"type": "rhyme"}]}), r"prompts.jsonl:2: constraints: .*unknown constraint type 'rhyme'"),
-    (json.dumps({"id": "a", "prompt": "x", "constraints": [{"type": "lowercase"}]}), r"prompts.jsonl:2: unique id: 'a' already used on line 1"),
-    (json.dumps({"id": "", "prompt": "x", "constraints": [{"type": "lowercase"}]}), r"prompts.jsonl:2: id"),
-    (json.dumps({"id": "b", "prompt": " ", "constraints": [{"type": "lowercase"}]}), r"prompts.jsonl:2: prompt"),
-    (json.dumps({"id": "b", "prompt": "x"}), r"prompts.jsonl:2: constraints: must be a non-empty list"),
-    (json.dumps({"id": "b", "prompt": "x", "constraints": [{"type": "lowercase"}], "lang": "en"}), r"prompts.jsonl:2: prompt row keys"),
+    ('{"id": "b", "prompt": "x", "instruction_id_list": [', r"prompts.jsonl:2: valid JSON"),
+    (_row(instruction_id_list=["rhyme"]), r"prompts.jsonl:2: instructions: instruction 0: unknown instruction id 'rhyme'"),
+    (_row(instruction_id_list=[]), r"prompts.jsonl:2: instructions: instruction_id_list must be a non-empty list"),
+    (_row(kwargs=[{}, {}]), r"prompts.jsonl:2: instructions: kwargs must be a list of 1 objects"),
+    (_row(instruction_id_list=["length_constraints:number_words"], kwargs=[{"num_words": 5}]),
+     r"prompts.jsonl:2: instructions: instruction 0: .*missing kwarg\(s\) \['relation'\]"),
+    (_row(kwargs=[{"strict": True}]), r"prompts.jsonl:2: instructions: instruction 0: .*unknown kwarg\(s\) \['strict'\]"),
+    (_row(id="a"), r"prompts.jsonl:2: unique id: 'a' already used on line 1"),
+    (_row(id=""), r"prompts.jsonl:2: id"),
+    (_row(prompt=" "), r"prompts.jsonl:2: prompt"),
+    (_row(constraints=[{"type": "lowercase"}]), r"prompts.jsonl:2: prompt row keys: unknown key\(s\) \['constraints'\]"),
     ('["a list"]', r"prompts.jsonl:2: JSON object per line"),
 ])
 def test_read_prompts_bad_line(tmp_path, bad, match):
     with pytest.raises(DataError, match=match):
-        read_prompts(_write(tmp_path, [GOOD, bad]))
+        prompts.read_prompts(_write(tmp_path, [GOOD, bad]))
 
 
 def test_read_prompts_empty_file(tmp_path):
     with pytest.raises(DataError, match="no rows"):
-        read_prompts(_write(tmp_path, [""]))
+        prompts.read_prompts(_write(tmp_path, [""]))
+
+
+def test_held_out_ids_and_check_row():
+    train = [{"instruction_id_list": [LOWER, "punctuation:no_comma"]}]
+    ev = [{"instruction_id_list": [LOWER]}, {"instruction_id_list": ["startend:quotation", "detectable_format:title"]}]
+    assert prompts.held_out_ids(train, ev) == ("detectable_format:title", "startend:quotation")
+    row = {"prompt": "p", "instruction_id_list": ["startend:quotation"], "kwargs": [{}]}
+    assert prompts.check_row(row, '"yes"') == [True] and prompts.check_row(row, '"yes"\nok') == [False]
+    assert prompts.check_row(row, '"yes"\nok', loose=True) == [True]
+
+
+def test_shim_for_evaluate(tmp_path):
+    rows = checkers.read_prompts(_write(tmp_path, [GOOD]))
+    assert rows[0]["constraints"] == [{"type": LOWER}]
+    res = checkers.check("the weather is lovely today and we are going for a walk", rows[0]["constraints"])
+    assert res == [{"type": LOWER, "ok": True, "detail": "followed"}]
+    assert checkers.check("", [{"type": "punctuation:no_comma"}])[0]["ok"] is False  # IFEval: blank fails

@@ -194,7 +194,8 @@ def eval_inputs(tmp_path, tiny_model_dir, other_model_dir) -> Inputs:
               "rejected": [{"role": "assistant", "content": f"bad {i}"}]} for i in range(5)]
     pd.DataFrame(pairs).to_parquet(tmp_path / "test.parquet")
     eval_rows = [{"id": f"e{i}", "prompt": f"Tell me about topic {i} in capital letters.",
-                  "constraints": [{"type": "uppercase"}, {"type": "word_count", "min": 3}]} for i in range(6)]
+                  "instruction_id_list": ["change_case:english_capital", "length_constraints:number_words"],
+                  "kwargs": [{}, {"relation": "at least", "num_words": 3}]} for i in range(6)]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
     general = [{"id": f"g{i}", "prompt": f"Everyday question number {i}"} for i in range(4)]
     (tmp_path / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general))
@@ -324,8 +325,8 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     for png in ("eval_pass_rates.png", "eval_win_rate.png"):
         assert (root / params["paths"]["plots"] / png).read_bytes()[:4] == b"\x89PNG"
     out = root / params["paths"]["eval_dir"]
-    assert sorted(p.name for p in out.iterdir()) == ["constraints.parquet", "general.parquet", "ifeval.parquet",
-                                                     "preference.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["constraints.parquet", "eval_ifeval.parquet", "general.parquet",
+                                                     "ifeval.parquet", "preference.parquet"]
     assert metrics["n_ifeval_prompts"] == 32 and "ifeval_heldout_inst_strict_policy" in metrics
     assert any((root / params["paths"]["eval_cache"]).rglob("*.json"))
     record = read_json(root / "lineage" / "evaluate.json")
@@ -409,7 +410,8 @@ def test_an_empty_model_fails_every_default_prompt_and_shows_no_gain(eval_inputs
     m = run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=gen).metrics
     assert m["pass_rate_policy"] == 0.0 and m["constraint_pass_rate_policy"] == 0.0
     assert m["pass_rate_delta"] <= 0 and m["ifeval_prompt_strict_valid_policy"] == 0.0
-    assert m["ifeval_prompt_strict_valid_delta"] <= 0
+    assert m["ifeval_prompt_strict_valid_delta"] <= 0 and m["eval_ifeval_prompt_strict_valid_policy"] == 0.0
+    assert m["eval_ifeval_heldout_inst_strict_policy"] == 0.0 and m["n_eval_ifeval_heldout_instructions"] > 0
     assert m["empty_rate_policy"] == 1.0 and m["empty_rate_base"] == 0.0
     assert m["win_rate"] == 0.0  # an empty answer loses without asking the judge
 
@@ -419,7 +421,7 @@ def test_unfinished_answers_fail_and_are_counted(eval_inputs, tmp_path):
         policy = "policy" in str(model.name_or_path)
         if stats is not None:  # the base model is always cut at max_new_tokens
             stats["finished"] = [[policy] for _ in prompts]
-        return [["AN ANSWER WITH SEVERAL WORDS"] for _ in prompts]
+        return [[f"an answer to {c[-1]['content'][:20].lower()} with several words here".upper()] for c in prompts]
 
     m = run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=gen).metrics
     assert m["unfinished_rate_base"] == 1.0 and m["unfinished_rate_policy"] == 0.0

@@ -37,14 +37,16 @@ LEGACY_TO_IFEVAL = {
 
 
 def is_ifeval_file(path: Path) -> bool:
-    """True when the first row of a JSONL file is in IFEval's input format (`instruction_id_list`)."""
+    """True when the first row of a JSONL file is in IFEval's own input format (`key`,
+    `instruction_id_list`); the project's prompt files carry IFEval ids too but an `id`, not a `key`."""
     with open(path, encoding="utf-8-sig") as f:
         for line in f:
             if line.strip():
                 try:
-                    return isinstance(json.loads(line), dict) and "instruction_id_list" in json.loads(line)
+                    obj = json.loads(line)
                 except json.JSONDecodeError:
                     return False
+                return isinstance(obj, dict) and "key" in obj and "instruction_id_list" in obj
     return False
 
 
@@ -68,8 +70,7 @@ def training_ids(path: Path | None) -> set[str]:
 def _rate(prefix: str, ok: np.ndarray, n: np.ndarray, ci: dict, m: dict, min_clusters: int) -> None:
     """Pooled rate sum(ok)/sum(n) with a cluster (prompt) bootstrap interval."""
     keep = n > 0
-    if not keep.any():
-        m.update({prefix: float("nan"), f"{prefix}_ci_low": float("nan"), f"{prefix}_ci_high": float("nan")})
+    if not keep.any():  # no instruction in this group (no held-out id, say): nothing measured, nothing reported
         return
     est = float(ok[keep].sum() / n[keep].sum())
     if keep.sum() < min_clusters:
@@ -98,7 +99,7 @@ def ifeval_metrics(rows: list[dict], responses: dict[str, Sequence[str]], finish
     held = [[i not in train_ids for i in r["instruction_id_list"]] for r in rows]
     m[f"n_{prefix}heldout_instructions"] = int(sum(map(sum, held)))
     m[f"n_{prefix}indist_instructions"] = m[f"n_{prefix}instructions"] - m[f"n_{prefix}heldout_instructions"]
-    table: dict[str, list] = {"key": [r["key"] for r in rows], "prompt": [r["prompt"] for r in rows],
+    table: dict[str, list] = {"key": [str(r.get("key", r.get("id"))) for r in rows], "prompt": [r["prompt"] for r in rows],
                               "instruction_id_list": [json.dumps(r["instruction_id_list"]) for r in rows],
                               "heldout": [json.dumps(h) for h in held]}
     strict_pass: dict[str, np.ndarray] = {}

@@ -88,6 +88,26 @@ def _avg(m: dict, who: str, mode: str) -> float | None:
     return (a + b) / 2 if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
 
 
+def eval_ids_section(m: dict) -> str:
+    """The project's held-out constraint prompts split by instruction id group (they use IFEval ids)."""
+    if "n_eval_ifeval_prompts" not in m:
+        return ""
+    return "\n".join([
+        "### Held-out constraint prompts by instruction id",
+        "",
+        f"{m.get('n_eval_ifeval_instructions')} instructions in `paths.eval_prompts`: "
+        f"{m.get('n_eval_ifeval_heldout_instructions')} with ids the training prompts never use, "
+        f"{m.get('n_eval_ifeval_indist_instructions')} with ids they use (IFEval's strict and loose rules).",
+        "",
+        "| metric | base | this model |", "|---|---|---|",
+        _row(m, "held-out ids, instruction-level strict", "eval_ifeval_heldout_inst_strict"),
+        _row(m, "held-out ids, instruction-level loose", "eval_ifeval_heldout_inst_loose"),
+        _row(m, "in-distribution ids, instruction-level strict", "eval_ifeval_indist_inst_strict"),
+        _row(m, "in-distribution ids, instruction-level loose", "eval_ifeval_indist_inst_loose"),
+        _row(m, "prompt-level strict with the validity rule (= pass_rate)", "eval_ifeval_prompt_strict_valid"),
+    ])
+
+
 def validity_section(m: dict) -> str:
     return "\n".join([
         "### Validity rule and what would game the metrics",
@@ -150,4 +170,5 @@ def evaluation_notes(inp: Any) -> str:
     agreement = inp.report("judge_agreement")
     if agreement and labels and agreement.get("file") != labels:
         agreement = None  # a report for another labelled file says nothing about the one params name
-    return "\n\n".join([validity_section(m), ifeval_section(m, rec), judge_section(m, agreement, labels)])
+    parts = [validity_section(m), eval_ids_section(m), ifeval_section(m, rec), judge_section(m, agreement, labels)]
+    return "\n\n".join(p for p in parts if p)

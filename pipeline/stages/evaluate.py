@@ -248,6 +248,11 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
         m, tables["constraints"] = verifiable(rows, resp_b[:k], resp_p[:k], ci, fin_b[:k], fin_p[:k], mc)
         metrics.update(m)
     train_ids = training_ids(inp.train_prompts)
+    if rows and all("instruction_id_list" in r for r in rows):  # project prompts in IFEval ids: split them too
+        m, tables["eval_ifeval"] = ifeval_metrics(rows, {"base": resp_b[:k], "policy": resp_p[:k]},
+                                                  {"base": fin_b[:k], "policy": fin_p[:k]}, train_ids, ci, mc,
+                                                  prefix="eval_ifeval_")
+        metrics.update(m)
     start = k
     for prefix, rs in sets.items():
         sl = slice(start, start + len(rs))

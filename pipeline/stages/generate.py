@@ -1,10 +1,10 @@
 """Stage `generate`: sample on-policy completions from the base model for the constraint prompts.
 
-Reads:  `paths.train_prompts` (JSONL `{"id", "prompt", "constraints"}`; every row and constraint is
+Reads:  `paths.train_prompts` (JSONL `{"id", "prompt", "instruction_id_list", "kwargs"}`, IFEval ids; every row is
         validated, a bad one stops the stage with file:line), the base checkpoint `paths.base_model`,
         params `generate`.
 Writes: `paths.generations` (JSONL, one row per completion: `prompt_id`, `prompt_line`, `messages`,
-        `constraints`, `completion_index`, `text`, `finished` (false: cut at max_new_tokens), `generator`,
+        `instruction_id_list`, `kwargs`, `completion_index`, `text`, `finished` (false: cut at max_new_tokens), `generator`,
         `decoding`), `paths.metrics`/generate.json
         (counts, new tokens, tokens/s, seconds) and `paths.lineage`/generate.json.
 Run:    `dvc repro generate` (or `python -m pipeline.stages.generate`).
@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.constraints.checkers import read_prompts
+from pipeline.constraints.prompts import read_prompts
 from pipeline.core.io import atomic_write_json, atomic_write_jsonl
 from pipeline.core.params import GenerateParams
 from pipeline.core.stage import StageContext, stage_main
@@ -85,7 +85,8 @@ def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator
     finished = stats.pop("finished")
     for r, msgs, outs, done in zip(prompts, messages, texts, finished, strict=True):
         for i, text in enumerate(outs):
-            rows.append({"prompt_id": r["id"], "prompt_line": r["line"], "messages": msgs, "constraints": r["constraints"],
+            rows.append({"prompt_id": r["id"], "prompt_line": r["line"], "messages": msgs,
+                         "instruction_id_list": r["instruction_id_list"], "kwargs": r["kwargs"],
                          "completion_index": i, "text": text, "finished": done[i], "generator": generator,
                          "decoding": decoding})
     stats.update(prompts=len(prompts), completions=len(rows), empty_completions=sum(not r["text"] for r in rows),

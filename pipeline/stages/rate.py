@@ -1,4 +1,4 @@
-"""Stage `rate`: score every sampled completion with the constraint checkers; write UltraFeedback rows.
+"""Stage `rate`: score every sampled completion with the IFEval checkers; write UltraFeedback rows.
 
 Reads:  `paths.generations` (written by `generate`), params `rate`.
 Writes: `paths.rated` (JSONL, one row per prompt in the `openbmb/UltraFeedback` layout),
@@ -22,15 +22,20 @@ Row layout, following openbmb/UltraFeedback (github.com/OpenBMB/UltraFeedback, "
         "fine-grained_score": <mean of the non-N/A ratings, i.e. the instruction_following rating, float>,
         "overall_score": null,                       # UltraFeedback's GPT-4 critique score: not produced here
         # extra fields (not in UltraFeedback), for audit:
-        "constraint_results": [{"type", "ok", "detail"}, ...], "pass_fraction": float, "completion_index": int,
+        "constraint_results": [{"instruction_id", "ok", "detail"}, ...], "pass_fraction": float, "completion_index": int,
         "finished": bool (false: cut at max_new_tokens) or null when unknown}],
-     # extra top-level fields: "id" (prompt id), "constraints", "prompt_line", "decoding"}
+     # extra top-level fields: "id" (prompt id), "instruction_id_list", "kwargs", "prompt_line", "decoding"}
 
 Only instruction following is verified, so only it gets a number: Rating = 1 + round_half_up(4 * f),
-where f is the fraction of the prompt's constraints the completion meets (0 -> "1", 1/3 -> "2",
-1/2 -> "3", 2/3 -> "4", 1 -> "5"). Honesty, truthfulness and helpfulness are "N/A" (UltraFeedback's own
-marker for an aspect that was not rated), never an invented number; `overall_score` is null for the
-same reason.
+where f is the fraction of the prompt's IFEval instructions the completion follows, judged by
+`pipeline.constraints.ifeval` with IFEval's strict rule (0 -> "1", 1/3 -> "2", 1/2 -> "3", 2/3 -> "4",
+1 -> "5"). Honesty, truthfulness and helpfulness are "N/A" (UltraFeedback's own marker for an aspect
+that was not rated), never an invented number; `overall_score` is null for the same reason.
+
+A completion cut at `generate.max_new_tokens` (`finished` false) is rated as what it is, by
+`rate.unfinished`: `fail` credits it with no instruction that needs the whole answer (the list and
+its rule: `pipeline.constraints.truncation`); `exclude` drops it. Either way metrics/rate.json counts
+the cut completions, and under `exclude` the dropped completions and any prompt left without one.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.constraints.checkers import check, constraint_problem, pass_fraction
+from pipeline.constraints.ifeval import follow_list
+from pipeline.constraints.prompts import instructions_problem
+from pipeline.constraints.truncation import needs_whole_answer
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from pipeline.core.params import RateParams
@@ -52,13 +59,13 @@ READS = ["rate", "paths.generations", "paths.rated", "paths.metrics"]
 METRICS_FILE = "rate.json"
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 NOT_RATED = ("Not rated: the open-release default data path verifies only instruction following "
-             "(with deterministic constraint checkers); this aspect was not assessed.")
+             "(with IFEval's deterministic instruction checkers); this aspect was not assessed.")
 
 log = logging.getLogger(__name__)
 
 
 def rating(fraction: float) -> int:
-    """UltraFeedback-style 1..5 rating for the fraction of constraints met (round half up)."""
+    """UltraFeedback-style 1..5 rating for the fraction of instructions followed (round half up)."""
     return 1 + math.floor(4 * fraction + 0.5)
 
 
@@ -69,36 +76,50 @@ def _not_rated(aspect: str) -> dict[str, Any]:
 
 
 def _verdicts(results: list[dict]) -> str:
-    return "; ".join(f"{r['type']}: {'met' if r['ok'] else 'NOT met'} ({r['detail']})" for r in results)
+    return "; ".join(f"{r['instruction_id']}: {r['detail']}" for r in results)
 
 
-def rate_completion(text: str, constraints: list[dict], model: str, index: int, finished: bool | None = None) -> dict[str, Any]:
-    """One UltraFeedback completion object for `text`, rated on its verifiable constraints."""
-    results = check(text, constraints)
-    frac = pass_fraction(results)
-    r = rating(frac)
+def judge(text: str, prompt: str, ids: list[str], kwargs: list[dict], finished: bool | None, unfinished: str) -> list[dict]:
+    """Per instruction {"instruction_id", "ok", "detail"}: IFEval strict, with the truncation rule."""
+    flags = follow_list(ids, kwargs, prompt, text)
+    out = []
+    for iid, kw, ok in zip(ids, kwargs, flags, strict=True):
+        if finished is False and unfinished == "fail" and needs_whole_answer(iid, kw):
+            out.append({"instruction_id": iid, "ok": False, "detail": "not credited: cut at max_new_tokens, needs the whole answer"})
+        else:
+            out.append({"instruction_id": iid, "ok": bool(ok), "detail": "followed" if ok else "not followed"})
+    return out
+
+
+def rate_completion(text: str, prompt: str, ids: list[str], kwargs: list[dict], model: str, index: int,
+                    finished: bool | None = None, unfinished: str = "fail") -> dict[str, Any]:
+    """One UltraFeedback completion object for `text`, rated on the prompt's IFEval instructions."""
+    results = judge(text, prompt, ids, kwargs, finished, unfinished)
     met = sum(x["ok"] for x in results)
+    frac = met / len(results)
+    r = rating(frac)
     annotations = {a: _not_rated(a) for a in ASPECTS}
     annotations["instruction_following"] = {
         "Rating": str(r),
-        "Rationale": f"Met {met} of {len(results)} verifiable constraints: {_verdicts(results)}.",
+        "Rationale": f"Followed {met} of {len(results)} verifiable instructions: {_verdicts(results)}.",
     }
     return {
         "model": model, "principle": None, "custom_system_prompt": None, "response": text,
         "annotations": annotations,
-        "critique": f"Checked by rule, not by a judge. {_verdicts(results)}.",
+        "critique": f"Checked by rule (IFEval, strict), not by a judge. {_verdicts(results)}.",
         "fine-grained_score": float(r), "overall_score": None,
         "constraint_results": results, "pass_fraction": frac, "completion_index": index, "finished": finished,
     }
 
 
-_REQUIRED = {"prompt_id": str, "messages": list, "constraints": list, "completion_index": int, "text": str, "generator": str}
+_REQUIRED = {"prompt_id": str, "messages": list, "instruction_id_list": list, "kwargs": list, "completion_index": int,
+             "text": str, "generator": str}
 
 
 def read_generations(path: str | Path) -> list[dict]:
     """Rows of a generations file; a missing key or wrong type is a DataError with file:line."""
     rows: list[dict] = []
-    firsts: dict[str, tuple[int, list, list]] = {}
+    firsts: dict[str, tuple[int, list, tuple]] = {}
     seen: dict[tuple[str, int], int] = {}
     for lineno, obj in iter_jsonl(path):
         for key, kind in _REQUIRED.items():
@@ -107,15 +128,15 @@ def read_generations(path: str | Path) -> list[dict]:
         msgs = obj["messages"]
         if not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs) or msgs[-1].get("role") != "user":
             raise DataError(path, lineno, "messages", "must be a list of {role, content} ending with a user turn")
-        for i, c in enumerate(obj["constraints"]):
-            if problem := constraint_problem(c):
-                raise DataError(path, lineno, "constraints", f"constraint {i}: {problem}")
+        if problem := instructions_problem(obj["instruction_id_list"], obj["kwargs"]):
+            raise DataError(path, lineno, "instructions", problem)
         if obj.get("finished") is not None and not isinstance(obj["finished"], bool):
             raise DataError(path, lineno, "generation row key 'finished'", f"must be true, false or absent, got {obj['finished']!r:.60}")
         pid, idx = obj["prompt_id"], obj["completion_index"]
-        first = firsts.setdefault(pid, (lineno, msgs, obj["constraints"]))
-        if (first[1], first[2]) != (msgs, obj["constraints"]):
-            raise DataError(path, lineno, "one prompt per id", f"{pid!r} has other messages or constraints than on line {first[0]}")
+        inst = (obj["instruction_id_list"], obj["kwargs"])
+        first = firsts.setdefault(pid, (lineno, msgs, inst))
+        if (first[1], first[2]) != (msgs, inst):
+            raise DataError(path, lineno, "one prompt per id", f"{pid!r} has other messages or instructions than on line {first[0]}")
         if (pid, idx) in seen:
             raise DataError(path, lineno, "unique completion", f"{pid!r} completion {idx} already on line {seen[pid, idx]}")
         seen[pid, idx] = lineno
@@ -129,33 +150,46 @@ def run(p: RateParams, generations: list[dict]) -> tuple[list[dict], dict[str, f
     for g in generations:
         groups.setdefault(g["prompt_id"], []).append(g)
     rows: list[dict] = []
-    type_total: Counter[str] = Counter()
-    type_ok: Counter[str] = Counter()
+    id_total: Counter[str] = Counter()
+    id_ok: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
     for pid, gs in groups.items():
         gs = sorted(gs, key=lambda g: g["completion_index"])
+        counts["cut_completions"] += sum(g.get("finished") is False for g in gs)
+        counts["finish_unknown_completions"] += sum(g.get("finished") is None for g in gs)
         first = gs[0]
-        completions = [rate_completion(g["text"], g["constraints"], g["generator"], g["completion_index"], g.get("finished"))
-                       for g in gs]
+        if p.unfinished == "exclude":
+            kept = [g for g in gs if g.get("finished") is not False]
+            counts["excluded_unfinished_completions"] += len(gs) - len(kept)
+            if not kept:
+                counts["prompts_left_without_completions"] += 1
+                log.warning("rate: prompt %s has no finished completion; excluded (rate.unfinished: exclude)", pid)
+                continue
+            gs = kept
+        prompt = first["messages"][-1]["content"]
+        completions = [rate_completion(g["text"], prompt, g["instruction_id_list"], g["kwargs"], g["generator"],
+                                       g["completion_index"], g.get("finished"), p.unfinished) for g in gs]
         for c in completions:
             for res in c["constraint_results"]:
-                type_total[res["type"]] += 1
-                type_ok[res["type"]] += res["ok"]
+                id_total[res["instruction_id"]] += 1
+                id_ok[res["instruction_id"]] += res["ok"]
         rows.append({
-            "source": p.source, "instruction": first["messages"][-1]["content"],
+            "source": p.source, "instruction": prompt,
             "models": [c["model"] for c in completions],
             "correct_answers": ["None"], "incorrect_answers": ["None"],
             "completions": completions,
-            "id": pid, "constraints": first["constraints"], "prompt_line": first.get("prompt_line"),
-            "decoding": first.get("decoding"),
+            "id": pid, "instruction_id_list": first["instruction_id_list"], "kwargs": first["kwargs"],
+            "prompt_line": first.get("prompt_line"), "decoding": first.get("decoding"),
         })
-    return rows, summarize(rows, type_total, type_ok)
+    return rows, summarize(rows, id_total, id_ok, counts, len(groups))
 
 
-def summarize(rows: list[dict], type_total: Counter, type_ok: Counter) -> dict[str, float]:
+def summarize(rows: list[dict], id_total: Counter, id_ok: Counter, counts: Counter, n_prompts_in: int) -> dict[str, float]:
     fracs = [[c["pass_fraction"] for c in r["completions"]] for r in rows]
     flat = [f for fs in fracs for f in fs]
     metrics: dict[str, float] = {
         "prompts": len(rows),
+        "prompts_in": n_prompts_in,
         "completions": len(flat),
         "mean_pass_fraction": round(sum(flat) / len(flat), 4) if flat else 0.0,
         "all_constraints_met_rate": round(sum(f == 1.0 for f in flat) / len(flat), 4) if flat else 0.0,
@@ -164,10 +198,14 @@ def summarize(rows: list[dict], type_total: Counter, type_ok: Counter) -> dict[s
         # A prompt whose completions got different ratings: `build` can pair them (margin permitting).
         "contrastive_prompts": sum(max(fs) > min(fs) for fs in fracs),
         "empty_completions": sum(not c["response"].strip() for r in rows for c in r["completions"]),
-        "truncated_completions": sum(c["finished"] is False for r in rows for c in r["completions"]),
+        # Cut at max_new_tokens, counted before the unfinished rule: rated as cut (fail) or dropped (exclude).
+        "truncated_completions": counts["cut_completions"],
+        "finish_unknown_completions": counts["finish_unknown_completions"],
+        "excluded_unfinished_completions": counts["excluded_unfinished_completions"],
+        "prompts_left_without_completions": counts["prompts_left_without_completions"],
     }
-    for t in sorted(type_total):
-        metrics[f"pass_rate_{t}"] = round(type_ok[t] / type_total[t], 4)
+    for t in sorted(id_total):
+        metrics[f"pass_rate_{t.replace(':', '/')}"] = round(id_ok[t] / id_total[t], 4)
     return metrics
 
 
