@@ -414,6 +414,7 @@ def test_an_empty_model_fails_every_default_prompt_and_shows_no_gain(eval_inputs
     assert m["eval_ifeval_heldout_inst_strict_policy"] == 0.0 and m["n_eval_ifeval_heldout_instructions"] > 0
     assert m["empty_rate_policy"] == 1.0 and m["empty_rate_base"] == 0.0
     assert m["win_rate"] == 0.0  # an empty answer loses without asking the judge
+    assert m["n_judged_pairs"] == 0 and m["judge_reliable"] == 1  # nothing rested on the judge
 
 
 def test_unfinished_answers_fail_and_are_counted(eval_inputs, tmp_path):

@@ -168,13 +168,13 @@ def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_po
     """Win rate (both orders, ties half) and length-controlled win rate of the policy over the base."""
     import pandas as pd
 
-    from pipeline.eval.judges import judge_pairs
+    from pipeline.eval.judges import blank_rule, judge_pairs
+    from pipeline.eval.lc import lc_bootstrap_ci, length_controlled
 
     probs = judge_pairs(judge, template, [(g["prompt"], rp, rb) for g, rp, rb in
                                           zip(general, resp_pol, resp_base, strict=True)], cache)
     first, second = [a for a, _ in probs], [b for _, b in probs]
     scores = pair_scores(first, second)
-    from pipeline.eval.lc import lc_bootstrap_ci, length_controlled
 
     m: dict[str, float] = {"n_general_prompts": len(general)}
     _ci("win_rate", paired_bootstrap_ci((scores,), mean_stat, **ci), m)
@@ -189,11 +189,15 @@ def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_po
     m["win_rate_soft"] = float(np.mean((np.array(first) + np.array(second)) / 2))
     m["n_wins"], m["n_ties"], m["n_losses"] = (int((scores > 0.5).sum()), int((scores == 0.5).sum()),
                                                int((scores < 0.5).sum()))
-    # both orders name the same winner (ties aside, this is the judge's freedom from position bias)
-    m["judge_order_consistency"] = float(np.mean([order_score(a) == order_score(b) for a, b in probs]))
+    # both orders name the same winner (ties aside, this is the judge's freedom from position bias),
+    # over the pairs the judge decided (a pair with a blank answer is decided by rule, not by it)
+    asked = [pr for pr, rp, rb in zip(probs, resp_pol, resp_base, strict=True) if blank_rule(rp, rb) is None]
+    m["judge_order_consistency"] = (float(np.mean([order_score(a) == order_score(b) for a, b in asked]))
+                                    if asked else float("nan"))
+    m["n_judged_pairs"] = len(asked)
     # A judge that mostly picks by position has not earned a say: its win rates stay out of the
     # model-index and of every gate (pipeline.release), and the card says why.
-    m["judge_reliable"] = int(m["judge_order_consistency"] >= p.judge.min_order_consistency)
+    m["judge_reliable"] = int(not asked or m["judge_order_consistency"] >= p.judge.min_order_consistency)
     m["judge_min_order_consistency"] = p.judge.min_order_consistency
     m["judge_unparsed"] = getattr(judge, "unparsed", 0)
     table = pd.DataFrame({"id": [g["id"] for g in general], "prompt": [g["prompt"] for g in general],
