@@ -134,8 +134,8 @@ def lc_bootstrap_ci(scores: np.ndarray, len_diff: np.ndarray, *, C: float, n_res
     """Percentile interval of the one-model LC win rate, resampling prompts and refitting each time."""
     scores, len_diff = np.asarray(scores, dtype=float), np.asarray(len_diff, dtype=float)
     n = len(scores)
-    if n < max(2, min_units):
-        return float("nan"), float("nan")
+    if n < max(2, min_units) or np.all(scores == scores[0]):
+        return float("nan"), float("nan")  # too few prompts, or every judgment the same: no interval to give
     rng = np.random.default_rng(seed)
     ids = ["x"] * n
     vals = []
