@@ -118,3 +118,43 @@ def test_agreement_and_kappa_known_values():
     s = agreement_stats(["A", "tie", "B", "tie"], ["A", "A", "A", "tie"])
     assert s["n_no_tie"] == 2 and s["agreement_no_tie"] == 0.5 and s["agreement"] == 0.5
     assert np.isnan(agreement_stats(["A", "A"], ["A", "A"])["kappa"])
+
+
+def test_cluster_bootstrap_resamples_prompts_not_pairs():
+    from pipeline.eval.stats import cluster_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    # 30 prompts, 10 pairs each, every pair of a prompt right or wrong together: 30 draws, not 300
+    per_prompt = rng.random(30) < 0.6
+    values = np.repeat(per_prompt.astype(float), 10)
+    clusters = np.repeat([f"p{i}" for i in range(30)], 10)
+    est, lo, hi, k = cluster_bootstrap_ci(values, clusters, min_clusters=10, n_resamples=2000)
+    assert k == 30 and est == pytest.approx(per_prompt.mean())
+    _, plo, phi = paired_bootstrap_ci((values,), mean_stat, n_resamples=2000)  # pairs as if independent
+    assert (hi - lo) > 2 * (phi - plo)  # ~sqrt(10) wider, as 30 clusters warrant
+    est, lo, hi, k = cluster_bootstrap_ci(np.ones(3), ["a", "b", "c"], min_clusters=10)
+    assert est == 1.0 and k == 3 and np.isnan(lo) and np.isnan(hi)  # 3 prompts: no [1, 1] interval
+    est, lo, hi, k = cluster_bootstrap_ci(np.ones(60), [f"p{i}" for i in range(60)], min_clusters=10)
+    assert est == 1.0 and k == 60 and np.isnan(lo) and np.isnan(hi)  # all right: no [1, 1] either
+
+
+def test_lc_glm_with_instruction_difficulty_recovers_a_known_answer():
+    from pipeline.eval.lc import length_controlled
+
+    rng = np.random.default_rng(3)
+    n_inst, thetas = 600, {"m1": 0.8, "m2": -0.4, "m3": 0.0}
+    gamma = rng.normal(0, 1.5, n_inst)  # instruction difficulty: the baseline wins hard ones
+    rows = []
+    for m, th in thetas.items():
+        diff = rng.normal(0, 300, n_inst)  # characters
+        logit = th + 2.0 * np.tanh(diff / diff.std(ddof=1)) - gamma
+        pref = (rng.random(n_inst) < 1 / (1 + np.exp(-logit))).astype(float)
+        rows += [(m, i, p, d) for i, (p, d) in enumerate(zip(pref, diff, strict=True))]
+    ms, ins, ps, ds = zip(*rows, strict=True)
+    res = length_controlled(ms, ins, ps, ds, C=10.0)
+    for m, th in thetas.items():
+        truth = float(np.mean(1 / (1 + np.exp(-(th - gamma)))))
+        assert res[m].difficulty_used and res[m].lc_win_rate == pytest.approx(truth, abs=0.05), m
+        assert res[m].standard_error > 0  # difficulty makes predictions vary by instruction
+    one = length_controlled(["m1"] * n_inst, range(n_inst), ps[:n_inst], ds[:n_inst])
+    assert not one["m1"].difficulty_used and one["m1"].standard_error == pytest.approx(0, abs=1e-12)

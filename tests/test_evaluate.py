@@ -156,8 +156,9 @@ def _params(**over) -> EvaluateParams:
     raw = {"pref_max_pairs": None, "max_eval_prompts": None, "score_batch_size": 4,
            "generation": {"max_new_tokens": 8, "batch_size": 4},
            "general": {"field": "prompt", "id_field": "id", "max_prompts": None},
-           "judge": {"kind": "local", "lc_c": 1.0, "local": {"model": None, "batch_size": 4, "max_length": 512}},
-           "bootstrap": {"n_resamples": 500, "confidence_level": 0.95, "seed": 0}}
+           "judge": {"kind": "local", "lc_c": 1.0, "lc_n_resamples": 100,
+                     "local": {"model": None, "batch_size": 4, "max_length": 512}},
+           "bootstrap": {"n_resamples": 500, "confidence_level": 0.95, "seed": 0, "min_clusters": 2}}
     for k, v in over.items():
         raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
     return EvaluateParams.model_validate(raw)
@@ -246,7 +247,7 @@ def test_run_end_to_end_then_cache_hits_then_judge_change(eval_inputs, tmp_path)
     (out2 := tmp_path / "out2").mkdir()
     res2 = run(_params(), eval_inputs, cache, out2, models=models2, generate_fn=gen)
     assert gen.calls == 2 and models2.loads == 0
-    assert res2.metrics == m
+    assert json.dumps(res2.metrics, sort_keys=True) == json.dumps(m, sort_keys=True)  # NaN-aware (no-interval NaNs)
 
     # only the judge changed (its prompt cap, so its id): re-judge, regenerate nothing
     models3 = CountingModels()
@@ -292,6 +293,8 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     (root / "data").mkdir(parents=True)
     for name in ("eval.jsonl", "general.jsonl", "pairwise.txt"):
         shutil.copy(tmp_path / name, root / "data" / name)
+    shutil.copytree(ROOT / "data" / "ifeval", root / "data" / "ifeval")
+    shutil.copytree(ROOT / "data" / "prompts", root / "data" / "prompts")
     shutil.copytree(eval_inputs.base, root / "models" / "base")
     shutil.copytree(eval_inputs.policy, root / "models" / "trained")
     (root / "dataset").mkdir()
@@ -326,7 +329,9 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     for png in ("eval_pass_rates.png", "eval_win_rate.png"):
         assert (root / params["paths"]["plots"] / png).read_bytes()[:4] == b"\x89PNG"
     out = root / params["paths"]["eval_dir"]
-    assert sorted(p.name for p in out.iterdir()) == ["constraints.parquet", "general.parquet", "preference.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["constraints.parquet", "eval_ifeval.parquet", "general.parquet",
+                                                     "ifeval.parquet", "preference.parquet"]
+    assert metrics["n_ifeval_prompts"] == 32 and "ifeval_heldout_inst_strict_policy" in metrics
     assert any((root / params["paths"]["eval_cache"]).rglob("*.json"))
     record = read_json(root / "lineage" / "evaluate.json")
     assert "logged_model_id" not in record["extra"] and "cache" not in record["extra"]  # run facts, not lineage
@@ -392,3 +397,112 @@ def test_missing_trained_model_is_a_clear_error(eval_inputs, tmp_path):
     shutil.rmtree(eval_inputs.policy)
     with pytest.raises(SourceError, match=r"policy: no safetensors model here \(run `dvc repro train`\)"):
         run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=FakeGenerate())
+
+
+# ---------------------------------------------------------------- rules that keep the metrics honest
+
+def test_an_empty_model_fails_every_default_prompt_and_shows_no_gain(eval_inputs, tmp_path):
+    """The default evaluation sets (data/prompts/eval.jsonl and the IFEval subset): a model that always
+    answers "" passes nothing, gains nothing, and loses every judged pair."""
+    eval_inputs.eval_prompts = ROOT / "data" / "prompts" / "eval.jsonl"
+    eval_inputs.ifeval_prompts = ROOT / "data" / "ifeval" / "input_subset.jsonl"
+    eval_inputs.train_prompts = ROOT / "data" / "prompts" / "train.jsonl"
+
+    def gen(model, tokenizer, prompts, **kw):
+        policy = "policy" in str(model.name_or_path)
+        return [["" if policy else f"Sure. {c[-1]['content'][:40]}"] for c in prompts]
+
+    m = run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=gen).metrics
+    assert m["pass_rate_policy"] == 0.0 and m["constraint_pass_rate_policy"] == 0.0
+    assert m["pass_rate_delta"] <= 0 and m["ifeval_prompt_strict_valid_policy"] == 0.0
+    assert m["ifeval_prompt_strict_valid_delta"] <= 0 and m["eval_ifeval_prompt_strict_valid_policy"] == 0.0
+    assert m["eval_ifeval_heldout_inst_strict_policy"] == 0.0 and m["n_eval_ifeval_heldout_instructions"] > 0
+    assert m["empty_rate_policy"] == 1.0 and m["empty_rate_base"] == 0.0
+    assert m["win_rate"] == 0.0  # an empty answer loses without asking the judge
+    assert m["n_judged_pairs"] == 0 and m["judge_reliable"] == 1  # nothing rested on the judge
+
+
+def test_unfinished_answers_fail_and_are_counted(eval_inputs, tmp_path):
+    def gen(model, tokenizer, prompts, *, stats=None, **kw):
+        policy = "policy" in str(model.name_or_path)
+        if stats is not None:  # the base model is always cut at max_new_tokens
+            stats["finished"] = [[policy] for _ in prompts]
+        return [[f"an answer to {c[-1]['content'][:20].lower()} with several words here".upper()] for c in prompts]
+
+    m = run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=gen).metrics
+    assert m["unfinished_rate_base"] == 1.0 and m["unfinished_rate_policy"] == 0.0
+    assert m["pass_rate_base"] == 0.0 and m["pass_rate_policy"] == 1.0  # same text: only validity differs
+
+
+def test_too_few_prompts_give_no_interval(eval_inputs, tmp_path):
+    m = run(_params(bootstrap={"min_clusters": 10}), eval_inputs, EvalCache(tmp_path / "c"), tmp_path,
+            generate_fn=FakeGenerate()).metrics
+    assert m["pref_n_prompts"] == 5 and math.isfinite(m["pref_accuracy"])
+    assert math.isnan(m["pref_accuracy_ci_low"]) and math.isnan(m["pref_accuracy_ci_high"])
+    assert math.isnan(m["pass_rate_delta_ci_low"])  # 6 prompts < 10
+
+
+def test_unreliable_judge_changes_no_gate_and_no_model_index_entry():
+    from pipeline.core.params import MetricBound
+    from pipeline.release.cards import model_index_metrics
+    from pipeline.release.gates import eval_thresholds, regression
+
+    base = {"pass_rate_policy": 0.4, "pass_rate_delta": 0.0, "length_ratio": 1.0, "pref_accuracy": 0.6,
+            "judge_order_consistency": 0.1, "judge_min_order_consistency": 0.6}
+    bad = {**base, "judge_reliable": 0, "win_rate": 0.01, "lc_win_rate": 0.01}
+    thresholds = {"pass_rate_delta": MetricBound(min=-0.05), "win_rate": MetricBound(min=0.4)}
+    assert eval_thresholds(bad, thresholds).status == "pass"
+    assert "judge is unreliable" in eval_thresholds(bad, thresholds).detail
+    tol = {"pass_rate_policy": 0.05, "win_rate": 0.05, "lc_win_rate": 0.05}
+    assert regression(bad, {**bad, "win_rate": 0.9, "lc_win_rate": 0.9}, "v0", tol).status == "pass"
+    assert not {"win_rate", "lc_win_rate"} & set(model_index_metrics(bad))
+    good = {**bad, "judge_reliable": 1}  # the same numbers from a reliable judge do gate and index
+    assert eval_thresholds(good, thresholds).status == "fail"
+    assert regression(good, {**good, "win_rate": 0.9}, "v0", tol).status == "fail"
+    assert {"win_rate", "lc_win_rate"} <= set(model_index_metrics(good))
+    from pipeline.release.eval_card import judge_section
+
+    assert "**The judge is unreliable**" in judge_section(bad, None, None)  # the card says why
+    assert "none was run" in judge_section(bad, None, None)
+    rep = {"file": "h.jsonl", "n": 9, "agreement": 0.5, "kappa": 0.1, "agreement_no_tie": 0.6}
+    assert "kappa 0.100" in judge_section(good, rep, "h.jsonl")
+
+
+def test_model_index_has_measured_metrics_with_datasets_and_intervals():
+    from pipeline.release.cards import model_index_metrics, model_index_results
+    from pipeline.release.manifest import ReleaseInfo
+
+    m = {"pref_accuracy": 0.6, "pref_accuracy_ci_low": 0.5, "pref_accuracy_ci_high": 0.7, "pref_n": 60,
+         "pref_n_prompts": 60, "n_ties": 3, "ifeval_prompt_strict_policy": 0.2, "ifeval_prompt_strict_policy_ci_low":
+         float("nan"), "ifeval_prompt_strict_policy_ci_high": float("nan"), "kl": 0.1, "lc_win_rate_se": 0.0,
+         "judge_reliable": 1, "lc_win_rate": 0.5}
+    assert set(model_index_metrics(m)) == {"pref_accuracy", "ifeval_prompt_strict_policy", "lc_win_rate"}
+    info = ReleaseInfo(version="v1", model_repo="org/model", dataset_repo="org/pairs", endpoint="https://hf.co",
+                       commit="0" * 40, dirty=False)
+    res = {r.metric_type: r for r in model_index_results(m, info)}
+    assert res["pref_accuracy"].metric_args["ci_low"] == 0.5 and res["pref_accuracy"].dataset_config == "default"
+    assert res["ifeval_prompt_strict_policy"].dataset_config == "ifeval_prompts"
+    assert res["ifeval_prompt_strict_policy"].metric_args is None  # no interval to give
+    assert res["lc_win_rate"].dataset_config == "general_prompts"
+    assert {r.dataset_type for r in res.values()} == {"org/pairs"} and {r.dataset_revision for r in res.values()} == {"v1"}
+
+
+def test_ifeval_subset_is_the_seeded_selection():
+    from pipeline.eval.ifeval_subset import read_meta, seeded_subset
+
+    src = ROOT.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
+    if not src.is_file():
+        pytest.skip("../shared/data/ifeval is absent (see data/ifeval/README.md for the source)")
+    sub = ROOT / "data" / "ifeval" / "input_subset.jsonl"
+    meta = read_meta(sub)
+    rows = [json.loads(x) for x in src.read_text().splitlines() if x.strip()]
+    want = seeded_subset(rows, meta["size"], meta["seed"])
+    assert [json.loads(x) for x in sub.read_text().splitlines()] == want
+
+
+def test_held_out_ids_are_the_ones_training_never_uses():
+    from pipeline.eval.ifeval_eval import training_ids
+
+    ids = training_ids(ROOT / "data" / "prompts" / "train.jsonl")
+    assert "change_case:english_lowercase" in ids
+    assert "combination:repeat_prompt" not in ids  # held out: reported separately

@@ -311,8 +311,8 @@ def test_read_labeled_pairs_both_shapes_and_errors(tmp_path):
     f.write_text(json.dumps({**rows[1], "winner": "model_c"}) + "\n")
     with pytest.raises(DataError, match="pairs.jsonl:1: winner"):
         read_labeled_pairs(f)
-    f.write_text(json.dumps({**rows[0], "response_b": " "}) + "\n")
-    with pytest.raises(DataError, match="pairs.jsonl:1: response_b: must be a non-blank string"):
+    f.write_text(json.dumps({**rows[0], "response_b": None}) + "\n")  # blank is allowed (judged); None is not
+    with pytest.raises(DataError, match="pairs.jsonl:1: response_b: must be a string"):
         read_labeled_pairs(f)
 
 
@@ -336,7 +336,7 @@ def test_judge_agreement_cli(tmp_path, tiny_model_dir, capsys):
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"].update(base_model=str(tiny_model_dir), judge_template=str(TEMPLATE),
-                           eval_cache=str(tmp_path / "cache"))
+                           eval_cache=str(tmp_path / "cache"), judge_labels="pairs.jsonl", reports="reports")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"instruction": f"Q{i}", "response_a": "yes", "response_b": "no",
@@ -345,5 +345,50 @@ def test_judge_agreement_cli(tmp_path, tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 4 and out["judge"]["kind"] == "local" and 0 <= out["agreement"] <= 1
     assert any((tmp_path / "cache" / "judgment").rglob("*.json"))
+    report = json.loads((tmp_path / "reports" / "judge_agreement.json").read_text())  # FILE is paths.judge_labels
+    assert report["file"] == "pairs.jsonl" and report["n"] == 4 and len(report["file_sha256"]) == 64
     assert main([str(tmp_path / "missing.jsonl"), "--params", str(tmp_path / "params.yaml")]) == 1
     assert "missing.jsonl: file exists: no such file" in capsys.readouterr().err
+
+
+def test_mt_bench_verdicts_are_parsed_as_fastchat_does():
+    from pipeline.eval.judges import parse_verdict
+
+    mt = ("[[A]]", "[[B]]", "[[C]]")
+    assert parse_verdict("Assistant A is more helpful. [[A]]", mt) == 1.0
+    assert parse_verdict("Final verdict: [[B]]", mt) == 0.0
+    assert parse_verdict("Both are equally good. [[C]]", mt) == 0.5
+    assert parse_verdict("A is better", mt) is None  # no verdict token: unparsed
+    assert parse_verdict("B. Because A rambles.", ("A", "B", None)) == 0.0  # letters: first whole word
+
+
+def test_mt_bench_pair_v2_template_runs_on_a_local_judge(tiny_model_dir, tmp_path):
+    from pipeline.core.params import JudgeParams
+    from pipeline.eval.judges import template_for
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
+
+    jp = JudgeParams(kind="local", local=_local_params(), lc_c=1.0,
+                     verdicts={"a": "[[A]]", "b": "[[B]]", "tie": "[[C]]"},
+                     placeholders={"instruction": "{question}", "response_a": "{answer_a}", "response_b": "{answer_b}"})
+    t = template_for(ROOT / "data" / "judge" / "mt_bench_pair_v2.json", jp)
+    assert t.system and "[[C]]" in t.system and "{question}" not in t.fill("Q?", "a", "b")
+    judge = JUDGES["local"](jp, default_model=tiny_model_dir, sha256_of=lambda d: "f" * 64,
+                            loader=lambda d: (load_causal_lm(d), load_tokenizer(d)))
+    got = judge_pairs(judge, t, [("Q?", "yes", "no"), ("Q2?", "", "something")], EvalCache(tmp_path))
+    assert all(0 <= p <= 1 for pair in got for p in pair)
+    assert got[1] == (0.0, 0.0)  # the blank answer loses in both orders, without the judge
+    assert judge.id["verdicts"] == ["[[A]]", "[[B]]", "[[C]]"]
+
+
+def test_judge_agreement_judges_blank_answers(tmp_path, template):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"instruction": "Q", "response_a": "", "response_b": "GOOD", "label": "B"}) + "\n"
+                 + json.dumps({"instruction": "Q2", "response_a": "GOOD", "response_b": "x", "label": "A"}) + "\n")
+    rows = read_labeled_pairs(f)  # no input error for the blank answer
+    judge = ScriptedJudge()
+    s = agreement(judge, template, rows, EvalCache(tmp_path / "c"))
+    assert s["agreement"] == 1.0 and s["n_blank_pairs"] == 1
+    assert judge.calls == 2  # only the pair with two answers was sent to the judge
+    f.write_text(json.dumps({"instruction": " ", "response_a": "a", "response_b": "b", "label": "A"}) + "\n")
+    with pytest.raises(DataError, match="pairs.jsonl:1: instruction: must be a non-blank string"):
+        read_labeled_pairs(f)

@@ -52,10 +52,12 @@ def read_labeled_pairs(path: str | Path) -> list[dict[str, str]]:
                          "label": _WINNERS[winner]})
             continue
         instruction = obj.get("instruction", obj.get("prompt"))
-        for key, value in (("instruction", instruction), ("response_a", obj.get("response_a")),
-                           ("response_b", obj.get("response_b"))):
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(path, line, key, f"must be a non-blank string, got {value!r:.80}")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise DataError(path, line, "instruction", f"must be a non-blank string, got {instruction!r:.80}")
+        for key in ("response_a", "response_b"):
+            # a blank answer is real data (a model that said nothing): it is judged (it loses), not refused
+            if not isinstance(obj.get(key), str):
+                raise DataError(path, line, key, f"must be a string (blank allowed), got {obj.get(key)!r:.80}")
         label = obj.get("label")
         if label not in ("A", "B", "tie"):
             raise DataError(path, line, "label", f"must be 'A', 'B' or 'tie', got {label!r}")
@@ -74,13 +76,14 @@ def agreement(judge: Judge, template: Template, rows: list[dict[str, str]], cach
     stats = agreement_stats([r["label"] for r in rows], judged)
     stats["judge"] = judge.id
     stats["template_sha256"] = template.sha256
+    stats["n_blank_pairs"] = sum(not r["response_a"].strip() or not r["response_b"].strip() for r in rows)
     return stats
 
 
 def _cmd(args: argparse.Namespace) -> int:
     from pipeline.core.lineage import sha256_path
     from pipeline.core.params import load_params
-    from pipeline.eval.judges import JUDGES, load_template
+    from pipeline.eval.judges import JUDGES, template_for
     from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
     params = load_params(args.params)
@@ -89,8 +92,20 @@ def _cmd(args: argparse.Namespace) -> int:
     jp = params.evaluate.judge
     judge = JUDGES[jp.kind](jp, default_model=root / params.paths.base_model, sha256_of=sha256_path,
                             loader=lambda d: (load_causal_lm(d), load_tokenizer(d)))
-    template = load_template(root / params.paths.judge_template)
+    template = template_for(root / params.paths.judge_template, jp)
     stats = agreement(judge, template, rows, EvalCache(root / params.paths.eval_cache))
+    stats["file"] = args.file
+    stats["file_sha256"] = sha256_path(Path(args.file))
+    stats["limit"] = args.limit
+    out = args.out
+    if out is None and params.paths.judge_labels and \
+            Path(args.file).resolve() == (root / params.paths.judge_labels).resolve():
+        out = root / params.paths.reports / "judge_agreement.json"  # where the model card looks
+    if out:
+        from pipeline.core.io import atomic_write_json
+
+        stats["file"] = params.paths.judge_labels if out != args.out else args.file
+        atomic_write_json(Path(out), stats)
     print(json.dumps(stats, indent=2, sort_keys=True))
     return 0
 
@@ -100,6 +115,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("file", help="JSONL of labelled pairs (see pipeline/eval/judge_agreement.py)")
     p.add_argument("--params", default="params.yaml", help="params file whose evaluate.judge is used")
     p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    p.add_argument("--out", default=None, help="also write the result as JSON here; default: "
+                   "<paths.reports>/judge_agreement.json when FILE is paths.judge_labels (the card reads it)")
     p.set_defaults(func=_cmd)
 
 

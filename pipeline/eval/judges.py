@@ -42,9 +42,9 @@ from pipeline.eval.cache import EvalCache
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDERS = ("{instruction}", "{response_a}", "{response_b}")
-_PLACEHOLDER = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+PLACEHOLDERS = ("{instruction}", "{response_a}", "{response_b}")  # the defaults; params may rename them
 LETTERS = ("A", "B")
+ROLES = ("instruction", "response_a", "response_b")
 
 
 def text_sha(text: str) -> str:
@@ -56,25 +56,74 @@ class Template:
     text: str
     sha256: str
     path: str
+    placeholders: tuple[str, str, str] = PLACEHOLDERS
+    system: str | None = None  # FastChat-style templates carry a system prompt beside the user prompt
 
     def fill(self, instruction: str, response_a: str, response_b: str) -> str:
         # One pass over the template only: braces elsewhere, or a placeholder quoted inside a
         # response, are left alone (str.format or chained replaces would substitute them).
-        values = {"{instruction}": instruction, "{response_a}": response_a, "{response_b}": response_b}
-        return _PLACEHOLDER.sub(lambda m: values[m.group(0)], self.text)
+        values = dict(zip(self.placeholders, (instruction, response_a, response_b), strict=True))
+        pattern = re.compile("|".join(re.escape(p) for p in self.placeholders))
+        return pattern.sub(lambda m: values[m.group(0)], self.text)
+
+    def messages(self, filled: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return [*head, {"role": "user", "content": filled}]
 
 
-def load_template(path: str | Path) -> Template:
+def load_template(path: str | Path, placeholders: Sequence[str] | None = None) -> Template:
+    """A judge prompt: a text file (the user message), or a JSON object in FastChat's
+    `judge_prompts.jsonl` line format (`system_prompt` and `prompt_template`, e.g. MT-Bench's pair-v2)."""
+    import json
+
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "judge template exists", "no such file (paths.judge_template)")
     raw = path.read_bytes()
-    text = raw.decode("utf-8")
-    for ph in PLACEHOLDERS:
+    text, system = raw.decode("utf-8-sig"), None
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(path, e.lineno, "judge template JSON", e.msg) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt_template"), str):
+            raise DataError(path, None, "judge template JSON", "needs a string `prompt_template` (FastChat format)")
+        text, system = obj["prompt_template"], obj.get("system_prompt") or None
+    phs = tuple(placeholders or PLACEHOLDERS)
+    for ph in phs:
         if text.count(ph) != 1:
             raise DataError(path, None, "judge template placeholders",
                             f"{ph} must appear exactly once, found {text.count(ph)}")
-    return Template(text=text, sha256=sha256_bytes(raw), path=str(path))
+    return Template(text=text, sha256=sha256_bytes(raw), path=str(path), placeholders=phs, system=system)
+
+
+def template_for(path: str | Path, judge: JudgeParams) -> Template:
+    """The template with the placeholder names `evaluate.judge.placeholders` gives."""
+    ph = judge.placeholders
+    return load_template(path, (ph.instruction, ph.response_a, ph.response_b))
+
+
+def parse_verdict(reply: str, verdicts: tuple[str, str, str | None]) -> float | None:
+    """P(A better) from a judge's text reply: 1, 0, 0.5 for the tie verdict, None when none is found.
+
+    Single-letter verdicts ("A"/"B") count as a whole word, the first found wins. Other verdict
+    strings (MT-Bench's "[[A]]", "[[B]]", "[[C]]") are looked up as FastChat does: A if its token
+    is anywhere in the reply, else B, else the tie.
+    """
+    a, b, tie = verdicts
+    if all(v is None or v.isalnum() for v in verdicts):
+        words = [v for v in (a, b, tie) if v]
+        m = re.search(r"\b(" + "|".join(re.escape(v) for v in words) + r")\b", reply)
+        if m is None:
+            return None
+        return 1.0 if m.group(1) == a else 0.0 if m.group(1) == b else 0.5
+    if a in reply:
+        return 1.0
+    if b in reply:
+        return 0.0
+    if tie and tie in reply:
+        return 0.5
+    return None
 
 
 class Judge(Protocol):
@@ -86,39 +135,66 @@ class Judge(Protocol):
     def prob_a(self, prompts: Sequence[str]) -> list[float]: ...
 
 
+def verdict_token_ids(tok: Any, verdicts: tuple[str, str, str | None], where: str) -> tuple[list[int], list[list[int]]]:
+    """(prefix ids, candidate ids per verdict) for reading a verdict from one next-token distribution.
+
+    Single-token verdicts ("A"/"B"): each counts with and without a leading space, no prefix.
+    Multi-token verdicts ("[[A]]"/"[[B]]"/"[[C]]"): their common leading tokens ("[[") are appended to
+    the prompt and the first token where they differ is read.
+    """
+    used = [v for v in verdicts if v]
+    seqs = [tok.encode(v, add_special_tokens=False) for v in used]
+    if all(len(s) == 1 for s in seqs):
+        ids = []
+        for v in used:
+            got = {tok.encode(x, add_special_tokens=False)[0] for x in (v, " " + v)
+                   if len(tok.encode(x, add_special_tokens=False)) == 1}
+            ids.append(sorted(got))
+        return [], ids
+    k = 0
+    while all(len(s) > k for s in seqs) and len({s[k] for s in seqs}) == 1:
+        k += 1
+    if any(len(s) <= k for s in seqs) or len({s[k] for s in seqs}) < len(seqs):
+        raise SourceError(f"judge model {where}: verdicts {used} are not told apart by one token after "
+                          "their common prefix (evaluate.judge.verdicts)")
+    return seqs[0][:k], [[s[k]] for s in seqs]
+
+
 class LocalJudge:
-    """Reads P("A") vs P("B") from one forward pass of a local causal LM per judge prompt."""
+    """Reads P(verdict A) vs P(verdict B) (and the tie verdict, if any) from one forward pass of a
+    local causal LM per judge prompt; a tie's probability counts half for each side."""
 
     def __init__(self, p: LocalJudgeParams, folder: Path, model_sha256: str,
-                 loader: Callable[[Path], tuple[Any, Any]]):
-        self.p, self.folder, self.loader = p, folder, loader
+                 loader: Callable[[Path], tuple[Any, Any]], verdicts: tuple[str, str, str | None] = ("A", "B", None)):
+        self.p, self.folder, self.loader, self.verdicts = p, folder, loader, verdicts
         self.id = {"kind": "local", "model_sha256": model_sha256, "max_length": p.max_length,
                    "batch_size": p.batch_size, "runtime": _local_runtime(loader, folder)}
+        if verdicts != ("A", "B", None):
+            self.id["verdicts"] = list(verdicts)
         self.unparsed = 0
-        self._loaded: tuple[Any, Any, list[list[int]]] | None = None
+        self._loaded: tuple[Any, Any, list[int], list[list[int]]] | None = None
 
     def _load(self):
         if self._loaded is None:
             model, tok = self.loader(self.folder)
-            letter_ids = []
-            for letter in LETTERS:
-                ids = {tok.encode(v, add_special_tokens=False)[0] for v in (letter, " " + letter)
-                       if len(tok.encode(v, add_special_tokens=False)) == 1}
-                if not ids:
-                    raise SourceError(f"judge model {self.folder}: no single token for {letter!r}")
-                letter_ids.append(sorted(ids))
-            self._loaded = (model, tok, letter_ids)
+            prefix, ids = verdict_token_ids(tok, self.verdicts, str(self.folder))
+            for v, i in zip([v for v in self.verdicts if v], ids, strict=True):
+                if not i:
+                    raise SourceError(f"judge model {self.folder}: no single token for {v!r}")
+            self._loaded = (model, tok, prefix, ids)
         return self._loaded
 
-    def prob_a(self, prompts: Sequence[str]) -> list[float]:
+    def prob_a(self, prompts: Sequence[str], system: str | None = None) -> list[float]:
         import torch
         from tqdm.auto import tqdm
 
-        model, tok, (ids_a, ids_b) = self._load()
+        model, tok, prefix, cand = self._load()
+        head = [{"role": "system", "content": system}] if system else []
         seqs = []
         for text in prompts:
-            ids = list(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+            ids = list(tok.apply_chat_template([*head, {"role": "user", "content": text}], tokenize=True,
                                                return_dict=True, add_generation_prompt=True)["input_ids"])
+            ids += prefix
             if len(ids) > self.p.max_length:
                 log.warning("judge prompt of %d tokens cut to its last %d", len(ids), self.p.max_length)
                 ids = ids[-self.p.max_length:]
@@ -143,8 +219,9 @@ class LocalJudge:
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                position_ids=positions.to(device), **keep).logits[:, -1].float().cpu()
                 probs = torch.softmax(logits, dim=-1)
-                pa, pb = probs[:, ids_a].sum(-1), probs[:, ids_b].sum(-1)
-                out.extend((pa / (pa + pb)).tolist())
+                pa, pb = probs[:, cand[0]].sum(-1), probs[:, cand[1]].sum(-1)
+                pt = probs[:, cand[2]].sum(-1) if len(cand) > 2 else torch.zeros_like(pa)
+                out.extend(((pa + pt / 2) / (pa + pb + pt)).tolist())
         return out
 
 
@@ -166,16 +243,13 @@ class RateLimiter:
             self._next = now + self.interval
 
 
-_LETTER = re.compile(r"\b([AB])\b")
-
-
 class OpenAIJudge:
     """An OpenAI-compatible chat endpoint as a judge."""
 
-    def __init__(self, p: OpenAIJudgeParams):
+    def __init__(self, p: OpenAIJudgeParams, verdicts: tuple[str, str, str | None] = ("A", "B", None)):
         from openai import OpenAI
 
-        self.p = p
+        self.p, self.verdicts = p, verdicts
         key = "not-needed"
         if p.api_key_env is not None:
             key = os.environ.get(p.api_key_env, "")
@@ -186,15 +260,19 @@ class OpenAIJudge:
         self.limiter = RateLimiter(p.requests_per_minute)
         self.id = {"kind": "openai", "base_url": p.base_url, "model": p.model, "max_tokens": p.max_tokens,
                    "logprobs": p.logprobs, "temperature": 0.0}
+        if verdicts != ("A", "B", None):
+            self.id["verdicts"] = list(verdicts)
         self.unparsed = 0
         self.snapshots: list[str | None] = []
 
-    def _one(self, prompt: str) -> float:
+    def _one(self, prompt: str, system: str | None = None) -> float:
         import openai
 
-        kwargs: dict[str, Any] = {"model": self.p.model, "messages": [{"role": "user", "content": prompt}],
+        head = [{"role": "system", "content": system}] if system else []
+        kwargs: dict[str, Any] = {"model": self.p.model, "messages": [*head, {"role": "user", "content": prompt}],
                                   "temperature": 0.0, "max_tokens": self.p.max_tokens}
-        if self.p.logprobs:
+        letters = self.verdicts[:2] == LETTERS  # log-probs of one letter are a soft verdict; "[[A]]" is not one token
+        if self.p.logprobs and letters:
             kwargs.update(logprobs=True, top_logprobs=5)
         self.limiter.wait()
         try:
@@ -207,21 +285,22 @@ class OpenAIJudge:
                               f"after {self.p.max_retries} retries: {e}") from None
         self.snapshots.append(getattr(resp, "model", None) or None)
         choice = resp.choices[0]
-        p = _prob_from_logprobs(choice)
+        p = _prob_from_logprobs(choice) if letters else None
         if p is not None:
             return p
-        m = _LETTER.search((choice.message.content or "").strip())
-        if m is None:
+        p = parse_verdict((choice.message.content or "").strip(), self.verdicts)
+        if p is None:
             self.unparsed += 1
-            log.warning("judge reply has no A/B verdict, counted as a tie: %r", (choice.message.content or "")[:80])
+            log.warning("judge reply has no verdict %s, counted as a tie: %r", list(self.verdicts),
+                        (choice.message.content or "")[:80])
             return 0.5
-        return 1.0 if m.group(1) == "A" else 0.0
+        return p
 
-    def prob_a(self, prompts: Sequence[str]) -> list[float]:
+    def prob_a(self, prompts: Sequence[str], system: str | None = None) -> list[float]:
         from tqdm.auto import tqdm
 
         self.snapshots = []
-        return [self._one(p) for p in tqdm(prompts, desc=f"judge ({self.p.model})", unit="req")]
+        return [self._one(p, system) for p in tqdm(prompts, desc=f"judge ({self.p.model})", unit="req")]
 
 
 def _local_runtime(loader: Any, folder: Path) -> dict[str, Any]:
@@ -254,14 +333,25 @@ def make_local_judge(p: JudgeParams, *, default_model: Path, sha256_of: Callable
     folder = Path(p.local.model) if p.local.model else default_model
     if not folder.is_dir():
         raise SourceError(f"evaluate.judge.local.model: folder {folder} does not exist")
-    return LocalJudge(p.local, folder, sha256_of(folder), loader)
+    return LocalJudge(p.local, folder, sha256_of(folder), loader, verdicts=p.verdicts.as_tuple())
 
 
 def make_openai_judge(p: JudgeParams, **_: Any) -> OpenAIJudge:
-    return OpenAIJudge(p.openai)
+    return OpenAIJudge(p.openai, verdicts=p.verdicts.as_tuple())
 
 
 JUDGES: dict[str, Callable[..., Judge]] = {"local": make_local_judge, "openai": make_openai_judge}
+
+
+def blank_rule(x: str, y: str) -> float | None:
+    """P(x better) fixed without asking the judge: a blank answer loses to a non-blank one, two blank
+    answers tie. None when both have content. (An empty answer is a failed answer, whoever judges.)"""
+    bx, by = not x.strip(), not y.strip()
+    if bx and by:
+        return 0.5
+    if bx or by:
+        return 0.0 if bx else 1.0
+    return None
 
 
 def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str, str]],
@@ -269,27 +359,32 @@ def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str
     """For each (instruction, x, y): (P(x better) shown as A, P(x better) shown as B).
 
     Judgments already in `cache` are not asked again; only the missing ones go to the judge. For a remote
-    judge an entry counts only if the snapshot that answered it is the one answering now.
+    judge an entry counts only if the snapshot that answered it is the one answering now. A pair with a
+    blank side is decided by `blank_rule` and never sent to the judge.
     """
     from pipeline.core.fingerprint import code_part
 
     code = code_part("pipeline.eval.judges")
     keys, prompts = [], []
+    fill = {"placeholders": list(template.placeholders)} if template.placeholders != PLACEHOLDERS else {}
     for instruction, x, y in pairs:
         for a, b in ((x, y), (y, x)):
             keys.append({"judge": judge.id, "template": template.sha256, "instruction": text_sha(instruction),
-                         "a": text_sha(a), "b": text_sha(b), "code": code})
+                         "a": text_sha(a), "b": text_sha(b), "code": code, **fill})
             prompts.append(template.fill(instruction, a, b))
-    entries: list[Any] = [cache.get("judgment", k) for k in keys]
+    fixed = [blank_rule(a, b) for _, x, y in pairs for a, b in ((x, y), (y, x))]
+    entries: list[Any] = [None if f is not None else cache.get("judgment", k) for f, k in zip(fixed, keys, strict=True)]
     entries = [e if isinstance(e, dict) and "p" in e else None for e in entries]
     remote = hasattr(judge, "snapshots")
-    todo = [i for i, e in enumerate(entries) if e is None]
-    if remote and not todo and entries:
-        todo = [0]  # one request shows which snapshot answers the alias now
+    askable = [i for i, f in enumerate(fixed) if f is None]
+    todo = [i for i in askable if entries[i] is None]
+    if remote and not todo and askable:
+        todo = [askable[0]]  # one request shows which snapshot answers the alias now
     current: str | None = None
     for _ in range(2):  # new answers; then, once the snapshot is known, entries from another one
         if todo:
-            fresh = judge.prob_a([prompts[i] for i in todo])
+            asked = [prompts[i] for i in todo]
+            fresh = judge.prob_a(asked, system=template.system) if template.system else judge.prob_a(asked)
             answered = list(getattr(judge, "snapshots", [])) or [None] * len(todo)
             for i, v, snap in zip(todo, fresh, answered, strict=True):
                 entries[i] = {"p": float(v), "snapshot": snap}
@@ -297,7 +392,7 @@ def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str
             current = answered[-1]
         if not remote:
             break
-        todo = [i for i, e in enumerate(entries) if e["snapshot"] != current]
+        todo = [i for i in askable if entries[i]["snapshot"] != current]
         if todo:
             log.info("judge %s is answered by snapshot %s now: re-judging %d verdicts from other snapshots",
                      judge.id.get("model"), current, len(todo))
@@ -305,7 +400,7 @@ def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str
             cache.hits["judgment"] -= len(todo)
     if remote:
         judge.snapshot = current  # what answered; for metrics and lineage
-    probs = [e["p"] for e in entries]
+    probs = [f if f is not None else entries[i]["p"] for i, f in enumerate(fixed)]
     return [(probs[2 * k], 1.0 - probs[2 * k + 1]) for k in range(len(pairs))]
 
 

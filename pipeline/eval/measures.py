@@ -188,8 +188,9 @@ def read_general_prompts(path: Path, gp: GeneralPromptsParams) -> list[dict]:
 # ---------------------------------------------------------------- cached model outputs
 
 def generations(models: Models, folder: Path, convs: list[list[dict]], p: EvaluateParams, cache: EvalCache,
-                generate_fn: Callable[..., list[list[str]]], desc: str) -> list[str]:
-    """Greedy responses, generating only those missing from the cache."""
+                generate_fn: Callable[..., list[list[str]]], desc: str) -> tuple[list[str], list[bool | None]]:
+    """Greedy responses and whether each ended by itself (False: cut at max_new_tokens; None: the
+    generation backend did not say), generating only those missing from the cache."""
     decoding = {"do_sample": False, "max_new_tokens": p.generation.max_new_tokens, "batch_size": p.generation.batch_size}
     sha = models.sha256(folder)
     env = env_key(models, folder, "pipeline.eval.measures", "pipeline.lm.generation", backend=_backend_name(generate_fn))
@@ -198,12 +199,14 @@ def generations(models: Models, folder: Path, convs: list[list[dict]], p: Evalua
     todo = [i for i, v in enumerate(out) if v is None]
     if todo:
         model, tok = models.load(folder)
+        stats: dict[str, Any] = {}
         fresh = generate_fn(model, tok, [convs[i] for i in todo], max_new_tokens=p.generation.max_new_tokens,
-                            do_sample=False, batch_size=p.generation.batch_size, seed=0, desc=desc)
-        for i, texts in zip(todo, fresh, strict=True):
-            out[i] = texts[0]
-            cache.put("generation", keys[i], texts[0])
-    return out
+                            do_sample=False, batch_size=p.generation.batch_size, seed=0, desc=desc, stats=stats)
+        done = stats.get("finished") or [[None]] * len(todo)
+        for i, texts, fin in zip(todo, fresh, done, strict=True):
+            out[i] = {"text": texts[0], "finished": fin[0]}
+            cache.put("generation", keys[i], out[i])
+    return [v["text"] for v in out], [v["finished"] for v in out]
 
 
 def logps(models: Models, folder: Path, pairs: list[tuple[list[dict], list[dict]]], p: EvaluateParams,

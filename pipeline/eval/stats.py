@@ -80,33 +80,52 @@ def win_rate(scores: np.ndarray) -> float:
 
 
 def lc_win_rate(scores: np.ndarray, len_diff: np.ndarray, C: float = 1.0) -> float:
-    """Length-controlled win rate, in the spirit of AlpacaEval 2.
-
-    A logistic regression of the judge's preference for the policy on the standardised length
-    difference `tanh((len_policy - len_base) / std)` (AlpacaEval 2's length feature), with soft labels:
-    each prompt contributes a "policy preferred" row with weight `score` and a "base preferred" row
-    with weight `1 - score`, so ties count half. The length-controlled win rate is the fitted
-    probability at zero length difference, sigmoid(intercept). The L2 penalty (`C`) applies to the
-    slope only (lbfgs leaves the intercept unpenalised), which keeps the fit finite when the judge
-    separates the data by length perfectly.
-    """
-    from sklearn.linear_model import LogisticRegression
+    """Length-controlled win rate of one model against the base: AlpacaEval 2's GLM with one model
+    (see `pipeline.eval.lc`): the mean predicted preference with the tanh-normalised length term
+    set to zero. With one model there is no instruction-difficulty term."""
+    from pipeline.eval.lc import length_controlled
 
     scores = np.asarray(scores, dtype=float)
-    len_diff = np.asarray(len_diff, dtype=float)
     if len(scores) == 0:
         return float("nan")
-    if np.all(scores == scores[0]) and scores[0] in (0.0, 1.0):
-        return float(scores[0])  # one class only: no regression to fit, and length explains nothing
-    std = float(np.std(len_diff))
-    x = np.tanh(len_diff / std) if std > 0 else np.zeros_like(len_diff)
-    X = np.concatenate([x, x])[:, None]
-    y = np.concatenate([np.ones_like(scores), np.zeros_like(scores)])
-    w = np.concatenate([scores, 1 - scores])
-    keep = w > 0
-    model = LogisticRegression(C=C, solver="lbfgs", max_iter=1000)
-    model.fit(X[keep], y[keep], sample_weight=w[keep])
-    return float(1 / (1 + np.exp(-model.intercept_[0])))
+    n = len(scores)
+    return length_controlled(["m"] * n, list(range(n)), scores, np.asarray(len_diff, dtype=float), C=C)["m"].lc_win_rate
+
+
+def ratio_of_sums(num: np.ndarray, den: np.ndarray, axis: int = -1) -> np.ndarray:
+    """sum(num) / sum(den): a pooled rate over resampled clusters (pairs per prompt, say)."""
+    return np.sum(num, axis=axis) / np.sum(den, axis=axis)
+
+
+def cluster_bootstrap_ci(values: Sequence[float], clusters: Sequence[str], *, min_clusters: int,
+                         n_resamples: int = 9999, confidence_level: float = 0.95,
+                         seed: int = 0) -> tuple[float, float, float, int]:
+    """(pooled mean, low, high, number of clusters) of `values`, resampling whole clusters.
+
+    Several values that share a cluster (test pairs built from one prompt) are not independent
+    draws: the bootstrap resamples the clusters (prompts) and recomputes the pooled mean
+    sum(values) / count. With fewer than `min_clusters` clusters, or when every cluster has the same
+    rate, no interval is given (NaN): a bootstrap over a handful of prompts describes those prompts,
+    not the population.
+    """
+    values = np.asarray(values, dtype=float)
+    clusters = list(clusters)
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    names = sorted(set(clusters))
+    index = {c: i for i, c in enumerate(names)}
+    sums, counts = np.zeros(len(names)), np.zeros(len(names))
+    for v, c in zip(values, clusters, strict=True):
+        sums[index[c]] += v
+        counts[index[c]] += 1
+    est = float(values.mean())
+    if len(names) < max(2, min_clusters) or np.all(sums / counts == sums[0] / counts[0]):
+        # too few prompts, or every prompt scored the same (all pairs right, say): a bootstrap cannot
+        # see variability the sample does not show, and [1, 1] would claim certainty
+        return est, float("nan"), float("nan"), len(names)
+    _, lo, hi = paired_bootstrap_ci((sums, counts), ratio_of_sums, n_resamples=n_resamples,
+                                    confidence_level=confidence_level, seed=seed)
+    return est, lo, hi, len(names)
 
 
 def agreement_stats(human: Sequence[str], judge: Sequence[str]) -> dict[str, float]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.release.eval_card import evaluation_notes
 from pipeline.release.inputs import RELEASE_STAGES, ReleaseInputs, flat_numbers
 from pipeline.release.licenses import LicenseDecision, hub_metadata
 from pipeline.release.manifest import ReleaseInfo
@@ -43,6 +45,19 @@ EVAL_LABELS = {
     "n_eval_prompts": "held-out constraint prompts evaluated",
     "n_constraints": "constraints checked over those prompts",
     "n_general_prompts": "general prompts judged",
+    "empty_rate_base": "share of empty responses, base model",
+    "empty_rate_policy": "share of empty responses, this model",
+    "unfinished_rate_base": "share of responses cut at max_new_tokens, base model",
+    "unfinished_rate_policy": "share of responses cut at max_new_tokens, this model",
+    "lc_win_rate_se": "AlpacaEval's standard error of the LC win rate (sem of the GLM predictions)",
+    "judge_reliable": "1 if judge_order_consistency reaches evaluate.judge.min_order_consistency",
+    "pref_n_prompts": "prompts the held-out test pairs come from (the bootstrap's clusters)",
+    "ifeval_prompt_strict_base": "IFEval prompt-level strict accuracy, base model",
+    "ifeval_prompt_strict_policy": "IFEval prompt-level strict accuracy, this model",
+    "ifeval_prompt_strict_valid_base": "IFEval prompt-level strict, empty/unfinished answers failed, base",
+    "ifeval_prompt_strict_valid_policy": "IFEval prompt-level strict, empty/unfinished answers failed, this model",
+    "ifeval_heldout_inst_strict_policy": "IFEval instruction-level strict on ids never used in training, this model",
+    "ifeval_indist_inst_strict_policy": "IFEval instruction-level strict on ids used in training, this model",
 }
 # Counts and judge diagnostics are in the table but are not results for the model-index.
 NOT_RESULTS = ("n_", "judge_")
@@ -99,10 +114,39 @@ def eval_table(metrics: dict[str, Any] | None) -> str:
     return _table(["metric", "what it measures", "value", "95% interval"], rows)
 
 
+# What goes into the model-index: measured results only, each with the dataset config it was measured
+# on (configs of the release dataset repo: the test split of the pairs, the held-out evaluation
+# prompts, the IFEval subset, the general prompts). Counts, diagnostics and lengths stay in the body.
+INDEX_DATASETS = (  # (metric key prefix, config name, human name)
+    ("pref_", "default", "held-out preference pairs (test split)"),
+    ("reward_", "default", "held-out preference pairs (test split)"),
+    ("pass_rate_", "eval_prompts", "held-out constraint prompts"),
+    ("constraint_pass_rate_", "eval_prompts", "held-out constraint prompts"),
+    ("eval_ifeval_", "eval_prompts", "held-out constraint prompts (IFEval format)"),
+    ("ifeval_", "ifeval_prompts", "IFEval subset (google-research instruction_following_eval)"),
+    ("win_rate", "general_prompts", "general prompts (judged pairwise against the base model)"),
+    ("lc_win_rate", "general_prompts", "general prompts (judged pairwise against the base model)"),
+)
+NOT_INDEXED_SUFFIXES = ("_se",)
+_COUNT = re.compile(r"(^|_)n(_|$)")  # pref_n, pref_n_prompts, n_wins: counts, not results
+
+
+def _index_dataset(key: str) -> tuple[str, str] | None:
+    for prefix, config, name in INDEX_DATASETS:
+        if key.startswith(prefix):
+            return config, name
+    return None
+
+
 def model_index_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
-    """The metrics that go into the card's model-index: finite results, no counts or diagnostics."""
-    return {k: v for k, v, _, _ in eval_metrics(metrics) if isinstance(v, (int, float)) and
-            math.isfinite(v) and not k.startswith(NOT_RESULTS)}
+    """The metrics that go into the card's model-index: finite measured results with a dataset, no
+    counts or diagnostics, and no judged win rate when the evaluate stage marked its judge unreliable."""
+    from pipeline.release.gates import JUDGE_METRICS, judge_unreliable
+
+    skip_judge = judge_unreliable(metrics)
+    return {k: v for k, v, _, _ in eval_metrics(metrics) if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and not k.startswith(NOT_RESULTS) and _index_dataset(k) is not None
+            and not k.endswith(NOT_INDEXED_SUFFIXES) and not _COUNT.search(k) and not (skip_judge and k.startswith(JUDGE_METRICS))}
 
 
 EVAL_PROMPTS_CONFIG = "eval_prompts"
@@ -154,19 +198,21 @@ def validate_cards(model_readme: Path, dataset_readme: Path, endpoint: str) -> N
             raise SourceError(f"card validation at {endpoint}/api/validate-yaml failed: {str(e).splitlines()[0]}") from None
 
 
-def model_index_results(metrics: dict[str, Any] | None, info: ReleaseInfo):
-    """EvalResult entries for the card metadata."""
+def model_index_results(metrics: dict[str, Any] | None, info: ReleaseInfo, confidence_level: float = 0.95):
+    """EvalResult entries for the card metadata; the interval, where there is one, in `metric_args`."""
     from huggingface_hub import EvalResult
 
+    m = metrics or {}
     out = []
     for key, v in model_index_metrics(metrics).items():
-        if key.startswith(PREF_PREFIXES):
-            ds = dict(dataset_type=info.dataset_repo, dataset_name="held-out preference pairs (test split)",
-                      dataset_split="test", dataset_revision=info.version)
-        else:
-            ds = eval_prompts_dataset(info)
+        config, name = _index_dataset(key)
+        lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+        args = ({"ci_low": lo, "ci_high": hi, "confidence_level": confidence_level}
+                if all(isinstance(x, (int, float)) and math.isfinite(x) for x in (lo, hi)) else None)
         out.append(EvalResult(task_type="text-generation", task_name="preference tuning evaluation",
-                              metric_type=key, metric_name=key, metric_value=v, **ds))
+                              metric_type=key, metric_name=key, metric_value=v, metric_args=args,
+                              dataset_type=info.dataset_repo, dataset_name=name, dataset_config=config,
+                              dataset_split="test", dataset_revision=info.version))
     return out
 
 
@@ -368,7 +414,8 @@ def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "intended_use": _bullets(cp.intended_use), "out_of_scope": _bullets(cp.out_of_scope),
         "sources": _sources_table(inp), "build_counts": _numbers_table(inp.metrics.get("data"), "build counts"),
         "decontamination": _numbers_table(inp.report("decontamination"), "decontamination report"),
-        "training": _train_section(inp), "evaluation": eval_table(inp.metrics.get("eval")), "judge": _judge(inp),
+        "training": _train_section(inp), "evaluation": eval_table(inp.metrics.get("eval")) + "\n\n" + evaluation_notes(inp),
+        "judge": _judge(inp),
         "judge_weaknesses": _bullets(cp.judge_weaknesses), "plots": _plots(inp), "limitations": _bullets(cp.limitations),
         "license": _license_section(lic, "model"), "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
         "sweep": _sweep_section(inp),

@@ -225,11 +225,31 @@ def lineage(inp: ReleaseInputs, published: dict[str, dict[str, str]]) -> GateRes
     return _result("lineage", problems, f"{len(inp.lineage)} stage records agree with each other and the files")
 
 
+# Metrics that are only as good as the judge behind them.
+JUDGE_METRICS = ("win_rate", "win_rate_soft", "lc_win_rate")
+
+
+def judge_unreliable(metrics: dict[str, Any] | None) -> bool:
+    """The evaluate stage marked its judge unreliable (order consistency below the params' threshold)."""
+    return (metrics or {}).get("judge_reliable") == 0
+
+
+def _skip_judge(metrics: dict[str, Any] | None, keys) -> tuple[list[str], str]:
+    if not judge_unreliable(metrics):
+        return list(keys), ""
+    skipped = [k for k in keys if k.startswith(JUDGE_METRICS)]
+    note = (f"; skipped {', '.join(skipped)}: the judge is unreliable (judge_order_consistency "
+            f"{metrics.get('judge_order_consistency')} < {metrics.get('judge_min_order_consistency')})") if skipped else ""
+    return [k for k in keys if k not in skipped], note
+
+
 def eval_thresholds(metrics: dict[str, Any] | None, thresholds: dict[str, Any]) -> GateResult:
     if metrics is None:
         return GateResult("eval-thresholds", "fail", "metrics/eval.json is missing (run dvc repro evaluate)")
     problems = []
-    for key, bound in thresholds.items():
+    keys, note = _skip_judge(metrics, thresholds)
+    for key in keys:
+        bound = thresholds[key]
         v = metrics.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             problems.append(f"{key} is missing from metrics/eval.json")
@@ -239,7 +259,7 @@ def eval_thresholds(metrics: dict[str, Any] | None, thresholds: dict[str, Any]) 
             problems.append(f"{key} = {v:.4g} < min {bound.min}")
         elif bound.max is not None and v > bound.max:
             problems.append(f"{key} = {v:.4g} > max {bound.max}")
-    return _result("eval-thresholds", problems, f"{len(thresholds)} threshold(s) hold")
+    return _result("eval-thresholds", problems, f"{len(keys)} threshold(s) hold{note}")
 
 
 def regression(metrics: dict[str, Any] | None, previous: dict[str, Any] | None, name: str | None,
@@ -249,7 +269,9 @@ def regression(metrics: dict[str, Any] | None, previous: dict[str, Any] | None, 
     if previous is None:
         return GateResult("regression", "fail", f"previous release {name}: no evaluation results found")
     problems = []
-    for key, tol in tolerance.items():
+    keys, note = _skip_judge(metrics, tolerance)
+    for key in keys:
+        tol = tolerance[key]
         cur, prev = (metrics or {}).get(key), previous.get(key)
         if not isinstance(prev, (int, float)):
             continue  # the old release did not measure it: nothing to regress from
@@ -257,7 +279,7 @@ def regression(metrics: dict[str, Any] | None, previous: dict[str, Any] | None, 
             problems.append(f"{key} missing now (was {prev:.4g} in {name})")
         elif prev - cur > tol:
             problems.append(f"{key} = {cur:.4g} regressed from {prev:.4g} in {name} (tolerance {tol})")
-    return _result("regression", problems, f"no metric dropped beyond its tolerance vs {name}")
+    return _result("regression", problems, f"no metric dropped beyond its tolerance vs {name}{note}")
 
 
 def licenses(lic: LicenseDecision, allowed: list[str]) -> GateResult:

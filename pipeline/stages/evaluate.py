@@ -1,11 +1,13 @@
 """Stage `evaluate`: the trained model against its reference (the base model) on data neither saw.
 
 Reads:  `paths.model` (trained), `paths.base_model` (reference), `paths.dataset/test.parquet`,
-        `paths.eval_prompts` (held-out constraint prompts), `paths.general_prompts` and
+        `paths.eval_prompts` (held-out constraint prompts, the project's format or IFEval's),
+        `paths.ifeval_prompts` (the IFEval subset), `paths.train_prompts` (which instruction ids
+        training saw), `paths.general_prompts` and
         `paths.judge_template`; params `evaluate` and `train.dpo` (beta and max_length, so the implicit
         reward is the one training optimised); `paths.runs/train.json` `mlflow_model_id`
         when present (the MLflow LoggedModel the metrics are attached to).
-Writes: `paths.metrics/eval.json` (flat DVC metrics), `paths.eval_dir/{preference,constraints,general}.parquet`
+Writes: `paths.metrics/eval.json` (flat DVC metrics), `paths.eval_dir/{preference,constraints,ifeval,general}.parquet`
         (one row per test pair / prompt), `paths.plots/eval_pass_rates.png`, `paths.plots/eval_win_rate.png`,
         and the cache `paths.eval_cache` (DVC `persist: true`).
 Run:    `dvc repro evaluate` (or `python -m pipeline.stages.evaluate`).
@@ -16,16 +18,26 @@ What is measured:
    does, truncated at train's max_length keeping the start); accuracy = fraction with
    r_chosen > r_rejected (a tie is not a win, as in TRL's rewards/accuracies), margin =
    mean(r_chosen - r_rejected). Pairs with no completion token left after truncation are counted
-   (`pref_n_truncated_away`) and left out, as TRL leaves them out of training.
-2. Verifiable instruction following: greedy responses of both models to the held-out constraint
-   prompts, checked by `pipeline.constraints.checkers.check`. Prompt-level pass = every constraint holds;
-   constraint-level = pooled fraction of constraints that hold. Deltas (policy - base) get a paired
-   bootstrap interval that resamples prompts.
+   (`pref_n_truncated_away`) and left out, as TRL leaves them out of training. Several pairs can
+   come from one prompt, so the interval is a cluster bootstrap over prompts (`pref_n_prompts`);
+   with fewer than `bootstrap.min_clusters` prompts no interval is reported (NaN), never [1, 1].
+2. Verifiable instruction following (`pipeline.eval.verifiable`, `pipeline.eval.ifeval_eval`): greedy
+   responses of both models to the held-out constraint prompts and to the IFEval subset. The
+   validity rule: an empty response, or one cut at max_new_tokens, is a failed answer, so
+   `pass_rate_*` (the headline) cannot be gamed by saying less; `empty_rate_*` and
+   `unfinished_rate_*` give the share of such responses per model over every evaluation prompt.
+   IFEval is scored with its reference semantics (strict and loose, prompt- and instruction-level;
+   comparable with published numbers) and, separately, with the validity rule; instruction ids the
+   training prompts never use are reported apart (`ifeval_heldout_*` vs `ifeval_indist_*`). When
+   `paths.eval_prompts` is itself in IFEval's format the headline is its IFEval prompt-level
+   strict accuracy with the validity rule.
 3. Judged win rate on the general prompts: each (policy, base) pair judged in both orders; a pair
-   judged differently in the two orders is a tie; ties count half. Length-controlled win rate:
-   see `pipeline.eval.stats.lc_win_rate`. `judge_order_consistency` (the share of pairs the judge
-   decides the same way in both orders) says how much the judge's verdicts are worth: a judge that
-   always picks one position scores 0 there, and its win rate is 0.5 by construction.
+   judged differently in the two orders is a tie; ties count half; a blank answer loses without
+   the judge. Length-controlled win rate: AlpacaEval 2's GLM (`pipeline.eval.lc`) with its standard
+   error and a bootstrap interval. `judge_order_consistency` (the share of pairs the judge
+   decides the same way in both orders) says how much the judge's verdicts are worth: below
+   `judge.min_order_consistency` `judge_reliable` is 0 and the release leaves its win rates out of
+   the model-index and of every gate.
 4. Length and drift: mean response length in tokens of each model over all evaluation prompts, their
    ratio, and `kl`, an estimate of KL(policy || base). Along each of the policy's greedy responses,
    the exact next-token KL over the whole vocabulary is computed at every completion position (given
@@ -45,7 +57,6 @@ no model is even loaded.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -63,17 +74,17 @@ from pipeline.core.stage import StageContext, stage_main
 from pipeline.eval.cache import EvalCache
 from pipeline.eval.measures import Models, generations, kls, logps, read_general_prompts, read_test_pairs
 from pipeline.eval.stats import (
-    lc_win_rate,
-    mean_diff,
+    cluster_bootstrap_ci,
     mean_stat,
     order_score,
     pair_scores,
     paired_bootstrap_ci,
-    pooled_rate_diff,
 )
+from pipeline.eval.verifiable import verifiable
 
 STAGE = "evaluate"
 READS = ["evaluate", "train.dpo", "paths.base_model", "paths.model", "paths.dataset", "paths.eval_prompts",
+         "paths.ifeval_prompts", "paths.train_prompts",
          "paths.general_prompts", "paths.judge_template", "paths.eval_dir", "paths.eval_cache",
          "paths.metrics", "paths.plots"]
 TEST_SPLIT = "test.parquet"  # the file `build` writes in paths.dataset (data contract)
@@ -92,6 +103,8 @@ class Inputs:
     judge_template: Path
     beta: float
     max_length: int | None
+    ifeval_prompts: Path | None = None  # IFEval-format prompts evaluated beside eval_prompts
+    train_prompts: Path | None = None  # which instruction ids training saw (held-out ids are the rest)
 
 
 @dataclass
@@ -110,6 +123,9 @@ def preference(models: Models, inp: Inputs, p: EvaluateParams, cache: EvalCache,
     """Implicit-reward accuracy and margin on the held-out test pairs."""
     import pandas as pd
 
+    from pipeline.core.lineage import sha256_json
+
+    min_clusters = p.bootstrap.min_clusters
     pairs = read_test_pairs(inp.test, p.pref_max_pairs)
     comp = [(r["prompt"], r[k]) for r in pairs for k in ("chosen", "rejected")]
     pol = np.array(logps(models, inp.policy, comp, p, inp.max_length, cache, "logp policy"))
@@ -127,7 +143,12 @@ def preference(models: Models, inp: Inputs, p: EvaluateParams, cache: EvalCache,
     if scored.any():
         m.update({"reward_margin": float(np.mean(margin[scored])), "reward_chosen": float(np.mean(r_c[scored])),
                   "reward_rejected": float(np.mean(r_r[scored]))})
-        _ci("pref_accuracy", paired_bootstrap_ci((correct[scored],), mean_stat, **ci), m)
+        # Pairs built from one prompt are not independent: resample prompts (clusters), not pairs.
+        prompts = [sha256_json(r["prompt"]) for r in pairs]
+        est, lo, hi, k = cluster_bootstrap_ci(correct[scored], [c for c, s in zip(prompts, scored, strict=True) if s],
+                                              min_clusters=min_clusters, **ci)
+        m["pref_n_prompts"] = k
+        _ci("pref_accuracy", (est, lo, hi), m)
     else:
         log.warning("no test pair has completion tokens within max_length %s", inp.max_length)
         m.update(dict.fromkeys(["reward_margin", "reward_chosen", "reward_rejected", "pref_accuracy",
@@ -141,55 +162,43 @@ def preference(models: Models, inp: Inputs, p: EvaluateParams, cache: EvalCache,
     return m, table
 
 
-def verifiable(rows: list[dict], resp_base: list[str], resp_pol: list[str], ci: dict) -> tuple[dict, Any]:
-    """Prompt- and constraint-level pass rates of both models and their paired deltas."""
-    import pandas as pd
-
-    from pipeline.constraints.checkers import check
-
-    res_b = [check(r, row["constraints"]) for r, row in zip(resp_base, rows, strict=True)]
-    res_p = [check(r, row["constraints"]) for r, row in zip(resp_pol, rows, strict=True)]
-    n = np.array([len(row["constraints"]) for row in rows], dtype=float)
-    ok_b = np.array([sum(c["ok"] for c in r) for r in res_b], dtype=float)
-    ok_p = np.array([sum(c["ok"] for c in r) for r in res_p], dtype=float)
-    pass_b, pass_p = (ok_b == n).astype(float), (ok_p == n).astype(float)
-    m: dict[str, float] = {"n_eval_prompts": len(rows), "n_constraints": int(n.sum())}
-    _ci("pass_rate_base", paired_bootstrap_ci((pass_b,), mean_stat, **ci), m)
-    _ci("pass_rate_policy", paired_bootstrap_ci((pass_p,), mean_stat, **ci), m)
-    _ci("pass_rate_delta", paired_bootstrap_ci((pass_p, pass_b), mean_diff, **ci), m)
-    m["constraint_pass_rate_base"] = float(ok_b.sum() / n.sum())
-    m["constraint_pass_rate_policy"] = float(ok_p.sum() / n.sum())
-    _ci("constraint_pass_rate_delta", paired_bootstrap_ci((ok_p, ok_b, n), pooled_rate_diff, **ci), m)
-    table = pd.DataFrame({
-        "id": [row["id"] for row in rows], "prompt": [row["prompt"] for row in rows],
-        "constraints": [json.dumps(row["constraints"]) for row in rows],
-        "response_base": resp_base, "response_policy": resp_pol,
-        "pass_base": pass_b.astype(bool), "pass_policy": pass_p.astype(bool),
-        "n_constraints": n.astype(int), "ok_base": ok_b.astype(int), "ok_policy": ok_p.astype(int),
-        "checks_base": [json.dumps(r) for r in res_b], "checks_policy": [json.dumps(r) for r in res_p]})
-    return m, table
-
-
 def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_pol: list[str],
            len_base: np.ndarray, len_pol: np.ndarray, judge: Any, template: Any, cache: EvalCache,
            ci: dict) -> tuple[dict, Any]:
     """Win rate (both orders, ties half) and length-controlled win rate of the policy over the base."""
     import pandas as pd
 
-    from pipeline.eval.judges import judge_pairs
+    from pipeline.eval.judges import blank_rule, judge_pairs
+    from pipeline.eval.lc import lc_bootstrap_ci, length_controlled
 
     probs = judge_pairs(judge, template, [(g["prompt"], rp, rb) for g, rp, rb in
                                           zip(general, resp_pol, resp_base, strict=True)], cache)
     first, second = [a for a, _ in probs], [b for _, b in probs]
     scores = pair_scores(first, second)
+
     m: dict[str, float] = {"n_general_prompts": len(general)}
     _ci("win_rate", paired_bootstrap_ci((scores,), mean_stat, **ci), m)
-    m["lc_win_rate"] = lc_win_rate(scores, len_pol - len_base, C=p.judge.lc_c)
+    # AlpacaEval 2's GLM, lengths in characters as AlpacaEval measures them (see pipeline.eval.lc)
+    chars = np.array([len(a) - len(b) for a, b in zip(resp_pol, resp_base, strict=True)], dtype=float)
+    lc = length_controlled(["policy"] * len(scores), [g["id"] for g in general], scores, chars, C=p.judge.lc_c)["policy"]
+    lo, hi = lc_bootstrap_ci(scores, chars, C=p.judge.lc_c, n_resamples=p.judge.lc_n_resamples,
+                             confidence_level=ci["confidence_level"], seed=ci["seed"],
+                             min_units=p.bootstrap.min_clusters)
+    m.update({"lc_win_rate": lc.lc_win_rate, "lc_win_rate_ci_low": lo, "lc_win_rate_ci_high": hi,
+              "lc_win_rate_se": lc.standard_error})
     m["win_rate_soft"] = float(np.mean((np.array(first) + np.array(second)) / 2))
     m["n_wins"], m["n_ties"], m["n_losses"] = (int((scores > 0.5).sum()), int((scores == 0.5).sum()),
                                                int((scores < 0.5).sum()))
-    # both orders name the same winner (ties aside, this is the judge's freedom from position bias)
-    m["judge_order_consistency"] = float(np.mean([order_score(a) == order_score(b) for a, b in probs]))
+    # both orders name the same winner (ties aside, this is the judge's freedom from position bias),
+    # over the pairs the judge decided (a pair with a blank answer is decided by rule, not by it)
+    asked = [pr for pr, rp, rb in zip(probs, resp_pol, resp_base, strict=True) if blank_rule(rp, rb) is None]
+    m["judge_order_consistency"] = (float(np.mean([order_score(a) == order_score(b) for a, b in asked]))
+                                    if asked else float("nan"))
+    m["n_judged_pairs"] = len(asked)
+    # A judge that mostly picks by position has not earned a say: its win rates stay out of the
+    # model-index and of every gate (pipeline.release), and the card says why.
+    m["judge_reliable"] = int(not asked or m["judge_order_consistency"] >= p.judge.min_order_consistency)
+    m["judge_min_order_consistency"] = p.judge.min_order_consistency
     m["judge_unparsed"] = getattr(judge, "unparsed", 0)
     table = pd.DataFrame({"id": [g["id"] for g in general], "prompt": [g["prompt"] for g in general],
                           "response_base": resp_base, "response_policy": resp_pol,
@@ -202,7 +211,9 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
         generate_fn: Callable[..., list[list[str]]] | None = None, judge: Any = None) -> Result:
     """Evaluate `inp.policy` against `inp.base`; write per-prompt Parquet files into `out_dir`."""
     from pipeline.constraints.checkers import read_prompts
-    from pipeline.eval.judges import JUDGES, load_template
+    from pipeline.constraints.ifeval import read_ifeval
+    from pipeline.eval.ifeval_eval import ifeval_metrics, is_ifeval_file, training_ids
+    from pipeline.eval.judges import JUDGES, template_for
 
     for folder, stage in ((inp.base, "base_model"), (inp.policy, "train")):
         if not any(Path(folder).glob("*.safetensors")):
@@ -212,8 +223,14 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
     models = models or Models()
     ci = {"n_resamples": p.bootstrap.n_resamples, "confidence_level": p.bootstrap.confidence_level,
           "seed": p.bootstrap.seed}
-    template = load_template(inp.judge_template)
-    rows = read_prompts(inp.eval_prompts)[: p.max_eval_prompts]
+    template = template_for(inp.judge_template, p.judge)
+    eval_is_ifeval = is_ifeval_file(inp.eval_prompts)
+    rows = [] if eval_is_ifeval else read_prompts(inp.eval_prompts)[: p.max_eval_prompts]
+    sets = {}  # IFEval-format prompt sets: metric prefix -> rows
+    if eval_is_ifeval:
+        sets["eval_ifeval_"] = read_ifeval(inp.eval_prompts)[: p.max_eval_prompts]
+    if inp.ifeval_prompts is not None:
+        sets["ifeval_"] = read_ifeval(inp.ifeval_prompts)
     general = read_general_prompts(inp.general_prompts, p.general)
     if judge is None:
         judge = JUDGES[p.judge.kind](p.judge, default_model=inp.base, sha256_of=models.sha256, loader=models.load)
@@ -223,20 +240,45 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
         m, tables["preference"] = preference(models, inp, p, cache, ci)
     metrics.update(m)
 
-    convs = [[{"role": "user", "content": r["prompt"]}] for r in rows + general]
+    if_rows = [r for rs in sets.values() for r in rs]
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in rows + if_rows + general]
     with _timed("generate_base", timings):
-        resp_b = generations(models, inp.base, convs, p, cache, generate_fn, "evaluate: base")
+        resp_b, fin_b = generations(models, inp.base, convs, p, cache, generate_fn, "evaluate: base")
     with _timed("generate_policy", timings):
-        resp_p = generations(models, inp.policy, convs, p, cache, generate_fn, "evaluate: policy")
-    k = len(rows)
-    m, tables["constraints"] = verifiable(rows, resp_b[:k], resp_p[:k], ci)
-    metrics.update(m)
+        resp_p, fin_p = generations(models, inp.policy, convs, p, cache, generate_fn, "evaluate: policy")
+    k, kf = len(rows), len(rows) + len(if_rows)
+    mc = p.bootstrap.min_clusters
+    if rows:
+        m, tables["constraints"] = verifiable(rows, resp_b[:k], resp_p[:k], ci, fin_b[:k], fin_p[:k], mc)
+        metrics.update(m)
+    train_ids = training_ids(inp.train_prompts)
+    if rows and all("instruction_id_list" in r for r in rows):  # project prompts in IFEval ids: split them too
+        m, tables["eval_ifeval"] = ifeval_metrics(rows, {"base": resp_b[:k], "policy": resp_p[:k]},
+                                                  {"base": fin_b[:k], "policy": fin_p[:k]}, train_ids, ci, mc,
+                                                  prefix="eval_ifeval_")
+        metrics.update(m)
+    start = k
+    for prefix, rs in sets.items():
+        sl = slice(start, start + len(rs))
+        m, tables[prefix.rstrip("_")] = ifeval_metrics(rs, {"base": resp_b[sl], "policy": resp_p[sl]},
+                                                       {"base": fin_b[sl], "policy": fin_p[sl]}, train_ids, ci, mc,
+                                                       prefix=prefix)
+        metrics.update(m)
+        start += len(rs)
+    if eval_is_ifeval:  # the headline pass rates: IFEval prompt-level strict with the validity rule
+        for who in ("base", "policy", "delta"):
+            for suf in ("", "_ci_low", "_ci_high"):
+                metrics[f"pass_rate_{who}{suf}"] = metrics[f"eval_ifeval_prompt_strict_valid_{who}{suf}"]
+    for name, resp, fin in (("base", resp_b, fin_b), ("policy", resp_p, fin_p)):
+        metrics[f"empty_rate_{name}"] = float(np.mean([not r.strip() for r in resp]))
+        metrics[f"unfinished_rate_{name}"] = float(np.mean([f is False for f in fin]))
+    metrics["n_responses_per_model"] = len(convs)
 
     tok = models.tokenizer(inp.base)
     len_b = np.array([len(tok.encode(r, add_special_tokens=False)) for r in resp_b], dtype=float)
     len_p = np.array([len(tok.encode(r, add_special_tokens=False)) for r in resp_p], dtype=float)
     with _timed("judge", timings):
-        m, tables["general"] = judged(p, general, resp_b[k:], resp_p[k:], len_b[k:], len_p[k:], judge,
+        m, tables["general"] = judged(p, general, resp_b[kf:], resp_p[kf:], len_b[kf:], len_p[kf:], judge,
                                       template, cache, ci)
     metrics.update(m)
 
@@ -246,8 +288,9 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
                     "length_ratio": float(len_p.mean() / len_b.mean()) if len_b.mean() > 0 else float("nan"),
                     "kl": float(kl[:, 0].mean()),
                     "kl_per_token": float(kl[:, 0].sum() / kl[:, 1].sum()) if kl[:, 1].sum() > 0 else 0.0})
-    tables["constraints"]["kl"] = kl[:k, 0]
-    tables["general"]["kl"] = kl[k:, 0]
+    if rows:
+        tables["constraints"]["kl"] = kl[:k, 0]
+    tables["general"]["kl"] = kl[kf:, 0]
     for name, df in tables.items():
         df.to_parquet(out_dir / f"{name}.parquet", index=False)
     log.info("cache: %s", cache.stats())
@@ -291,7 +334,9 @@ def _body(ctx: StageContext) -> None:
     inp = Inputs(base=ctx.path("base_model"), policy=ctx.path("model"), test=test,
                  eval_prompts=ctx.path("eval_prompts"), general_prompts=ctx.path("general_prompts"),
                  judge_template=ctx.path("judge_template"), beta=float(dpo_setting(P.train.dpo, "beta")),
-                 max_length=dpo_setting(P.train.dpo, "max_length"))
+                 max_length=dpo_setting(P.train.dpo, "max_length"),
+                 ifeval_prompts=ctx.path("ifeval_prompts") if P.paths.ifeval_prompts else None,
+                 train_prompts=ctx.path("train_prompts"))
     models = Models()
     for path in (inp.base, inp.policy):
         models.known(path, ctx.add_input(path, log_dataset=False).sha256)  # hash each model folder once
@@ -300,8 +345,15 @@ def _body(ctx: StageContext) -> None:
     for path, what in ((inp.base, "evaluate (base model)"), (inp.policy, "evaluate (trained model)")):
         ctx.record.extra["chat_template_sha256"] = check_template(models.tokenizer(path), inp.base, what)
     test_art = ctx.add_input(test, name="test split")
-    for path in (inp.eval_prompts, inp.general_prompts, inp.judge_template):
-        ctx.add_input(path)
+    for path in (inp.eval_prompts, inp.general_prompts, inp.judge_template, inp.train_prompts, inp.ifeval_prompts):
+        if path is not None:
+            ctx.add_input(path)
+    if inp.ifeval_prompts is not None:
+        from pipeline.eval.ifeval_subset import read_meta
+
+        ctx.record.extra["ifeval_subset"] = {"path": P.paths.ifeval_prompts, **(read_meta(inp.ifeval_prompts) or {})}
+    ctx.record.extra["generation"] = {"do_sample": False, "max_new_tokens": P.evaluate.generation.max_new_tokens,
+                                      "chat_template": True, "batch_size": P.evaluate.generation.batch_size}
     cache = EvalCache(ctx.path("eval_cache"))
     out = ctx.path("eval_dir")
     with atomic_dir(out) as tmp:

@@ -45,11 +45,45 @@ class OpenAIJudgeParams(Section):
     logprobs: bool = Field(description="Ask for top log-probs and read P(A) from them (soft verdicts).")
 
 
+class VerdictParams(Section):
+    """The strings a judge answers with. MT-Bench's pair-v2 prompt: a "[[A]]", b "[[B]]", tie "[[C]]"."""
+
+    a: str = Field(default="A", min_length=1, description="Verdict meaning the first answer (A) is better.")
+    b: str = Field(default="B", min_length=1, description="Verdict meaning the second answer (B) is better.")
+    tie: str | None = Field(default=None, min_length=1, description="Verdict meaning a tie; null: the prompt has none.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> VerdictParams:
+        used = [v for v in (self.a, self.b, self.tie) if v]
+        if len(set(used)) != len(used):
+            raise ValueError(f"verdicts must differ, got {used}")
+        return self
+
+    def as_tuple(self) -> tuple[str, str, str | None]:
+        return (self.a, self.b, self.tie)
+
+
+class PlaceholderParams(Section):
+    """The placeholder strings in the judge template (MT-Bench: {question}, {answer_a}, {answer_b})."""
+
+    instruction: str = Field(default="{instruction}", min_length=1, description="Replaced by the user request.")
+    response_a: str = Field(default="{response_a}", min_length=1, description="Replaced by the answer shown first.")
+    response_b: str = Field(default="{response_b}", min_length=1, description="Replaced by the answer shown second.")
+
+
 class JudgeParams(Section):
     kind: Literal["local", "openai"] = Field(description="Which judge in pipeline.eval.judges.JUDGES to use.")
     local: LocalJudgeParams
     openai: OpenAIJudgeParams | None = None
     lc_c: float = Field(gt=0, description="Inverse L2 strength on the length slope of the LC win-rate regression.")
+    lc_n_resamples: int = Field(default=999, ge=100, le=100_000, description="Bootstrap resamples (each refits "
+                                "the GLM) for the LC win rate's interval.")
+    min_order_consistency: float = Field(default=0.6, ge=0, le=1, description="Below this share of pairs decided "
+                                         "the same way in both orders the judge is unreliable: its win rates stay "
+                                         "out of model-index and every gate.")
+    verdicts: VerdictParams = Field(default_factory=VerdictParams, description="What the judge answers with.")
+    placeholders: PlaceholderParams = Field(default_factory=PlaceholderParams,
+                                            description="Placeholder strings in paths.judge_template.")
 
     @model_validator(mode="after")
     def _chosen_block_present(self) -> JudgeParams:
@@ -60,6 +94,8 @@ class JudgeParams(Section):
 
 class BootstrapParams(Section):
     n_resamples: int = Field(ge=100, le=1_000_000, description="Bootstrap resamples per interval.")
+    min_clusters: int = Field(default=10, ge=2, le=100_000, description="Fewest prompts an interval is computed "
+                              "from; with fewer, no interval is reported (NaN) instead of a misleading one.")
     confidence_level: float = Field(gt=0.5, lt=1, description="Two-sided confidence level of every interval.")
     seed: int = Field(ge=0, description="Seed of the resampling RNG (intervals are reproducible).")
 
