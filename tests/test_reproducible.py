@@ -128,10 +128,11 @@ def test_run_record_is_used_only_for_the_lineage_record_it_belongs_to(tmp_path):
 # -- byte-stable files ---------------------------------------------------------------------------
 
 _SAVE = """
-import sys, torch
+import json, sys, torch
 from pathlib import Path
 from pipeline.train.trainer import _save_atomic
-_save_atomic(Path(sys.argv[1]), {"x": torch.arange(3.0)}, {"zeta": "1", "alpha": "2", "mid": "3", "beta": "4", "q": "5"})
+key = {"zeta": "1", "alpha": "2", "mid": "3", "beta": "4", "q": "5"}
+_save_atomic(Path(sys.argv[1]), {"x": torch.arange(3.0)}, json.dumps(key, sort_keys=True))
 """
 
 
@@ -145,7 +146,7 @@ def test_ref_logps_cache_file_bytes_do_not_depend_on_the_process(tmp_path):
         files.append(sha256_file(f))
     assert len(set(files)) == 1
     with safe_open(tmp_path / "0.safetensors", "pt") as f:
-        assert json.loads(f.metadata()["openrelease"]) == {"alpha": "2", "beta": "4", "mid": "3", "q": "5", "zeta": "1"}
+        assert json.loads(f.metadata()["key"]) == {"alpha": "2", "beta": "4", "mid": "3", "q": "5", "zeta": "1"}
 
 
 def test_adapter_config_target_modules_sorted_and_no_machine_path(tmp_path):

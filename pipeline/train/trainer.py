@@ -229,7 +229,7 @@ def cached_reference(path: Path | None, key: dict[str, Any], compute, coll) -> t
         import json
 
         _save_atomic(path, {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
-                     {"key": json.dumps(key, sort_keys=True)})
+                     json.dumps(key, sort_keys=True))
         log.info("reference log-probs for %s: computed and cached in %s", key["split"], path)
     elif hit:
         log.info("reference log-probs for %s: cache hit %s", key["split"], path.name)
@@ -242,20 +242,17 @@ def _order_by_length(dataset) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], key_json: str) -> None:
     """Write a safetensors file whose bytes depend only on its content.
 
     safetensors keeps `__metadata__` in a Rust HashMap, so several keys come out in a different order in
-    every process (and the file's hash with them); one key holding sorted JSON has only one order.
+    every process (and the file's hash with them); the one key `key` (sorted JSON) has only one order.
     """
-    import json
-
     from safetensors.torch import save
 
     from pipeline.core.io import atomic_write_bytes
 
-    header = {"openrelease": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else None
-    atomic_write_bytes(path, save(tensors, metadata=header))
+    atomic_write_bytes(path, save(tensors, metadata={"key": key_json}))
 
 
 @contextlib.contextmanager
