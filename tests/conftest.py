@@ -18,6 +18,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The loopback Hub server (tests/hub_server.py) speaks the LFS protocol, not Xet: clients use LFS.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Before torch is imported: OpenMP threads sleep while waiting (the 2-process DDP test and other
 # jobs on a 2-core machine otherwise spin against each other).

@@ -101,7 +101,8 @@ def test_stage_selects_ctranslate2_and_records_quantization(tiny_model_dir, tmp_
 
     p = load_params("params.yaml").generate.model_copy(update={"backend": "ctranslate2", "quantization": "int8",
                                                                "samples_per_prompt": 2, "max_new_tokens": 4})
-    prompts = [{"id": "p1", "line": 1, "prompt": "Say hi.", "constraints": [{"type": "lowercase"}]}]
+    prompts = [{"id": "p1", "line": 1, "prompt": "Say hi.", "instruction_id_list": ["change_case:english_lowercase"],
+                "kwargs": [{}]}]
     rows, stats = generate.run(p, prompts, tiny_model_dir, converted_models=tmp_path)
     assert rows[0]["decoding"]["backend"] == "ctranslate2" and rows[0]["decoding"]["quantization"] == "int8"
     assert stats["conversion"]["quantization"] == "int8"

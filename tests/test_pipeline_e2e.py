@@ -114,7 +114,7 @@ def test_dvc_repro_whole_pipeline_then_the_release_workflow(tiny_model_dir, tmp_
                                          "evaluate": [{"changed outs": {"outputs/eval_cache": "deleted"}}]}
     lock_before = (clone / "dvc.lock").read_text()
     lineage_before = {p.name: sha256_file(p) for p in (clone / "lineage").glob("*.json")}
-    assert len(lineage_before) == len(STAGES)  # lineage records came from the remote
+    assert {f"{s}.json" for s in STAGES} <= set(lineage_before)  # lineage records came from the remote
 
     from tests.hub_server import HubServer
 

@@ -138,6 +138,9 @@ def publish_repo(api, repo_id: str, repo_type: str, folder: Path, version: str, 
                        tag_message=f"open-release {version}")
     except HfHubHTTPError as e:
         raise _hub_error(f"{what} at {api.endpoint}", e) from None
+    except (RuntimeError, OSError) as e:  # the Xet/LFS upload layers raise their own errors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SourceError(f"{what} at {api.endpoint}: upload failed: {first[:300]}") from None
     return Published(repo_id, repo_type, version, commit, action)
 
 
