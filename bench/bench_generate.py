@@ -96,10 +96,10 @@ def make_runner(name: str, model_dir: Path, model, tok, cache_root: Path):
 
 
 def quality(texts: list[list[str]], rows: list[dict]) -> dict:
-    from pipeline.constraints.checkers import check, pass_fraction
+    from pipeline.constraints.prompts import check_row
     from pipeline.stages.rate import rating
 
-    fracs = [pass_fraction(check(t, r["constraints"])) for outs, r in zip(texts, rows, strict=True) for t in outs]
+    fracs = [statistics.mean(check_row(r, t)) for outs, r in zip(texts, rows, strict=True) for t in outs]
     return {"all_pass": sum(f == 1.0 for f in fracs) / len(fracs), "mean_pass": statistics.mean(fracs),
             "ratings": dict(sorted(Counter(rating(f) for f in fracs).items()))}
 
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="sampling,greedy")
     args = ap.parse_args()
 
-    from pipeline.constraints.checkers import read_prompts
+    from pipeline.constraints.prompts import read_prompts
     from pipeline.core.params import load_params
     from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
