@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.core.lineage import sha256_file
 from tests.conftest import shared_data
-from tests.helpers import edit_params, env_for, make_project_copy
+from tests.helpers import configure_tiny, edit_params, env_for, git, make_project_copy
 
 pytestmark = pytest.mark.slow
 
@@ -25,30 +25,16 @@ def _openrelease(project: Path, *args: str, timeout: int = 1800) -> subprocess.C
 def test_sweep_2x2_through_the_dvc_queue_then_release_and_audit(tiny_model_dir, tmp_path):
     pairs = shared_data("llama-factory", "dpo_en_demo.json")
     project = make_project_copy(tmp_path / "proj")
+    configure_tiny(project, tiny_model_dir, pairs)
     edit_params(
         project,
-        base_model={"name": "tiny-llama", "source": "local", "local": str(tiny_model_dir), "license": "MIT",
-                    "sha256": sha256_file(tiny_model_dir / "model.safetensors")},
-        generate={"max_prompts": 6, "samples_per_prompt": 2, "max_new_tokens": 16, "batch_size": 12},
-        data={"sources": [
-            {"name": "on-policy", "format": "ultrafeedback", "path": "outputs/rated.jsonl", "license": "Apache-2.0"},
-            {"name": "llama-factory-demo", "format": "sharegpt", "path": str(pairs), "license": "Apache-2.0",
-             "max_rows": 40},
-        ]},
-        validate={"max_quarantine_fraction": 0.5, "max_length": 1024},
-        train={"dpo": {"num_train_epochs": 1, "max_length": 1024, "precompute_ref_batch_size": 4},
-               "per_device_batch_size": 2, "global_batch_size": 4, "checkpoint_every": 4},
-        evaluate={"max_eval_prompts": 4, "pref_max_pairs": 8, "generation": {"max_new_tokens": 16, "batch_size": 8},
-                  "general": {"max_prompts": 2}, "bootstrap": {"n_resamples": 199}},
-        publish={"thresholds": {}},
         sweep={"axes": {"train.dpo.beta": [0.05, 0.2]}, "seeds": [1, 2], "jobs": 1,
                "headline": ["pref_accuracy", "reward_margin"],
                "selection": {"metric": "pref_accuracy", "goal": "maximise", "constraints": [],
                              "tie_break": ["reward_margin max"], "null_value": 0.5, "alpha": 0.05}},
     )
-    git = ["git", "-c", "user.email=t@e", "-c", "user.name=t"]
-    subprocess.run([*git, "commit", "-qam", "tiny config"], cwd=project, check=True)
-    subprocess.run([*git, "tag", "v0.0.1"], cwd=project, check=True)
+    git(project, "commit", "-qam", "tiny config")
+    git(project, "tag", "v0.0.1")
 
     printed = _openrelease(project, "sweep", "--print-members")
     assert printed.returncode == 0 and len(printed.stdout.splitlines()) == 4, printed.stderr
