@@ -4,13 +4,15 @@
 
 Workloads (the real defaults): sampling = paths.train_prompts with the chat template, params.yaml's
 `generate` decoding (samples_per_prompt, max_new_tokens, temperature, top_p, batch_size, seed); greedy =
-paths.eval_prompts with `evaluate.generation` (max_new_tokens, batch_size). `--quick` takes every k-th
-prompt (12 train x 4 samples = one batch of 48; 8 eval prompts) and 3 candidates, so 3 repeats take
-about 5-6 minutes on an idle 2-core machine (estimated from CPU seconds measured under load).
+what evaluate decodes per model (paths.eval_prompts, paths.ifeval_prompts and evaluate.general.max_prompts
+of paths.general_prompts) with `evaluate.generation` (max_new_tokens, batch_size). `--quick` takes every
+k-th train prompt (48 x 4 samples = one batch of 192) and 2 candidates (transformers, loop).
 Model: SmolLM2-135M from `paths.base_model` (built with the base_model stage's run() when absent).
 
-Baseline (ratio 1.00): `transformers` = pipeline.lm.generation.generate() as `generate` and `evaluate`
-call it today (dynamic KV cache), run in this same process. Candidates run interleaved (A, B, A, B, ...)
+Baseline (ratio 1.00): `transformers` = transformers' `model.generate` with its dynamic KV cache, as
+`generate` and `evaluate` decoded before pipeline/lm/decode.py, run in this same process. `loop` is
+pipeline/lm/decode.py (generate.cache = preallocated, the default now); `transformers-static` is
+model.generate with cache_implementation="static". Candidates run interleaved (A, B, A, B, ...)
 so a change of load hits all alike. Per candidate: medians over --repeats of new tokens/s (wall), new
 tokens per CPU second and CPU seconds per 1,000 completions (getrusage of this process: every thread),
 the process's peak RSS while the candidate ran (polled from /proc), and quality on the same prompts:
@@ -36,8 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # "@bN" runs a backend at batch size N instead of params.yaml's (sequences per forward pass).
-CANDIDATES = ("transformers", "transformers-static", "transformers-static@b96", "ct2-fp32", "ct2-int8", "ct2-int8@b96")
-QUICK = ("transformers", "transformers-static", "ct2-int8")
+CANDIDATES = ("transformers", "transformers-static", "loop", "loop@b96", "loop@b192", "ct2-fp32", "ct2-int8", "ct2-int8@b96")
+QUICK = ("transformers", "loop")
+# The baseline decodes at the batch sizes params.yaml had before pipeline/lm/decode.py (48 sampled
+# sequences, 32 greedy): the sizes measured fastest for model.generate, whose top-p sort grows with the batch.
+BASELINE_BATCH = {"sampling": 48, "greedy": 32}
 
 
 def cpu_s() -> float:
@@ -83,11 +88,15 @@ def make_runner(name: str, model_dir: Path, model, tok, cache_root: Path):
 
     base, _, batch = name.partition("@b")  # "ct2-int8@b96": the same backend at another batch size
 
-    def run(prompts, **kw):
+    def run(prompts, workload, **kw):
         if batch:
             kw["batch_size"] = int(batch)
+        elif name == "transformers":
+            kw["batch_size"] = BASELINE_BATCH[workload]
         if base == "transformers":
-            return generation.generate(model, tok, prompts, **kw)
+            return generation.generate(model, tok, prompts, cache="dynamic", **kw)
+        if base == "loop":
+            return generation.generate(model, tok, prompts, cache="preallocated", **kw)
         if base == "transformers-static":
             return generation.generate(model, tok, prompts, cache="static", **kw)
         q = {"ct2-fp32": "float32", "ct2-int8": "int8"}[base]
@@ -96,26 +105,29 @@ def make_runner(name: str, model_dir: Path, model, tok, cache_root: Path):
 
 
 def quality(texts: list[list[str]], rows: list[dict]) -> dict:
+    """Pass rates of the completions of the first len(texts) rows (the project's constraint prompts)."""
     from pipeline.constraints.prompts import check_row
     from pipeline.stages.rate import rating
 
-    fracs = [statistics.mean(check_row(r, t)) for outs, r in zip(texts, rows, strict=True) for t in outs]
+    fracs = [statistics.mean(check_row(r, t)) for outs, r in zip(texts, rows[: len(texts)], strict=True) for t in outs]
     return {"all_pass": sum(f == 1.0 for f in fracs) / len(fracs), "mean_pass": statistics.mean(fracs),
             "ratings": dict(sorted(Counter(rating(f) for f in fracs).items()))}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a subset of the prompts (~5 minutes on an idle 2-core machine)")
+    ap.add_argument("--quick", action="store_true", help="a subset of the prompts: 48 train, 32 eval")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--candidates", default=None, help=f"comma-separated; default {','.join(CANDIDATES)} "
                     f"(--quick: {','.join(QUICK)})")
-    ap.add_argument("--backend", default="ct2-int8", help="the candidate the last line reports")
+    ap.add_argument("--backend", default="loop", help="the candidate the last line reports")
     ap.add_argument("--workloads", default="sampling,greedy")
     args = ap.parse_args()
 
+    from pipeline.constraints.ifeval import read_ifeval
     from pipeline.constraints.prompts import read_prompts
     from pipeline.core.params import load_params
+    from pipeline.eval.measures import read_general_prompts
     from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
     params = load_params(ROOT / "params.yaml")
@@ -123,11 +135,14 @@ def main() -> None:
     g, e = params.generate, params.evaluate.generation
     train, evals = read_prompts(ROOT / params.paths.train_prompts), read_prompts(ROOT / params.paths.eval_prompts)
     if args.quick:
-        train, evals = train[:: max(1, len(train) // 12)][:12], evals[:: max(1, len(evals) // 8)][:8]
+        train = train[:: max(1, len(train) // 48)][:48]
+    # What evaluate decodes greedily per model: eval prompts, the IFEval subset, the general prompts.
+    extra = [{"prompt": r["prompt"]} for r in read_ifeval(ROOT / params.paths.ifeval_prompts)]
+    extra += [{"prompt": r["prompt"]} for r in read_general_prompts(ROOT / params.paths.general_prompts, params.evaluate.general)]
     work = {
         "sampling": (train, dict(max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature, top_p=g.top_p,
                                  num_return_sequences=g.samples_per_prompt, batch_size=g.batch_size, seed=g.seed)),
-        "greedy": (evals, dict(max_new_tokens=e.max_new_tokens, do_sample=False, batch_size=e.batch_size, seed=0)),
+        "greedy": (evals + extra, dict(max_new_tokens=e.max_new_tokens, do_sample=False, batch_size=e.batch_size, seed=0)),
     }
     work = {k: v for k, v in work.items() if k in args.workloads.split(",")}
     names = (args.candidates or ",".join(QUICK if args.quick else CANDIDATES)).split(",")
@@ -149,15 +164,15 @@ def main() -> None:
                 st: dict = {}
                 c0, t0 = cpu_s(), time.monotonic()
                 with PeakRSS() as rss:
-                    texts = runners[n](msgs, desc=f"{n} {w}", stats=st, **kw)
+                    texts = runners[n](msgs, w, desc=f"{n} {w}", stats=st, **kw)
                 wall, cpu = time.monotonic() - t0, cpu_s() - c0
                 r = {"wall": wall, "cpu": cpu, "tokens": st["new_tokens"], "seqs": st["sequences"], "rss": rss.peak / 2**20,
-                     "load": os.getloadavg()[0], **quality(texts, rows)}
+                     "load": os.getloadavg()[0], **quality(texts[: len(evals) if w == "greedy" else None], rows)}
                 res.setdefault((w, n), []).append(r)
                 print(f"rep {rep} {w} {n}: {r}", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     print(f"\nSmolLM2-135M ({model_dir.name}), {'quick' if args.quick else 'full'}: {len(train)} train prompts x "
-          f"{g.samples_per_prompt} samples, {len(evals)} eval prompts greedy; medians of {args.repeats} interleaved repeats; "
+          f"{g.samples_per_prompt} samples, {len(evals) + len(extra)} prompts greedy (eval, IFEval subset, general); medians of {args.repeats} interleaved repeats; "
           f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; {os.cpu_count()} CPUs\n")
     print("| workload | backend | new tokens | tokens/s (wall) | tokens/CPU-s | CPU s per 1,000 completions | peak RSS MB "
           "| ratio tokens/s | ratio tokens/CPU-s | all constraints pass | mean pass fraction | ratings |")

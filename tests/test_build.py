@@ -276,7 +276,7 @@ def _sources(tmp: Path) -> DataParams:
                                    "path": str(shared_data("mt-bench", "mt_bench_question.jsonl"))}]})
 
 
-def _pipeline(tmp: Path, tokenizer: Path, seed: int = 42, out: str = "dataset") -> dict:
+def _pipeline(tmp: Path, tokenizer: Path, seed: int = 42, out: str = "dataset", **build_params) -> dict:
     data = _sources(tmp)
     for d in ("ingested", "validated", out, f"reports-{out}"):
         (tmp / d).mkdir(exist_ok=True)
@@ -284,7 +284,7 @@ def _pipeline(tmp: Path, tokenizer: Path, seed: int = 42, out: str = "dataset") 
         ingest.run(data, PARAMS.paths, tmp / "ingested", tmp)
         validate.run(tmp / "ingested" / "rows.jsonl", data.sources, PARAMS.validate_.rows, 0.1, tmp / "validated",
                      tmp / "reports" / "validation")
-    p = PARAMS.build.model_copy(update={"seed": seed, "test_fraction": 0.2, "batch_size": 16})
+    p = PARAMS.build.model_copy(update={"seed": seed, "test_fraction": 0.2, "batch_size": 16, **build_params})
     v = PARAMS.validate_.model_copy(update={"max_length": 1024, "max_quarantine_fraction": 0.5})
     sets = build.eval_sets_for(data, str(tmp / "eval.jsonl"))
     return build.run(tmp / "validated", data, p, v, sets, tokenizer, tmp / out, tmp / f"reports-{out}", tmp)
@@ -357,6 +357,36 @@ def test_same_inputs_and_seed_give_identical_bytes(built, smollm_tokenizer_dir):
     other = _pipeline(tmp, smollm_tokenizer_dir, seed=7, out="seed7")
     assert (tmp / "seed7" / "test.parquet").read_bytes() != (tmp / "dataset" / "test.parquet").read_bytes()
     assert other["pairs_train"] + other["pairs_test"] == first["pairs_train"] + first["pairs_test"]
+
+
+def test_test_split_has_its_own_binarization(built, smollm_tokenizer_dir):
+    """test_binarize applies to the test split's prompts only; the split itself does not move."""
+    import pyarrow.parquet as pq
+
+    tmp, first = built
+    m = _pipeline(tmp, smollm_tokenizer_dir, out="alltest", binarize="best_vs_worst",
+                  test_binarize="all_pairs_above_margin")
+    rules = {split: set(pq.read_table(tmp / "alltest" / f"{split}.parquet").column("rule").to_pylist())
+             for split in ("train", "test")}
+    assert rules == {"train": {"best_vs_worst"}, "test": {"all_pairs_above_margin"}}
+    hashes = {split: set(pq.read_table(tmp / d / f"{split}.parquet").column("prompt_hash").to_pylist())
+              for d in ("alltest",) for split in ("train", "test")}
+    assert hashes["test"] == set(pq.read_table(tmp / "dataset" / "test.parquet").column("prompt_hash").to_pylist())
+    assert m["pairs_train"] == first["pairs_train"]
+
+
+def test_all_pairs_per_row_method():
+    """binarize_table takes one method per prompt group: all pairs for one, best vs worst for the other."""
+    import pyarrow as pa
+
+    from pipeline.data.binarization import binarize_table
+
+    def comp(score):
+        return {"ratings": [{"aspect": "overall", "value": score}]}
+    groups = [[comp(5.0), comp(3.0), comp(1.0)], [comp(5.0), comp(3.0), comp(1.0)]]
+    batch = pa.table({"completions": groups})
+    rows, chosen, rejected, _, _ = binarize_table(batch, ["h0", "h1"], ["all_pairs_above_margin", "best_vs_worst"], 0.0, 0)
+    assert rows == [0, 0, 0, 1] and list(zip(chosen, rejected, strict=True))[3] == (3, 5)
 
 
 def test_source_weights_and_near_dup_off(built, smollm_tokenizer_dir):

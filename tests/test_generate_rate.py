@@ -48,7 +48,8 @@ def test_generate_run_rows(generated):
     assert r["prompt_line"] == 2
     assert r["generator"] == "tiny-llama" and isinstance(r["text"], str) and isinstance(r["finished"], bool)
     assert r["decoding"] == {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": None,
-                             "max_new_tokens": 6, "seed": 7, "backend": "transformers"}
+                             "max_new_tokens": 6, "seed": 7, "backend": "transformers",
+                             "cache": "preallocated"}  # the decoding loop is part of what made the rows
     assert (stats["prompts"], stats["completions"]) == (3, 6) and stats["new_tokens"] > 0
     # a random tiny model rarely samples EOS within 6 tokens; cut ones have exactly the budget
     assert stats["truncated_completions"] == sum(not r["finished"] for r in rows)

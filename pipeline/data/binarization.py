@@ -95,7 +95,7 @@ def completion_scores(completions) -> tuple[np.ndarray, np.ndarray]:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan), row_of
 
 
-def binarize_table(batch, prompt_hashes: list[str], method: str, min_margin: float, seed: int
+def binarize_table(batch, prompt_hashes: list[str], method: str | list[str], min_margin: float, seed: int
                    ) -> tuple[list[int], list[int], list[int], np.ndarray, list[tuple[int, Counter]]]:
     """Pairs of a batch of prompt groups (an Arrow table with a `completions` column).
 
@@ -105,11 +105,12 @@ def binarize_table(batch, prompt_hashes: list[str], method: str, min_margin: flo
     comps = batch.column("completions").combine_chunks()
     scores, row_of = completion_scores(comps)
     bounds = np.searchsorted(row_of, np.arange(batch.num_rows + 1))
+    methods = [method] * batch.num_rows if isinstance(method, str) else method
     rows, chosen, rejected, drops = [], [], [], []
     for r in range(batch.num_rows):
         lo, hi = int(bounds[r]), int(bounds[r + 1])
         s = [None if np.isnan(x) else float(x) for x in scores[lo:hi]]
-        pairs, dropped = pairs_for(s, method, min_margin, seed, prompt_hashes[r])
+        pairs, dropped = pairs_for(s, methods[r], min_margin, seed, prompt_hashes[r])
         drops.append((r, dropped))
         for ci, ri in pairs:
             rows.append(r)
@@ -118,14 +119,25 @@ def binarize_table(batch, prompt_hashes: list[str], method: str, min_margin: flo
     return rows, chosen, rejected, scores, drops
 
 
-def binarize_batch(batch, indices: list[int], p: BuildParams, hashes: list[str], features, no_pair: list,
-                    counts: Counter):
+def held_out_prompts(hashes: list[str], seed: int, fraction: float) -> set[str]:
+    """The held-out prompt hashes: exactly round(fraction x distinct prompts) of them, those with the lowest
+    seeded hash. A per-prompt coin flip would let the test size wander (seed 42 put 6 of 83 paired
+    prompts in a 0.2 test split of the default data), and every prompt still has the same chance."""
+    distinct = sorted(set(hashes), key=lambda h: (unit("split", seed, h), h))
+    return set(distinct[: round(fraction * len(distinct))])
+
+
+def binarize_batch(batch, indices: list[int], p: BuildParams, hashes: list[str], test: set[str], features,
+                   no_pair: list, counts: Counter):
     """Arrow batch of prompt groups -> Arrow table of pairs (contract columns + provenance)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     h = [hashes[i] for i in indices]
-    rows, ci, ri, scores, drops = binarize_table(batch, h, p.binarize, p.min_margin, p.seed)
+    # The split is a function of the prompt alone, so it is known before pairing; each split has its rule.
+    row_split = ["test" if x in test else "train" for x in h]
+    rule = {"train": p.binarize, "test": p.test_binarize or p.binarize}
+    rows, ci, ri, scores, drops = binarize_table(batch, h, [rule[s] for s in row_split], p.min_margin, p.seed)
     ids, files, lines = (batch.column(c).to_pylist() for c in ("id", "source_file", "source_line"))
     comps = batch.column("completions").combine_chunks()
     offsets = np.searchsorted(pc.list_parent_indices(comps).to_numpy(), np.arange(batch.num_rows + 1))
@@ -145,7 +157,7 @@ def binarize_batch(batch, indices: list[int], p: BuildParams, hashes: list[str],
         msg = pa.StructArray.from_arrays([pa.array(["assistant"] * n, pa.string()), contents], names=["role", "content"])
         return pa.ListArray.from_arrays(pa.array(np.arange(n + 1), pa.int32()), msg)
 
-    splits = ["test" if unit("split", p.seed, h[r]) < p.test_fraction else "train" for r in rows]
+    splits = [row_split[r] for r in rows]
     cols = {
         "id": pa.array([f"{ids[r]}#{c - offsets[r]}>{j - offsets[r]}" for r, c, j in zip(rows, ci, ri, strict=True)],
                        pa.string()),
@@ -156,7 +168,7 @@ def binarize_batch(batch, indices: list[int], p: BuildParams, hashes: list[str],
         "score_rejected": pa.array(scores[ri] if n else [], pa.float64()),
         "source": batch.column("source").combine_chunks().take(take_r),
         "source_row": pa.array([f"{files[r]}:{lines[r]}" for r in rows], pa.string()),
-        "rule": pa.array([p.binarize] * n, pa.string()),
+        "rule": pa.array([rule[s] for s in splits], pa.string()),
         "prompt_hash": pa.array([h[r] for r in rows], pa.string()),
         "license": batch.column("license").combine_chunks().take(take_r),
         "generator_chosen": flat.field("generator").take(take_c),

@@ -2,7 +2,9 @@
 
 `generate()` renders each conversation with the tokenizer's chat template (add_generation_prompt),
 sorts prompts by token length so a batch holds prompts of similar length (less left padding, less
-wasted compute), pads on the left, and samples with `model.generate`. Every batch re-seeds torch from
+wasted compute), pads on the left, and decodes with `pipeline.lm.decode` (the default, `cache` =
+"preallocated": shared prefill, preallocated KV cache, finished rows dropped, top-p without a full
+sort) or with transformers' `model.generate` (`cache` = "dynamic" or "static"). Every batch re-seeds torch from
 (seed, batch index) inside a forked RNG, so a batch's samples do not depend on which batches ran
 before it, and the caller's global RNG state is left untouched. A tqdm bar shows sequences done and
 the ETA; on CPU all available cores are used. On a shared CPU, set OMP_WAIT_POLICY=PASSIVE before torch
@@ -94,19 +96,24 @@ def eos_ids(model_dir: str | Path, tokenizer) -> list[int]:
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, batch_size: int,
-             seed: int, desc: str, stats: dict[str, Any] | None = None, cache: str | None = None) -> list[list[str]]:
+             seed: int, desc: str, stats: dict[str, Any] | None = None, cache: str = "preallocated") -> list[list[str]]:
     """Sample `num_return_sequences` completions per conversation; returns them in input order.
 
     `batch_size` counts sequences per forward pass, so each batch holds
     max(1, batch_size // num_return_sequences) prompts. When `stats` is a dict it receives
     `new_tokens`, `seconds`, `sequences`, `tokens_per_s` and `finished` (per prompt, per sequence:
-    False when the sequence was cut at max_new_tokens instead of ending with EOS). `cache`: transformers'
-    `cache_implementation` (None: the dynamic cache; "static": preallocated, no per-step concatenation).
+    False when the sequence was cut at max_new_tokens instead of ending with EOS). `cache`: "preallocated"
+    decodes with `pipeline.lm.decode`; "dynamic" and "static" call `model.generate` with that
+    `cache_implementation` (transformers' own loop, the baseline of bench/bench_generate.py).
     """
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
+    from pipeline.lm.decode import decode
+
+    if cache not in ("preallocated", "dynamic", "static"):
+        raise ValueError(f"cache must be preallocated, dynamic or static, got {cache!r}")
     check_decoding(max_new_tokens, batch_size, num_return_sequences, do_sample, temperature, top_p)
     device = next(model.parameters()).device
     if device.type == "cpu":
@@ -125,7 +132,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
                               eos_token_id=eos, pad_token_id=pad_id, repetition_penalty=1.0, **sampling,
-                              **({"cache_implementation": cache} if cache else {}))
+                              **({"cache_implementation": cache} if cache == "static" else {}))
 
     results: list[list[str]] = [[] for _ in texts]
     finished: list[list[bool]] = [[] for _ in texts]
@@ -140,8 +147,13 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
             forked = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=forked), torch.inference_mode():
                 torch.manual_seed(batch_seed(seed, bi))
-                out = model.generate(**enc, generation_config=config)
-            new = out[:, enc["input_ids"].shape[1]:].cpu()
+                if cache == "preallocated":
+                    new = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                 eos_ids=eos, pad_id=pad_id, do_sample=do_sample, temperature=temperature,
+                                 top_p=top_p, num_return_sequences=num_return_sequences).cpu()
+                else:
+                    out = model.generate(**enc, generation_config=config)
+                    new = out[:, enc["input_ids"].shape[1]:].cpu()
             n_tokens, done = _count_new_tokens(new, eos, pad_id)
             new_tokens += n_tokens
             decoded = tokenizer.batch_decode(new, skip_special_tokens=True)

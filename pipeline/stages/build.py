@@ -14,7 +14,7 @@ Run:    `dvc repro build` (or `python -m pipeline.stages.build`).
 Steps, in order, each counted in metrics/data.json: decontamination (exact match or word n-gram
 overlap of any user turn with an eval prompt), source weights, exact duplicates (normalised prompt
 hash), near duplicates (MinHash LSH), binarization (ties and margins below min_margin dropped),
-the pairs suite (GX), the split (by a hash of seed and prompt hash). Rows are processed as
+the pairs suite (GX), the split (round(test_fraction x paired prompts) with the lowest hash of seed and prompt hash). Rows are processed as
 memory-mapped Arrow (`datasets`) in batched maps. Same inputs and seed give byte-identical files.
 
 metrics/data.json (flat): read, read.<source>, quarantined, quarantined.<rule>, validated (rows kept by
@@ -42,7 +42,7 @@ from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, r
 from pipeline.core.params import BuildParams, DataParams, EvalPromptSet, ValidateParams
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.data import dedup, pair_checks
-from pipeline.data.binarization import binarize_batch, pair_features
+from pipeline.data.binarization import binarize_batch, held_out_prompts, pair_features
 from pipeline.data.decontamination import load_index
 from pipeline.data.filtering import column, filter_rows, prepare
 from pipeline.data.pair_checks import check_pairs
@@ -91,11 +91,19 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
         features = pair_features()
         kept_hashes = column(prep, "prompt_hash")
         kept_hashes = [kept_hashes[i] for i in kept]
-        pairs = rows.select(kept).with_format("arrow").map(
-            binarize_batch, batched=True, batch_size=p.batch_size, with_indices=True,
-            remove_columns=rows.column_names, features=features, new_fingerprint="binarize",
-            fn_kwargs={"p": p, "hashes": kept_hashes, "features": features, "no_pair": no_pair, "counts": bin_counts},
-            desc=f"Binarizing ({p.binarize})").with_format(None)
+        groups = rows.select(kept).with_format("arrow")
+
+        def binarize(params: BuildParams, test: set[str], no_pair: list, counts: Counter, fingerprint: str):
+            return groups.map(binarize_batch, batched=True, batch_size=p.batch_size, with_indices=True,
+                              remove_columns=rows.column_names, features=features, new_fingerprint=fingerprint,
+                              fn_kwargs={"p": params, "hashes": kept_hashes, "test": test, "features": features,
+                                         "no_pair": no_pair, "counts": counts},
+                              desc=f"Binarizing ({params.binarize})").with_format(None)
+
+        # The split is drawn among the prompts that make a pair (whether a group makes one does not depend
+        # on the method), so test_fraction is the share of paired prompts, not of ties.
+        paired = set(binarize(p.model_copy(update={"test_binarize": None}), set(), [], Counter(), "pairable")["prompt_hash"])
+        pairs = binarize(p, held_out_prompts(sorted(paired), p.seed, p.test_fraction), no_pair, bin_counts, "binarize")
         step(f"binarized: {len(pairs)} pairs")
         counter = pair_checks.TokenCounter(tokenizer_dir, v.max_length) if tokenizer_dir else None
         pairs_report = reports_dir / PAIRS_REPORT_DIR  # kept when the suite fails, so not an atomic dir

@@ -97,11 +97,9 @@ def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator
         from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
         model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-        cache = None if p.cache == "dynamic" else p.cache
         texts = generation.generate(model, tokenizer, messages, batch_size=p.batch_size, desc="generate", stats=stats,
-                                    cache=cache, **kw)
-        if cache:  # recorded only when not the default, so default rows (and dvc.lock) stay as they were
-            decoding["cache"] = cache
+                                    cache=p.cache, **kw)
+        decoding["cache"] = p.cache
     decoding["backend"] = backend
     rows = []
     finished = stats.pop("finished")

@@ -141,7 +141,12 @@ class BuildParams(Section):
     min_margin: float = Field(ge=0, description="Smallest score difference kept; equal scores (ties) are always "
                               "dropped. Scores are the mean of a completion's available ratings.")
     seed: int = Field(ge=0, description="Seed of best_vs_random, source weights and the train/test split.")
-    test_fraction: float = Field(ge=0, lt=1, description="Share of prompts (by prompt hash) in test.parquet.")
+    test_fraction: float = Field(ge=0, lt=1, description="Share of the prompts that make a pair held out in test.parquet: "
+                                 "exactly round(fraction x paired prompts), those with the lowest hash of (seed, prompt hash).")
+    test_binarize: Literal["best_vs_worst", "best_vs_random", "all_pairs_above_margin"] | None = Field(
+        default=None, description="Binarization of the test split's prompts (null: as `binarize`). "
+        "all_pairs_above_margin measures preference accuracy on every ranking the ratings make, several "
+        "pairs per prompt; evaluate's interval resamples prompts, so their correlation is accounted for.")
     near_dup_threshold: float | None = Field(gt=0, le=1, description="MinHash Jaccard at or above which a "
                                              "prompt is a near-duplicate of an earlier one; null: off.")
     near_dup_num_perm: int = Field(ge=16, le=1024, description="MinHash permutations (accuracy vs speed).")

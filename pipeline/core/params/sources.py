@@ -65,8 +65,8 @@ class GenerateParams(Section):
         description="transformers: always; ctranslate2: CPU engine (needs the ctranslate2 package); vllm: needs vLLM and CUDA; auto: vLLM when both are present, else transformers.")
     quantization: Literal["float32", "int8"] = Field(
         default="float32", description="Weights precision of the ctranslate2 backend; int8 is opt-in and recorded in every row's decoding and in lineage.")
-    cache: Literal["dynamic", "static"] = Field(
-        default="dynamic", description="KV cache of the transformers backend: dynamic grows by concatenation each step; static is preallocated.")
+    cache: Literal["preallocated", "dynamic", "static"] = Field(
+        default="preallocated", description="Decoding loop of the transformers backend: preallocated = pipeline.lm.decode (shared prefill, preallocated KV cache, finished rows dropped, top-p without a full sort); dynamic / static = transformers' model.generate with that cache_implementation.")
 
 
 class RateParams(Section):

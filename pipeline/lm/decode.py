@@ -1,0 +1,148 @@
+"""A decoding loop for batched sampling and greedy decoding on CPU, around the model's own forward.
+
+`model.generate` spends most of a CPU decoding step outside the matmuls. A torch profile of one
+batch of the default `generate` workload (48 sequences, 48 new tokens, top_p 0.95; SmolLM2-135M, 2
+cores; see BENCHMARKS.md) put 18% of CPU time in the full-vocabulary sort of top-p, 11% in
+`torch.multinomial`'s draw over all 49,152 tokens, and the prompt prefill was done once per returned
+sequence. This loop keeps the model's forward pass (so every architecture transformers supports works)
+and changes only what surrounds it:
+
+- **shared prefill**: with n samples per prompt, the prompt is encoded once and its KV cache repeated
+  n times (`repeat_interleave`), instead of encoding n copies;
+- **preallocated KV cache** (`PreallocatedLayer`): every layer writes into a buffer sized prompt +
+  max_new_tokens, and attention reads a view of the filled part, instead of concatenating per step;
+- **finished sequences leave the batch**: once an eighth of the rows have stopped, the cache keeps
+  only the live rows, so later steps compute nothing for them;
+- **exact top-p without a full sort**: `torch.topk` takes the k most likely tokens, doubling k until
+  they hold at least top_p of the mass; the nucleus is then inside them, so the kept set and its
+  renormalised distribution are exactly those of transformers' TopPLogitsWarper (temperature first,
+  then top-p, keeping at least one token). The draw is over those k tokens only.
+
+Randomness comes from the global torch generator, which the caller seeds (`generation.generate` forks
+and seeds it per batch), so the same seed and inputs give the same tokens. The samples follow the
+same distribution as `model.generate`'s but not the same random stream, so they are not the same
+tokens as transformers would draw with that seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+# Compact the batch when at least this share of its rows has finished: a compaction copies every
+# layer's cache once, so doing it for every single finished row costs more than it saves.
+COMPACT_SHARE = 1 / 8
+FIRST_TOP_K = 64  # starting candidate count for top-p; doubled until the nucleus fits
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer of fixed length; `update` writes in place and returns a view."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self.k_buf = key_states.new_empty(b, h, self.capacity, d)
+        self.v_buf = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if self.length + q > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded")
+        self.k_buf[:, :, self.length : self.length + q] = key_states
+        self.v_buf[:, :, self.length : self.length + q] = value_states
+        self.length += q
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+            self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.k_buf = self.k_buf.repeat_interleave(repeats, dim=0)
+            self.v_buf = self.v_buf.repeat_interleave(repeats, dim=0)
+            self._views()
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p nucleus of each row of `probs`: (probabilities, zero outside the nucleus; token ids),
+    both [rows, k] with k the smallest power-of-two multiple of FIRST_TOP_K whose top tokens hold top_p."""
+    vocab = probs.shape[-1]
+    k = min(FIRST_TOP_K, vocab)
+    while True:
+        top, idx = probs.topk(k, dim=-1)  # sorted, most likely first
+        cum = top.cumsum(dim=-1)
+        if k == vocab or bool((cum[:, -1] >= top_p).all()):
+            break
+        k = min(2 * k, vocab)
+    # TopPLogitsWarper keeps a token when the mass strictly above it is below top_p (the first always).
+    keep = (cum - top) < top_p
+    keep[:, 0] = True
+    return top * keep, idx
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) restricted to its top-p nucleus."""
+    top, idx = nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p)
+    return idx.gather(-1, torch.multinomial(top, 1)).squeeze(-1)
+
+
+@torch.inference_mode()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+           eos_ids: list[int], pad_id: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
+           num_return_sequences: int = 1) -> torch.Tensor:
+    """New tokens for left-padded prompts, shape [prompts x num_return_sequences, max_new_tokens]:
+    the rows of one prompt are adjacent; after a row's first EOS it holds pad_id."""
+    n_prompts, prompt_len = input_ids.shape
+    cache = Cache(layers=[PreallocatedLayer(prompt_len + max_new_tokens)
+                          for _ in range(model.config.num_hidden_layers)])
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                cache=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1]
+    if num_return_sequences > 1:  # the prompt was encoded once; its cache serves every sample
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(num_return_sequences)
+        logits = logits.repeat_interleave(num_return_sequences, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+        positions = positions.repeat_interleave(num_return_sequences, dim=0)
+
+    total = n_prompts * num_return_sequences
+    result = torch.full((total, max_new_tokens), pad_id, dtype=torch.long)
+    rows = torch.arange(total)  # which result row each live batch row is
+    last_pos = positions[:, -1]
+    eos = torch.tensor(eos_ids, dtype=torch.long)
+    alive = torch.ones(total, dtype=torch.bool)  # per live batch row: no EOS yet
+    for step in range(max_new_tokens):
+        tokens = sample_top_p(logits, temperature, top_p) if do_sample else logits.argmax(dim=-1)
+        result[rows[alive], step] = tokens[alive]
+        alive &= ~torch.isin(tokens, eos)
+        if step == max_new_tokens - 1 or not alive.any():
+            break
+        if (~alive).sum() >= max(1, int(COMPACT_SHARE * len(rows))):
+            keep = alive.nonzero().squeeze(-1)
+            for layer in cache.layers:
+                layer.batch_select_indices(keep)
+            rows, tokens, attention_mask, last_pos = rows[keep], tokens[keep], attention_mask[keep], last_pos[keep]
+            alive = alive[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
+        last_pos = last_pos + 1
+        out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=last_pos[:, None],
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    return result
