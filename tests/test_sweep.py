@@ -239,3 +239,21 @@ def test_dvc_set_param_rewrite_changes_only_the_members_keys(tmp_path):
     want = base.model_dump(mode="json", by_alias=True)
     want["train"]["dpo"].update(beta=ran.train.dpo["beta"], seed=member.seed)
     assert ran.model_dump(mode="json", by_alias=True) == want
+
+
+def test_members_share_the_main_workspace_caches(tmp_path, monkeypatch):
+    """Inside a DVC experiment workspace (DVC_ROOT names the main one) the content-keyed caches are the
+    main workspace's; the member's own folder still exists for DVC; an explicit variable wins."""
+    from pipeline.core.shared import ENV_EVAL_CACHE_DIR, ENV_REF_LOGPS_DIR, shared_cache_dir
+
+    main, member = tmp_path / "main", tmp_path / "main" / ".dvc" / "tmp" / "exps" / "x"
+    member.mkdir(parents=True)
+    for var in ("DVC_ROOT", ENV_EVAL_CACHE_DIR, ENV_REF_LOGPS_DIR):
+        monkeypatch.delenv(var, raising=False)
+    assert shared_cache_dir(main, "outputs/eval_cache", env=ENV_EVAL_CACHE_DIR) == main / "outputs/eval_cache"
+    monkeypatch.setenv("DVC_ROOT", str(main))
+    assert shared_cache_dir(member, "outputs/eval_cache", env=ENV_EVAL_CACHE_DIR) == main / "outputs/eval_cache"
+    assert (member / "outputs/eval_cache").is_dir()
+    monkeypatch.setenv(ENV_EVAL_CACHE_DIR, str(tmp_path / "nfs"))
+    assert shared_cache_dir(member, "outputs/eval_cache", env=ENV_EVAL_CACHE_DIR) == tmp_path / "nfs"
+    assert shared_cache_dir(member, "outputs/ref_logps") == main / "outputs/ref_logps"  # the other variable

@@ -2,7 +2,8 @@
 
 `dvc exp run --queue` runs each experiment in a temporary copy of the workspace (.dvc/tmp/exps/...), so
 a `persist: true` cache folder there starts empty and is deleted afterwards. Content-keyed caches (the
-reference log-probs) are safe to share, so a member uses the main workspace's folder instead.
+reference log-probs, the evaluation cache) are safe to share, so a member uses the main workspace's
+folder instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 ENV_REF_LOGPS_DIR = "OPENRELEASE_REF_LOGPS_DIR"  # an explicit shared folder (e.g. on a cluster filesystem)
+ENV_EVAL_CACHE_DIR = "OPENRELEASE_EVAL_CACHE_DIR"  # the same for evaluate's cache
 
 
 def shared_cache_dir(root: Path, rel: str, env: str = ENV_REF_LOGPS_DIR) -> Path:

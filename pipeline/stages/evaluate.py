@@ -70,6 +70,7 @@ import numpy as np
 from pipeline.core.errors import SourceError
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.params import EvaluateParams
+from pipeline.core.shared import ENV_EVAL_CACHE_DIR, shared_cache_dir
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.eval.cache import EvalCache
 from pipeline.eval.measures import Models, generations, kls, logps, read_general_prompts, read_test_pairs
@@ -354,7 +355,9 @@ def _body(ctx: StageContext) -> None:
         ctx.record.extra["ifeval_subset"] = {"path": P.paths.ifeval_prompts, **(read_meta(inp.ifeval_prompts) or {})}
     ctx.record.extra["generation"] = {"do_sample": False, "max_new_tokens": P.evaluate.generation.max_new_tokens,
                                       "chat_template": True, "batch_size": P.evaluate.generation.batch_size}
-    cache = EvalCache(ctx.path("eval_cache"))
+    # Content-keyed and written one atomic file per entry, so sweep members share the main workspace's
+    # cache: the base model's generations, log-probs and judgments are computed once per sweep.
+    cache = EvalCache(shared_cache_dir(ctx.root, P.paths.eval_cache, env=ENV_EVAL_CACHE_DIR))
     out = ctx.path("eval_dir")
     with atomic_dir(out) as tmp:
         result = run(P.evaluate, inp, cache, tmp, models=models)
