@@ -257,3 +257,21 @@ def test_members_share_the_main_workspace_caches(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_EVAL_CACHE_DIR, str(tmp_path / "nfs"))
     assert shared_cache_dir(member, "outputs/eval_cache", env=ENV_EVAL_CACHE_DIR) == tmp_path / "nfs"
     assert shared_cache_dir(member, "outputs/ref_logps") == main / "outputs/ref_logps"  # the other variable
+
+
+def test_copy_paths_skip_what_git_already_put_in_the_member_workspace(tmp_path):
+    """`dvc exp run -C metrics` fails with "File exists" when metrics/ holds a tracked file: such a folder
+    is passed as its untracked entries instead."""
+    import subprocess
+
+    from pipeline.core.params import load_params
+    from pipeline.sweep.run import copy_paths
+
+    for rel in ("metrics/.gitignore", "metrics/data.json", "metrics/sub/x.json", "lineage/train.json",
+                "reports/validation/index.html"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "metrics/.gitignore"], cwd=tmp_path, check=True)
+    params = load_params(ROOT / "params.yaml")
+    assert copy_paths(params, tmp_path) == ("lineage", "reports", "metrics/data.json", "metrics/sub")

@@ -70,10 +70,24 @@ def plan(params: Params, root: Path) -> tuple[list[Member], dict[str, float]]:
 
 
 def copy_paths(params: Params, root: Path) -> tuple[str, ...]:
-    """Untracked, uncached outputs the members need: upstream lineage records and reports (else DVC sees
-    them missing and reruns every stage) and the content-keyed evaluation cache (base-model answers)."""
+    """Untracked outputs the members need: upstream lineage records and reports (else DVC sees them
+    missing and reruns every stage) and the content-keyed evaluation cache (base-model answers).
+
+    `dvc exp run -C` copies each path into the experiment's workspace, which git has already filled with
+    the tracked files, so a folder holding a tracked file (metrics/.gitignore) fails with "File exists":
+    such a folder is replaced by its untracked entries, recursively."""
     p = params.paths
-    return tuple(x for x in (p.lineage, p.reports, p.metrics, p.eval_cache) if (root / x).exists())
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.splitlines())
+
+    def untracked(rel: str) -> list[str]:
+        if rel in tracked:
+            return []
+        if not (root / rel).is_dir() or not any(t.startswith(rel + "/") for t in tracked):
+            return [rel]
+        return [x for child in sorted((root / rel).iterdir()) for x in untracked(f"{rel}/{child.name}")]
+
+    return tuple(x for top in (p.lineage, p.reports, p.metrics, p.eval_cache) if (root / top).exists()
+                 for x in untracked(top.rstrip("/")))
 
 
 def queue_status(root: Path) -> dict[str, str]:
