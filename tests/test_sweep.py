@@ -275,3 +275,28 @@ def test_copy_paths_skip_what_git_already_put_in_the_member_workspace(tmp_path):
     subprocess.run(["git", "add", "metrics/.gitignore"], cwd=tmp_path, check=True)
     params = load_params(ROOT / "params.yaml")
     assert copy_paths(params, tmp_path) == ("lineage", "reports", "metrics/data.json", "metrics/sub")
+
+
+def test_reference_passes_come_from_the_train_runs_in_mlflow(tmp_path, monkeypatch):
+    """ref_logps_cache_hit is a run fact (MLflow), not in metrics/train.json: the sweep reads each
+    member's train child run, the newest when a member ran twice."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking.default_tracking_uri(tmp_path))
+    exp = client.create_experiment("e")
+    parents = {}
+    for name, hits in (("m1", [0.0]), ("m2", [0.0, 1.0])):  # m2's newest train run hit the cache
+        parents[name] = client.create_run(exp, tags={tracking.TAG_DVC_EXP: name}).info.run_id
+        for hit in hits:
+            child = client.create_run(exp, tags={tracking.TAG_STAGE: "train", "mlflow.parentRunId": parents[name]})
+            client.log_metric(child.info.run_id, "ref_logps_cache_hit", hit)
+            time.sleep(0.01)
+    other = client.create_run(exp, tags={tracking.TAG_STAGE: "evaluate", "mlflow.parentRunId": parents["m1"]})
+    client.log_metric(other.info.run_id, "ref_logps_cache_hit", 5.0)
+    got = tracking.stage_run_metrics("e", parents, "train", tmp_path)
+    assert {k: v["ref_logps_cache_hit"] for k, v in got.items()} == {"m1": 0.0, "m2": 1.0}

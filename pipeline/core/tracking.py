@@ -356,6 +356,19 @@ def member_runs(experiment: str, sweep_run_id: str, names: list[str], root: str 
     return out
 
 
+def stage_run_metrics(experiment: str, pipeline_runs: dict[str, str], stage: str,
+                      root: str | Path = ".") -> dict[str, dict[str, float]]:
+    """Name -> the metrics of the `stage` child run of each pipeline run in `pipeline_runs` (name -> run
+    id). Run facts such as a cache hit are logged there, not in the stage's DVC metrics file."""
+    by_parent = {run_id: name for name, run_id in pipeline_runs.items()}
+    out: dict[str, dict[str, float]] = {}
+    for run in find_runs(experiment, f"tags.`{TAG_STAGE}` = '{stage}'", root):
+        name = by_parent.get(run.data.tags.get("mlflow.parentRunId"))
+        if name is not None and name not in out:  # search_runs returns the newest first
+            out[name] = dict(run.data.metrics)
+    return out
+
+
 def end_sweep_run(run_id: str, metrics: dict[str, float], artifacts: list[Path], status: str,
                   root: str | Path = ".") -> None:
     from mlflow.entities import Metric

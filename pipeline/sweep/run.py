@@ -27,6 +27,7 @@ from pipeline.sweep.members import Member, configs, expand, sweep_id
 
 log = logging.getLogger(__name__)
 POLL_S = 5.0
+TRAIN_RUN_FACTS = ("ref_logps_cache_hit", "train_runtime_s", "setup_s")
 
 
 class SweepError(OpenReleaseError):
@@ -134,8 +135,7 @@ def collect(params: Params, members: list[Member], root: Path) -> list[dict[str,
         ran = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         rows.append({"name": m.name, "dvc_exp": m.name, "index": m.index, "config_index": m.config_index,
                      "config": m.config, "seed": m.seed, "params_ran": _pick(ran, [*m.config, params.sweep.seed_key]),
-                     "metrics": metrics, "train": {k: train.get(k) for k in ("ref_logps_cache_hit",
-                                                                              "train_runtime_s", "setup_s")}})
+                     "metrics": metrics, "train": {k: train.get(k) for k in TRAIN_RUN_FACTS}})
     return rows
 
 
@@ -195,8 +195,11 @@ def run_sweep(params: Params, root: Path, release: bool = True, collect_only: bo
                     _wait([m.name for m in batch], root, bar)
         rows = collect(params, members, root)
         runs = tracking.member_runs(experiment, parent, [m.name for m in members], root)
+        train_runs = tracking.stage_run_metrics(experiment, runs, "train", root)
         for r in rows:
             r["mlflow_run_id"] = runs.get(r["name"])
+            # the reference-cache hit and the timings are run facts: MLflow has them, not metrics/train.json
+            r["train"] = {k: train_runs.get(r["name"], {}).get(k) for k in TRAIN_RUN_FACTS}
         table = report.build_table(sweep, sid, rows, len(configs(sweep)))
         table["mlflow_parent_run_id"] = parent
         wall = None if collect_only else time.monotonic() - t0
