@@ -115,7 +115,11 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     assert metrics["read"] == 42 and metrics["read.lf"] == 30 and metrics["rows_unaccounted"] == 0
     assert metrics["filtered.decontaminated.eval_prompts"] == 1  # "...the number 3." is an eval prompt
     # one LLaMA-Factory prompt holds mojibake C1 controls ("â\x80\x94" for an em dash): no_control_chars
-    assert metrics["pairs_train"] + metrics["pairs_test"] == 40 and metrics["quarantined"] == 1
+    # 40 paired prompts; train has one pair each (best_vs_worst), a test prompt every strict ranking
+    # (build.test_binarize): the 3-completion UltraFeedback rows give 3 test pairs, LLaMA-Factory's 1
+    assert metrics["prompts_train"] + metrics["prompts_test"] == 40 and metrics["quarantined"] == 1
+    assert metrics["pairs_train"] == metrics["prompts_train"] and metrics["prompts_test"] == round(0.2 * 40)
+    assert metrics["prompts_test"] <= metrics["pairs_test"] <= 3 * metrics["prompts_test"]
     for name in ("train.parquet", "test.parquet", "provenance.parquet", "filtered.jsonl"):
         assert (tmp_path / p["dataset"] / name).is_file()
     assert (tmp_path / p["reports"] / "validation" / "docs" / "index.html").is_file()
