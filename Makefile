@@ -9,9 +9,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
-# OpenMP threads sleep instead of spinning while they wait: on a shared or oversubscribed CPU
-# (two processes, DDP tests, other jobs) spinning made generation 6x and training >10x slower here.
-export OMP_WAIT_POLICY ?= PASSIVE
+# OMP_WAIT_POLICY and the allocator are chosen per stage (pipeline/core/runtime.py): spinning OpenMP
+# threads when the machine is otherwise idle, sleeping ones when other processes use the cores. Set
+# OMP_WAIT_POLICY here or in the environment to force one; tests/conftest.py sets PASSIVE.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install dev repro sweep test lint clean

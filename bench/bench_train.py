@@ -20,14 +20,15 @@ MFU (model FLOPs utilisation) of the stage variants, against the machine's fp32 
 this same run (a child process multiplies two 4096 x 4096 fp32 matrices with torch, threads = cores,
 before and after the variants; the higher rate counts). FLOPs per processed token, for LoRA on SmolLM2-135M:
     4 x N_body          forward (2 N) + backward through the activations (2 N) of the 30 frozen
-                        transformer layers (N_body = 106.2M parameters: 134.5M less the 28.3M embedding);
-                        the LoRA weight gradients (r16: 4.9M parameters, < 1%) are left out
+                        transformer layers (N_body = 106.2M parameters: 134.5M less the 28.3M embedding)
+  + 6 x N_lora          the adapters: forward, gradient of the input, gradient of the weights
+                        (r16 on the 7 linear layers of 30 blocks: N_lora = r x (in + out) summed = 4.9M)
   + 4 x N_head x c      the 576 x 49,152 tied LM head, forward and backward, on completion tokens only
                         (the stage's completion-only head; c = completion share of the tokens, measured)
   + 6 x L x d x S       causal attention scores and values (forward 2 L d S, backward twice that),
                         L = 30 layers, d = 576, S = mean sequence length
 plus, for stage-cold, one reference forward per pair and epoch-1 tokens: 2 N_body + 2 N_head c + 2 L d S.
-About 0.50 GFLOP per token on the bench data (measured: 0.500 training, 0.248 reference forward). MFU = achieved FLOPs per CPU second / peak FLOPs per CPU second
+About 0.53 GFLOP per token on the bench data (0.248 per reference-forward token); padding is not counted. MFU = achieved FLOPs per CPU second / peak FLOPs per CPU second
 (on an idle machine with threads = cores this equals the wall-clock ratio; per CPU second it is less
 distorted by other jobs). The last line: `mfu 0.NN vs_trl_cpu X.XX mem_vs_trl Y.YY` for stage-cold,
 the default run's first training (throughput ratio in tokens per CPU second, peak RSS ratio).
@@ -163,11 +164,20 @@ def flops_per_token(model_dir: Path, pairs: list[dict]) -> dict:
     c_share, s_mean = comp / total, sum(seqs) / len(seqs)
     layers, d = cfg["num_hidden_layers"], cfg["hidden_size"]
     attn = 2 * layers * d * s_mean
-    return {"train": 4 * body + 4 * head * c_share + 3 * attn, "ref_forward": 2 * body + 2 * head * c_share + attn,
-            "n_body": body, "n_head": head, "completion_share": c_share, "mean_seq": s_mean}
+    # LoRA on every linear layer of the blocks (the recipe's all-linear): r x (in + out) per weight matrix
+    lora = sum(LORA["r"] * sum(shape) for k, shape in sizes.items()
+               if ".layers." in k and k.endswith("proj.weight") and len(shape) == 2)
+    return {"train": 4 * body + 6 * lora + 4 * head * c_share + 3 * attn,
+            "ref_forward": 2 * body + 2 * head * c_share + attn,
+            "n_body": body, "n_head": head, "n_lora": lora, "completion_share": c_share, "mean_seq": s_mean}
 
 
 def _child(args: argparse.Namespace) -> None:
+    if args.child != "trl-defaults" or args.baseline_runtime == "tuned":
+        from pipeline.core.runtime import tune
+
+        tune()  # what `python -m pipeline.stages.train` does first: allocator and OpenMP wait policy
+    from pipeline.core.runtime import facts
     from pipeline.train.report import peak_rss_mb
 
     if args.child == "peak":
@@ -179,15 +189,16 @@ def _child(args: argparse.Namespace) -> None:
     else:
         res = run_stage(Path(args.model), Path(args.data), work, args.epochs, Path(args.ref_dir))
     res["peak_rss_mb"] = peak_rss_mb()
+    res["runtime"] = facts()
     print("RESULT " + json.dumps(res), flush=True)
 
 
 def _spawn(variant: str, args: argparse.Namespace, data: Path, ref_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", args.model, "--data", str(data),
-           "--epochs", str(args.epochs), "--ref-dir", str(ref_dir)]
-    # Passive OpenMP waits, as the Makefile sets: spinning threads distort timings on a shared machine.
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+           "--epochs", str(args.epochs), "--ref-dir", str(ref_dir), "--baseline-runtime", args.baseline_runtime]
+    # The environment as given: the baseline runs as a plain script would (OpenMP and glibc defaults) unless
+    # --baseline-runtime tuned; the stage variants choose their runtime as the stage does.
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sys.stderr.write(proc.stderr[-4000:])
@@ -203,6 +214,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--model", default=str(ROOT / "models" / "base"))
     ap.add_argument("--variants", default="trl-defaults,stage-cold,stage-warm")
+    ap.add_argument("--baseline-runtime", choices=("plain", "tuned"), default="plain",
+                    help="plain: the TRL script with OpenMP's and glibc's defaults; tuned: the stage's allocator "
+                         "and wait policy too (pipeline/core/runtime.py)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
@@ -235,9 +249,9 @@ def main() -> None:
            for v, rs in results.items()}
     print(f"\n{args.pairs} pairs x {args.epochs} epochs, model {Path(args.model).name}, "
           f"medians of {args.repeats} run(s)\n")
-    print("| variant | wall s | CPU s | tokens | tokens/s (wall) | tokens/CPU-s | peak RSS (MB) "
+    print("| variant | runtime | wall s | CPU s | tokens | tokens/s (wall) | tokens/CPU-s | peak RSS (MB) "
           "| throughput vs (a) | peak RSS vs (a) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v, m in med.items():
         tps = m["tokens"] / m["seconds"]
         if base:
@@ -246,7 +260,8 @@ def main() -> None:
             ratio_m = f"{m['peak_rss_mb'] / b['peak_rss_mb']:.2f}x"
         else:
             ratio_t = ratio_m = "-"
-        print(f"| {v} | {m['seconds']:.1f} | {m['cpu_s']:.1f} | {m['tokens']:.0f} | {tps:.1f} "
+        rt = results[v][-1].get("runtime", {})
+        print(f"| {v} | {rt.get('allocator', '?')}, OMP {rt.get('omp_wait_policy', '?')} | {m['seconds']:.1f} | {m['cpu_s']:.1f} | {m['tokens']:.0f} | {tps:.1f} "
               f"| {m['tokens'] / m['cpu_s']:.1f} | {m['peak_rss_mb']:.0f} | {ratio_t} | {ratio_m} |")
     report_mfu(args, results, peaks, pairs)
 
@@ -256,8 +271,8 @@ def main() -> None:
 def report_mfu(args, results: dict, peaks: list[dict], pairs: list[dict]) -> None:
     fl = flops_per_token(Path(args.model), pairs)
     peak = max(peaks, key=lambda x: x["gflops_per_cpu_s"])
-    print(f"\nFLOPs per token: {fl['train'] / 1e9:.3f} GFLOP training (N_body {fl['n_body'] / 1e6:.1f}M, N_head "
-          f"{fl['n_head'] / 1e6:.1f}M, completion share {fl['completion_share']:.2f}, mean length {fl['mean_seq']:.0f}); "
+    print(f"\nFLOPs per token: {fl['train'] / 1e9:.3f} GFLOP training (N_body {fl['n_body'] / 1e6:.1f}M, N_lora "
+          f"{fl['n_lora'] / 1e6:.2f}M, N_head {fl['n_head'] / 1e6:.1f}M, completion share {fl['completion_share']:.2f}, mean length {fl['mean_seq']:.0f}); "
           f"reference forward {fl['ref_forward'] / 1e9:.3f} GFLOP per token of one epoch")
     print(f"fp32 matmul peak (4096^2, {peak['threads']} threads): {peak['gflops_wall']:.0f} GFLOP/s wall, "
           f"{peak['gflops_per_cpu_s']:.0f} GFLOP per CPU-s; all measurements: "

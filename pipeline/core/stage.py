@@ -100,7 +100,7 @@ def _telemetry_off() -> None:
 def run_stage(stage: str, reads: list[str], body: Callable[[StageContext], None],
               params_file: str | Path = "params.yaml", root: str | Path = ".") -> StageContext:
     """Load params, open the tracking run, call `body`, then write the lineage record. Raises on error."""
-    from pipeline.core import tracking
+    from pipeline.core import runtime, tracking
 
     _telemetry_off()
     root = Path(root).resolve()
@@ -125,7 +125,7 @@ def run_stage(stage: str, reads: list[str], body: Callable[[StageContext], None]
         facts = {"started_at": started, "finished_at": _now(), "git": git,
                  "mlflow": {"run_id": run.run_id, "parent_run_id": run.parent_run_id,
                             "experiment_id": run.experiment_id, "tracking_uri": _redact(run.uri)},
-                 **ctx.run_facts}
+                 "cpu_runtime": runtime.facts(), **ctx.run_facts}
         run_file = write_run_record(root / params.paths.runs, stage, out, facts)
         run.log_artifact(run_file, artifact_path="lineage/runs")
     log.info("%s done in %.1fs", stage, time.monotonic() - t0)

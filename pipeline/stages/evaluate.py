@@ -386,4 +386,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from pipeline.core.runtime import tune
+
+    tune()  # allocator and OpenMP wait policy, before torch is imported
     main()

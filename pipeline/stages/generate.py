@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +146,11 @@ def _body(ctx: StageContext) -> None:
 
 
 def main() -> None:
-    # Must precede torch's import. OpenMP threads spin while waiting by default; when the cores are
-    # shared (parallel stages, other users) that made sampling 6x slower in our measurement (2 threads,
-    # load ~5 on 2 cores: 174 s vs 28 s), while passive waiting matched one thread. Override by setting it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     stage_main(STAGE, READS, _body)
 
 
 if __name__ == "__main__":
+    from pipeline.core.runtime import tune
+
+    tune()  # allocator and OpenMP wait policy, before torch is imported
     main()
