@@ -61,6 +61,37 @@ def test_greedy_matches_model_generate_token_for_token(tiny):
         assert a[: len(b)] == b and all(t == tok.pad_token_id for t in a[len(b):])
 
 
+def test_prefill_groups_bound_the_padding():
+    lengths = [40, 112, 41, 60, 39, 100, 62, 45, 44, 43, 42, 41, 40, 39, 39, 38, 70, 71, 72, 73]
+    groups = D.prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert len(groups) > 1
+    for g in groups:
+        real, padded = sum(lengths[i] for i in g), max(lengths[i] for i in g) * len(g)
+        assert len(g) <= D.PREFILL_MIN_ROWS or padded <= D.PREFILL_MAX_PADDING * real  # the first rows join regardless
+    assert D.prefill_groups([50] * 30) == [list(range(30))]  # one length: one group, the batch as it is
+
+
+def test_grouped_prefill_matches_model_generate(tiny):
+    """Prompts of very different lengths are encoded in several groups; greedy tokens stay transformers'."""
+    from transformers import GenerationConfig
+
+    model, tok, _ = tiny
+    prompts = [" ".join([p] * k) for k in (1, 2, 4) for p in PROMPTS] + PROMPTS
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert len(D.prefill_groups(enc["attention_mask"].sum(-1).tolist())) > 1
+    with torch.inference_mode():
+        ref = model.generate(**enc, generation_config=GenerationConfig(max_new_tokens=8, do_sample=False,
+                                                                       pad_token_id=tok.pad_token_id))
+    ref_new = ref[:, enc["input_ids"].shape[1]:]
+    ours = D.decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=8, eos_ids=_eos_ids(model, tok),
+                    pad_id=tok.pad_token_id, do_sample=False)
+    for a, b in zip(ours.tolist(), ref_new.tolist(), strict=True):
+        assert a[: len(b)] == b and all(t == tok.pad_token_id for t in a[len(b):])
+
+
 def test_nucleus_is_transformers_top_p():
     """The kept tokens and their renormalised probabilities equal TopPLogitsWarper's, also when the
     nucleus needs more than FIRST_TOP_K tokens (a flat distribution)."""

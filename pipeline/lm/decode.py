@@ -9,6 +9,11 @@ and changes only what surrounds it:
 
 - **shared prefill**: with n samples per prompt, the prompt is encoded once and its KV cache repeated
   n times (`repeat_interleave`), instead of encoding n copies;
+- **prefill by length group**: a left-padded batch of prompts of mixed lengths would encode every row
+  at the longest prompt's length (evaluate's 97 greedy prompts, 39-112 tokens: 10,864 padded positions
+  for 5,563 real ones). Rows are encoded in groups of similar length, each padded only to its own
+  longest prompt, and their KV caches written into the batch's cache at the same (right-aligned) slots;
+  the slots left before a group's window are zeros and masked, as padding is;
 - **preallocated KV cache** (`PreallocatedLayer`): every layer writes into a buffer sized prompt +
   max_new_tokens, and attention reads a view of the filled part, instead of concatenating per step;
 - **finished sequences leave the batch**: once an eighth of the rows have stopped, the cache keeps
@@ -33,6 +38,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 # layer's cache once, so doing it for every single finished row costs more than it saves.
 COMPACT_SHARE = 1 / 8
 FIRST_TOP_K = 64  # starting candidate count for top-p; doubled until the nucleus fits
+# A prefill group grows while its padded size stays within this factor of its real tokens, and holds at
+# least PREFILL_MIN_ROWS rows so its matmuls stay large enough to run near the CPU's matmul rate.
+PREFILL_MAX_PADDING = 1.15
+PREFILL_MIN_ROWS = 8
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -63,6 +72,22 @@ class PreallocatedLayer(DynamicLayer):
         self.length += q
         self._views()
         return self.keys, self.values
+
+    def allocate(self, like: torch.Tensor, batch: int, length: int) -> None:
+        """Zeroed buffers for `batch` rows shaped like the key/value states `like` ([rows, heads, q, dim]),
+        treated as filled up to `length` (the prefill groups write their slots with `write`)."""
+        _, h, _, d = like.shape
+        self.device = like.device
+        self.k_buf = like.new_zeros(batch, h, self.capacity, d)
+        self.v_buf = like.new_zeros(batch, h, self.capacity, d)
+        self.is_initialized, self.length = True, length
+        self._views()
+
+    def write(self, rows: torch.Tensor, end: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put a group's prefill keys/values ([len(rows), heads, q, dim]) into slots [end - q, end) of `rows`."""
+        q = keys.shape[-2]
+        self.k_buf[rows, :, end - q : end] = keys
+        self.v_buf[rows, :, end - q : end] = values
 
     def get_seq_length(self) -> int:
         return self.length
@@ -102,6 +127,49 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> torc
     return idx.gather(-1, torch.multinomial(top, 1)).squeeze(-1)
 
 
+def prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """Row indices in groups of similar prompt length, longest first (see PREFILL_MAX_PADDING)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) < PREFILL_MIN_ROWS or lengths[g[0]] * (len(g) + 1) <= PREFILL_MAX_PADDING * (real + lengths[i])):
+            g.append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
+
+
+def prefill(model, cache: Cache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            positions: torch.Tensor) -> torch.Tensor:
+    """Encode left-padded prompts into `cache` group by group; returns the last position's logits."""
+    n, width = input_ids.shape
+    groups = prefill_groups(attention_mask.sum(-1).tolist())
+    if len(groups) == 1:  # one group: the batch as it is
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+    logits = None
+    for g in groups:
+        rows = torch.tensor(g)
+        span = int(attention_mask[rows].sum(-1).max())  # the group's longest prompt: its padded width
+        window = slice(width - span, width)
+        part = Cache(layers=[PreallocatedLayer(span) for _ in cache.layers])
+        out = model(input_ids=input_ids[rows, window], attention_mask=attention_mask[rows, window],
+                    position_ids=positions[rows, window], cache=part, use_cache=True, logits_to_keep=1)
+        for layer, piece in zip(cache.layers, part.layers, strict=True):
+            if not layer.is_initialized:
+                layer.allocate(piece.keys, n, width)
+            layer.write(rows, width, piece.keys, piece.values)
+        if logits is None:
+            logits = out.logits.new_empty(n, out.logits.shape[-1])
+        logits[rows] = out.logits[:, -1]
+    return logits
+
+
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            eos_ids: list[int], pad_id: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
@@ -112,9 +180,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     cache = Cache(layers=[PreallocatedLayer(prompt_len + max_new_tokens)
                           for _ in range(model.config.num_hidden_layers)])
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                cache=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1]
+    logits = prefill(model, cache, input_ids, attention_mask, positions)
     if num_return_sequences > 1:  # the prompt was encoded once; its cache serves every sample
         for layer in cache.layers:
             layer.batch_repeat_interleave(num_return_sequences)

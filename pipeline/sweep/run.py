@@ -174,6 +174,8 @@ def run_sweep(params: Params, root: Path, release: bool = True, collect_only: bo
             log.info("sweep %s: %d members; building data once (dvc repro build)", sid, len(members))
             _dvc("repro", "build", root=root)
             os.environ[tracking.ENV_SWEEP_RUN_ID] = parent  # the queue workers started below inherit it
+            if sweep.jobs > 1:  # members share the cores: spinning OpenMP threads would slow them all (core/runtime.py)
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             _dvc("queue", "stop", root=root, check=False)    # idle workers of an earlier sweep hold an old environment
             # Same grid, same names: an earlier sweep's entries of these members are replaced, not mixed in.
             in_queue = queue_status(root)
