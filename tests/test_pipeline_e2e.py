@@ -70,6 +70,10 @@ def test_dvc_repro_whole_pipeline_then_the_release_workflow(tiny_model_dir, tmp_
             project / "lineage" / f"{stage}.json")
         assert runs[stage]["git"]["dirty"] is False, stage  # only dvc.lock and outputs changed during the run
     assert len({r["mlflow"]["parent_run_id"] for r in runs.values()}) == 1, "one parent MLflow run per execution"
+    # why earlier checkpoints were discarded depends on the workspace's past: a run fact, never lineage
+    train_lineage = json.loads((project / "lineage" / "train.json").read_text())["extra"]["train"]
+    assert "restart_reason" not in train_lineage["resume"] and "restart_reason" in runs["train"]["train"]
+    assert runs["train"]["cpu_runtime"]["allocator"] in ("tcmalloc", "system")  # pipeline/core/runtime.py
     eval_metrics = json.loads((project / "metrics" / "eval.json").read_text())
     for key in ("pref_accuracy", "reward_margin", "pass_rate_base", "pass_rate_policy", "pass_rate_delta",
                 "win_rate", "lc_win_rate", "length_ratio", "kl"):

@@ -345,9 +345,13 @@ def _body(ctx: StageContext) -> None:
     ctx.add_output(metrics_file)
     dpo_config = {k: (Path(v).relative_to(ctx.root).as_posix() if isinstance(v, str) and v.startswith(f"{ctx.root}/")
                       else v) for k, v in result["dpo_config"].items()}  # output_dir: no machine path
+    # Why older checkpoints were discarded depends on what this workspace held before (and names its
+    # path): a run fact, so a fresh clone and a reused workspace write the same lineage.
+    resume = dict(result["resume"])
+    restart_reason = resume.pop("restart_reason", None)
     ctx.record.extra.update(train={"plan": result["plan"], "dpo_config": dpo_config, "hardware": result["hardware"],
-                                   "resume": result["resume"], "world_size": result["world_size"]})
-    ctx.run_facts.update(train={k: result[k] for k in ("resumed_from", "ref_logps")})
+                                   "resume": resume, "world_size": result["world_size"]})
+    ctx.run_facts.update(train={**{k: result[k] for k in ("resumed_from", "ref_logps")}, "restart_reason": restart_reason})
     ctx.run.log_artifact(plots_dir, artifact_path="plots")
     ctx.run.set_tags({f"hardware.{k}": v for k, v in result["hardware"].items()})
     with tempfile.TemporaryDirectory() as tmp:
