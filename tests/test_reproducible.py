@@ -98,6 +98,24 @@ def test_reproduced_lock_gate_fails_naming_stage_and_path(tmp_path):
     assert "no dvc.lock in the working tree" in G.dvc_lock_reproduced(root).detail
 
 
+def test_reproduced_lock_gate_ignores_uncached_outputs_only(tmp_path):
+    """A reused workspace's caches hold more than a fresh clone's: their hashes must not fail the gate."""
+    root = tmp_path / "r"
+    root.mkdir()
+    lock = LOCK.replace("      md5: 1111.dir\n", "      md5: 1111.dir\n    - path: outputs/ref_logps\n      hash: md5\n"
+                                                  "      md5: 3333.dir\n")
+    (root / "dvc.lock").write_text(lock)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "c")
+    (root / "dvc.lock").write_text(lock.replace("3333", "4444"))
+    assert G.dvc_lock_reproduced(root, uncached={"outputs/ref_logps"}).status == "pass"
+    assert G.dvc_lock_reproduced(root, uncached=set()).status == "fail"
+    (root / "dvc.lock").write_text(lock.replace("3333", "4444").replace("1111", "9999"))
+    r = G.dvc_lock_reproduced(root, uncached={"outputs/ref_logps"})
+    assert r.status == "fail" and "build (out outputs/dataset)" in r.detail
+
+
 def test_reproduced_lock_gate_fails_without_a_committed_lock(tmp_path):
     root = tmp_path / "r"
     root.mkdir()

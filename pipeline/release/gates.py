@@ -131,10 +131,21 @@ def _stage_diff(committed: dict[str, Any], current: dict[str, Any]) -> str:
     return ", ".join(paths + fields) or "entry differs"
 
 
-def dvc_lock_reproduced(root: Path) -> GateResult:
+def _cached_only(entry: dict[str, Any], uncached: set[str]) -> dict[str, Any]:
+    """A dvc.lock stage entry without its `cache: false` outputs."""
+    if not uncached or not isinstance(entry, dict) or not entry.get("outs"):
+        return entry
+    return {**entry, "outs": [o for o in entry["outs"] if not (isinstance(o, dict) and o.get("path") in uncached)]}
+
+
+def dvc_lock_reproduced(root: Path, uncached: set[str] | None = None) -> GateResult:
     """The reproduce path of a CI release: after `dvc repro` from the tag, the dvc.lock it wrote must
     equal the committed one for every stage that makes the data and the model (the release stages
-    are rebuilt by `openrelease publish` itself). Equal means the tag reproduces bit for bit."""
+    are rebuilt by `openrelease publish` itself). Equal means the tag reproduces bit for bit.
+
+    The `cache: false` outputs (checkpoints, the reference log-prob and evaluation caches; `uncached`,
+    from dvc.yaml by default) are left out: their content depends on what the workspace computed before
+    (a reused workspace keeps earlier cache entries, a fresh clone has none), and no release reads them."""
     import yaml
 
     from pipeline.release.gitinfo import git
@@ -151,6 +162,9 @@ def dvc_lock_reproduced(root: Path) -> GateResult:
         current = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
     except yaml.YAMLError as e:
         return GateResult(name, "fail", f"dvc.lock is not valid YAML: {str(e).splitlines()[0]}")
+    uncached = _uncached_outs(root) if uncached is None else uncached
+    committed = {s: _cached_only(e, uncached) for s, e in committed.items()}
+    current = {s: _cached_only(e, uncached) for s, e in current.items()}
     stages = [s for s in sorted(set(committed) | set(current)) if s not in RELEASE_STAGES]
     differ = [f"{s} ({_stage_diff(committed.get(s) or {}, current.get(s) or {})})" for s in stages
               if committed.get(s) != current.get(s)]
