@@ -6,12 +6,14 @@ Workloads (the real defaults): sampling = paths.train_prompts with the chat temp
 `generate` decoding (samples_per_prompt, max_new_tokens, temperature, top_p, batch_size, seed); greedy =
 what evaluate decodes per model (paths.eval_prompts, paths.ifeval_prompts and evaluate.general.max_prompts
 of paths.general_prompts) with `evaluate.generation` (max_new_tokens, batch_size). `--quick` takes every
-k-th train prompt (48 x 4 samples = one batch of 192) and 2 candidates (transformers, loop).
+k-th train prompt (48 x 4 samples = one batch of 192) and 3 candidates (transformers, loop, loop-bf16).
 Model: SmolLM2-135M from `paths.base_model` (built with the base_model stage's run() when absent).
 
 Baseline (ratio 1.00): `transformers` = transformers' `model.generate` with its dynamic KV cache, as
 `generate` and `evaluate` decoded before pipeline/lm/decode.py, run in this same process. `loop` is
-pipeline/lm/decode.py (generate.cache = preallocated, the default now); `transformers-static` is
+pipeline/lm/decode.py (generate.cache = preallocated, the default now); `loop-bf16` is the same loop on
+a bfloat16 copy of the weights (opt-in: generate.quantization / evaluate.generation.precision = bfloat16);
+`transformers-static` is
 model.generate with cache_implementation="static". Candidates run interleaved (A, B, A, B, ...)
 so a change of load hits all alike. Per candidate: medians over --repeats of new tokens/s (wall), new
 tokens per CPU second and CPU seconds per 1,000 completions (getrusage of this process: every thread),
@@ -38,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # "@bN" runs a backend at batch size N instead of params.yaml's (sequences per forward pass).
-CANDIDATES = ("transformers", "transformers-static", "loop", "loop@b96", "loop@b192", "ct2-fp32", "ct2-int8", "ct2-int8@b96")
-QUICK = ("transformers", "loop")
+CANDIDATES = ("transformers", "transformers-static", "loop", "loop-bf16", "loop@b96", "loop@b192", "ct2-fp32", "ct2-int8",
+              "ct2-int8@b96")
+QUICK = ("transformers", "loop", "loop-bf16")
 # The baseline decodes at the batch sizes params.yaml had before pipeline/lm/decode.py (48 sampled
 # sequences, 32 greedy): the sizes measured fastest for model.generate, whose top-p sort grows with the batch.
 BASELINE_BATCH = {"sampling": 48, "greedy": 32}
@@ -97,6 +100,8 @@ def make_runner(name: str, model_dir: Path, model, tok, cache_root: Path):
             return generation.generate(model, tok, prompts, cache="dynamic", **kw)
         if base == "loop":
             return generation.generate(model, tok, prompts, cache="preallocated", **kw)
+        if base == "loop-bf16":  # generate.quantization / evaluate.generation.precision = bfloat16
+            return generation.generate(model, tok, prompts, cache="preallocated", precision="bfloat16", **kw)
         if base == "transformers-static":
             return generation.generate(model, tok, prompts, cache="static", **kw)
         q = {"ct2-fp32": "float32", "ct2-int8": "int8"}[base]

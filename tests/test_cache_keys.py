@@ -205,6 +205,9 @@ def test_eval_generation_key_parts_flip(tmp_path, monkeypatch):
     p = _eval_params()
     p.generation.max_new_tokens += 1
     assert _gen(tmp_path, cache, p=p) == 1, "decoding"
+    p = _eval_params()
+    p.generation.precision = "bfloat16"
+    assert _gen(tmp_path, cache, p=p) == 1, "decoding precision"
     for name, kw in (("device", {"device": "cuda"}), ("attention", {"attn_implementation": "eager"})):
         models = Models(loader=lambda f: (None, None), **kw)
         models.known(tmp_path / "m", "a" * 64)

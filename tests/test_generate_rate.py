@@ -49,7 +49,7 @@ def test_generate_run_rows(generated):
     assert r["generator"] == "tiny-llama" and isinstance(r["text"], str) and isinstance(r["finished"], bool)
     assert r["decoding"] == {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": None,
                              "max_new_tokens": 6, "seed": 7, "backend": "transformers",
-                             "cache": "preallocated"}  # the decoding loop is part of what made the rows
+                             "cache": "preallocated", "precision": "float32"}  # the loop and precision made the rows
     assert (stats["prompts"], stats["completions"]) == (3, 6) and stats["new_tokens"] > 0
     # a random tiny model rarely samples EOS within 6 tokens; cut ones have exactly the budget
     assert stats["truncated_completions"] == sum(not r["finished"] for r in rows)
@@ -61,6 +61,26 @@ def test_generate_max_prompts_and_generator_name(tiny_model_dir, tmp_path):
     assert rows[0]["generator"] == Path(tiny_model_dir).name  # no SOURCE.json: the folder name
     (tmp_path / "SOURCE.json").write_text(json.dumps({"name": "SmolLM2-135M-Instruct"}))
     assert generate.generator_name(tmp_path) == "SmolLM2-135M-Instruct"
+
+
+def test_generate_bfloat16_is_recorded_and_seeded(tiny_model_dir):
+    """Opt-in bfloat16: every row says so, and the same seed and inputs give the same completions."""
+    p = GEN.model_copy(update={"precision": "bfloat16"})
+    rows, _ = generate.run(p, PROMPTS, tiny_model_dir)
+    assert {r["decoding"]["precision"] for r in rows} == {"bfloat16"}
+    assert [r["text"] for r in generate.run(p, PROMPTS, tiny_model_dir)[0]] == [r["text"] for r in rows]
+
+
+def test_ctranslate2_refuses_a_precision(monkeypatch):
+    import importlib.util
+
+    from pipeline.core.errors import ParamsError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ctranslate2" else real(name, *a))
+    with pytest.raises(ParamsError, match="ctranslate2 takes generate.quantization"):
+        generate.run(GEN.model_copy(update={"backend": "ctranslate2", "precision": "bfloat16"}), PROMPTS, "unused",
+                     converted_models="unused")
 
 
 def test_vllm_backend_needs_vllm_and_cuda(monkeypatch):

@@ -112,3 +112,20 @@ def test_uses_every_available_cpu(tiny, monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_bfloat16_decodes_a_copy_and_is_seeded(tiny, ref):
+    """precision="bfloat16" decodes with a bfloat16 copy made once; the loaded float32 model is untouched."""
+    import torch
+
+    model, tok = tiny
+    first = generate(model, tok, PROMPTS, seed=1, precision="bfloat16", **KW)
+    assert next(model.parameters()).dtype == torch.float32
+    copy = generation.in_precision(model, "bfloat16")
+    assert next(copy.parameters()).dtype == torch.bfloat16 and copy is generation.in_precision(model, "bfloat16")
+    assert generation.in_precision(model, "float32") is model
+    assert generate(model, tok, PROMPTS, seed=1, precision="bfloat16", **KW) == first
+    assert [len(x) for x in first] == [2] * len(PROMPTS)
+    assert generate(model, tok, PROMPTS, seed=1, **KW) == ref  # float32 decoding unchanged by the copy
+    with pytest.raises(ValueError, match="precision must be one of"):
+        generate(model, tok, PROMPTS, seed=1, precision="int4", **KW)

@@ -191,7 +191,8 @@ def generations(models: Models, folder: Path, convs: list[list[dict]], p: Evalua
                 generate_fn: Callable[..., list[list[str]]], desc: str) -> tuple[list[str], list[bool | None]]:
     """Greedy responses and whether each ended by itself (False: cut at max_new_tokens; None: the
     generation backend did not say), generating only those missing from the cache."""
-    decoding = {"do_sample": False, "max_new_tokens": p.generation.max_new_tokens, "batch_size": p.generation.batch_size}
+    decoding = {"do_sample": False, "max_new_tokens": p.generation.max_new_tokens, "batch_size": p.generation.batch_size,
+                "precision": p.generation.precision}
     sha = models.sha256(folder)
     env = env_key(models, folder, "pipeline.eval.measures", "pipeline.lm.generation", backend=_backend_name(generate_fn))
     keys = [{"model": sha, "prompt": sha256_json(c), "decoding": decoding, "env": env} for c in convs]
@@ -201,7 +202,8 @@ def generations(models: Models, folder: Path, convs: list[list[dict]], p: Evalua
         model, tok = models.load(folder)
         stats: dict[str, Any] = {}
         fresh = generate_fn(model, tok, [convs[i] for i in todo], max_new_tokens=p.generation.max_new_tokens,
-                            do_sample=False, batch_size=p.generation.batch_size, seed=0, desc=desc, stats=stats)
+                            do_sample=False, batch_size=p.generation.batch_size, seed=0, desc=desc, stats=stats,
+                            precision=p.generation.precision)
         done = stats.get("finished") or [[None]] * len(todo)
         for i, texts, fin in zip(todo, fresh, done, strict=True):
             out[i] = {"text": texts[0], "finished": fin[0]}

@@ -94,9 +94,35 @@ def eos_ids(model_dir: str | Path, tokenizer) -> list[int]:
     return _eos_ids(type("M", (), {"generation_config": cfg})(), tokenizer)
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def in_precision(model, precision: str):
+    """`model` with its floating-point weights in `precision`: the model itself when they already are,
+    else a copy, made once per model and kept on it, so a model that also scores (evaluate) keeps its
+    float32 weights. bfloat16 halves the bytes each decoding step reads and runs the matmuls on the
+    CPU's bfloat16 instructions (AVX512_BF16, AMX) where it has them; it changes the numbers, so callers
+    make it opt-in and record it. RMSNorm and softmax upcast to float32 inside transformers' modules,
+    and pipeline.lm.decode samples from float32 logits."""
+    import copy
+
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = getattr(torch, precision)
+    if next(model.parameters()).dtype == dtype:
+        return model
+    copies = model.__dict__.setdefault("_openrelease_precision_copies", {})
+    if precision not in copies:
+        copies[precision] = copy.deepcopy(model).to(dtype).eval()
+    return copies[precision]
+
+
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, batch_size: int,
-             seed: int, desc: str, stats: dict[str, Any] | None = None, cache: str = "preallocated") -> list[list[str]]:
+             seed: int, desc: str, stats: dict[str, Any] | None = None, cache: str = "preallocated",
+             precision: str = "float32") -> list[list[str]]:
     """Sample `num_return_sequences` completions per conversation; returns them in input order.
 
     `batch_size` counts sequences per forward pass, so each batch holds
@@ -104,7 +130,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     `new_tokens`, `seconds`, `sequences`, `tokens_per_s` and `finished` (per prompt, per sequence:
     False when the sequence was cut at max_new_tokens instead of ending with EOS). `cache`: "preallocated"
     decodes with `pipeline.lm.decode`; "dynamic" and "static" call `model.generate` with that
-    `cache_implementation` (transformers' own loop, the baseline of bench/bench_generate.py).
+    `cache_implementation` (transformers' own loop, the baseline of bench/bench_generate.py). `precision`:
+    "float32" decodes with the model as loaded; "bfloat16" with a bfloat16 copy of it (`in_precision`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -115,6 +142,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     if cache not in ("preallocated", "dynamic", "static"):
         raise ValueError(f"cache must be preallocated, dynamic or static, got {cache!r}")
     check_decoding(max_new_tokens, batch_size, num_return_sequences, do_sample, temperature, top_p)
+    model = in_precision(model, precision)
     device = next(model.parameters()).device
     if device.type == "cpu":
         torch.set_num_threads(available_cpus())
@@ -188,15 +216,16 @@ def vllm_available() -> bool:
 
 def generate_vllm(model_path: str, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool,
                   temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, seed: int,
-                  stats: dict[str, Any] | None = None) -> list[list[str]]:
+                  stats: dict[str, Any] | None = None, dtype: str = "float32") -> list[list[str]]:
     """The same contract as `generate()`, through vLLM (CUDA only; not tested by this project's CPU suite).
 
     Each prompt gets its own seed derived from (seed, prompt index), so results do not depend on how
     vLLM schedules requests. Token-for-token equality with the transformers path is not expected.
+    `dtype` is passed on: vLLM's own "auto" would run a float32 checkpoint in float16.
     """
     from vllm import LLM, SamplingParams  # optional; only reached when vllm_available()
 
-    llm = LLM(model=model_path, seed=seed, trust_remote_code=False, load_format="safetensors")
+    llm = LLM(model=model_path, seed=seed, trust_remote_code=False, load_format="safetensors", dtype=dtype)
     params = [SamplingParams(n=num_return_sequences, max_tokens=max_new_tokens, seed=batch_seed(seed, i),
                              temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0, top_k=-1)
               for i in range(len(prompts))]
@@ -232,6 +261,8 @@ def generate_fn(backend: str, *, quantization: str = "float32", cache_root: str 
         if not (folder / "config.json").is_file():
             raise ValueError(f"ctranslate2 converts a saved checkpoint; model.name_or_path {str(folder)!r} is not one")
         kw.pop("cache", None)
+        if kw.pop("precision", "float32") != "float32":
+            raise ValueError("the ctranslate2 backend sets its precision with quantization, not precision")
         return ct2.generate(folder, tokenizer, prompts, quantization=quantization, cache_root=cache_root, **kw)
 
     return run

@@ -53,7 +53,8 @@ def ifeval_section(m: dict, rec: dict) -> str:
         f"source {src.get('repository', MISSING)} @ {src.get('commit', MISSING)} : {src.get('path', MISSING)} "
         f"({src.get('license', MISSING)}); published as config `ifeval_prompts` of the dataset repo",
         f"- generation: greedy (do_sample={gen.get('do_sample', MISSING)}), max_new_tokens "
-        f"{gen.get('max_new_tokens', MISSING)}, the model's chat template, one user turn, no system prompt",
+        f"{gen.get('max_new_tokens', MISSING)}, weights in {gen.get('precision', 'float32')}, the model's chat template, "
+        "one user turn, no system prompt",
         f"- {m.get('n_ifeval_instructions')} instructions: {m.get('n_ifeval_heldout_instructions')} with ids never "
         f"used in the training prompts (held-out), {m.get('n_ifeval_indist_instructions')} with ids training used",
         "",

@@ -354,7 +354,8 @@ def _body(ctx: StageContext) -> None:
 
         ctx.record.extra["ifeval_subset"] = {"path": P.paths.ifeval_prompts, **(read_meta(inp.ifeval_prompts) or {})}
     ctx.record.extra["generation"] = {"do_sample": False, "max_new_tokens": P.evaluate.generation.max_new_tokens,
-                                      "chat_template": True, "batch_size": P.evaluate.generation.batch_size}
+                                      "chat_template": True, "batch_size": P.evaluate.generation.batch_size,
+                                      "precision": P.evaluate.generation.precision}
     # Content-keyed and written one atomic file per entry, so sweep members share the main workspace's
     # cache: the base model's generations, log-probs and judgments are computed once per sweep.
     cache = EvalCache(shared_cache_dir(ctx.root, P.paths.eval_cache, env=ENV_EVAL_CACHE_DIR))

@@ -81,8 +81,14 @@ def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator
               num_return_sequences=p.samples_per_prompt, seed=p.seed)
     stats: dict[str, Any] = {}
     backend = choose_backend(p)
+    if backend == "ctranslate2" and p.precision != "float32":
+        from pipeline.core.errors import ParamsError
+
+        raise ParamsError(f"generate.precision = {p.precision!r} is for the transformers and vllm backends; "
+                          "ctranslate2 takes generate.quantization (float32 or int8)")
     if backend == "vllm":
-        texts = generation.generate_vllm(str(model_dir), messages, stats=stats, **kw)
+        texts = generation.generate_vllm(str(model_dir), messages, stats=stats, dtype=p.precision, **kw)
+        decoding["precision"] = p.precision
     elif backend == "ctranslate2":
         from pipeline.lm import ct2
         from pipeline.lm.loading import load_tokenizer
@@ -97,8 +103,9 @@ def run(p: GenerateParams, prompts: list[dict], model_dir: str | Path, generator
 
         model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
         texts = generation.generate(model, tokenizer, messages, batch_size=p.batch_size, desc="generate", stats=stats,
-                                    cache=p.cache, **kw)
+                                    cache=p.cache, precision=p.precision, **kw)
         decoding["cache"] = p.cache
+        decoding["precision"] = p.precision
     decoding["backend"] = backend
     rows = []
     finished = stats.pop("finished")
@@ -124,8 +131,9 @@ def _body(ctx: StageContext) -> None:
     ctx.record.extra["chat_template_sha256"] = check_template_dir(model_dir, model_dir, "generate")
     rows, stats = run(p, prompts, model_dir, converted_models=ctx.path("converted_models"))
     conversion = stats.pop("conversion", None)
-    ctx.record.extra["generation_backend"] = {"backend": rows[0]["decoding"]["backend"] if rows else "none",
-                                              "quantization": (rows[0]["decoding"].get("quantization", "float32")
+    dec = rows[0]["decoding"] if rows else {}
+    ctx.record.extra["generation_backend"] = {"backend": dec.get("backend", "none"),
+                                              "quantization": (dec.get("quantization") or dec.get("precision", "float32")
                                                                if rows else None),
                                               "conversion": conversion}
     out = ctx.path("generations")

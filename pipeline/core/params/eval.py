@@ -14,6 +14,10 @@ class EvalGenerationParams(Section):
 
     max_new_tokens: int = Field(ge=1, le=8192, description="Longest response generated per prompt, in tokens.")
     batch_size: int = Field(ge=1, le=4096, description="Prompts per generate() call (left-padded batch).")
+    precision: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Weights the greedy generations decode with: float32 as loaded, or a bfloat16 copy "
+                                       "(opt-in: faster on CPUs with AVX512_BF16, changes some responses; recorded in lineage, the "
+                                       "cache keys and the card). Log-probs and KL are always scored in the loaded precision.")
 
 
 class GeneralPromptsParams(Section):
