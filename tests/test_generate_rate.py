@@ -26,12 +26,15 @@ GEN = GenerateParams(samples_per_prompt=2, max_new_tokens=6, temperature=1.0, to
                      backend="transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Two spinning OpenMP threads on a shared, loaded 2-core machine slow tiny models ~10x."""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two spinning OpenMP threads on a shared, loaded 2-core machine slow tiny models ~10x. Module scope:
+    the module-scoped `generated` decodes with the tests' thread count (it can change a sampled token)."""
     from pipeline.lm import generation
 
-    monkeypatch.setattr(generation, "available_cpus", lambda: 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "available_cpus", lambda: 1)
+        yield
 
 
 @pytest.fixture(scope="module")

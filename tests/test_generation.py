@@ -17,11 +17,15 @@ PROMPTS = [
 KW = dict(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=0.95, num_return_sequences=2, batch_size=4, desc="test")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
     """Tests share two cores with other work; two spinning OpenMP threads on a loaded machine made these
-    tiny generations ~10x slower. Thread use itself is checked in test_uses_every_available_cpu."""
-    monkeypatch.setattr(generation, "available_cpus", lambda: 1)
+    tiny generations ~10x slower. Thread use itself is checked in test_uses_every_available_cpu.
+    Module scope, so the module-scoped `ref` decodes with the same thread count as the tests: the thread
+    count can change the last bits of a matmul, and so a sampled token."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "available_cpus", lambda: 1)
+        yield
 
 
 @pytest.fixture(scope="module")
