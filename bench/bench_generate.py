@@ -10,32 +10,36 @@ k-th train prompt (48 x 4 samples = one batch of 192) and 3 candidates (transfor
 Model: SmolLM2-135M from `paths.base_model` (built with the base_model stage's run() when absent).
 
 Baseline (ratio 1.00): `transformers` = transformers' `model.generate` with its dynamic KV cache, as
-`generate` and `evaluate` decoded before pipeline/lm/decode.py, run in this same process. `loop` is
-pipeline/lm/decode.py (generate.cache = preallocated, the default now); `loop-bf16` is the same loop on
-a bfloat16 copy of the weights (opt-in: generate.quantization / evaluate.generation.precision = bfloat16);
-`transformers-static` is
-model.generate with cache_implementation="static". Candidates run interleaved (A, B, A, B, ...)
-so a change of load hits all alike. Per candidate: medians over --repeats of new tokens/s (wall), new
-tokens per CPU second and CPU seconds per 1,000 completions (getrusage of this process: every thread),
-the process's peak RSS while the candidate ran (polled from /proc), and quality on the same prompts:
-the share of greedy eval completions passing all their constraints (base pass rate), the mean
-constraint-pass fraction of the sampled completions and their `rate` rating histogram. Last line:
-`speedup sampling X.XX greedy Y.YY` (wall tokens/s of --backend over the baseline, medians).
+`generate` and `evaluate` decoded before pipeline/lm/decode.py, with that path's runtime: OMP_WAIT_POLICY
+PASSIVE (the Makefile forced it then) and glibc's allocator. `loop` is pipeline/lm/decode.py
+(generate.cache = preallocated, the default); `loop-bf16` is the same loop on a bfloat16 copy of the
+weights (opt-in: generate.precision / evaluate.generation.precision = bfloat16); `transformers-static` is
+model.generate with cache_implementation="static". Every run is its own process, and the candidates
+choose their runtime as the stages do (pipeline/core/runtime.py: tcmalloc when installed, OpenMP
+spinning when the machine is otherwise idle; `--candidate-runtime plain` gives them the baseline's).
+Runs are interleaved (A, B, A, B, ...) so a change of load hits all alike. Per candidate: medians over
+--repeats of new tokens/s (wall), new tokens per CPU second and CPU seconds per 1,000 completions
+(getrusage of the run's process: every thread), its peak RSS while decoding (polled from /proc), and
+quality on the same prompts: the share of greedy eval completions passing all their constraints (base
+pass rate), the mean constraint-pass fraction of the sampled completions and their `rate` rating
+histogram. Last line: `speedup sampling X.XX greedy Y.YY` (wall tokens/s of --backend over the
+baseline, medians).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see pipeline/stages/generate.py
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -119,6 +123,75 @@ def quality(texts: list[list[str]], rows: list[dict]) -> dict:
             "ratings": dict(sorted(Counter(rating(f) for f in fracs).items()))}
 
 
+def workloads(args, params, train, evals, extra) -> dict:
+    g, e = params.generate, params.evaluate.generation
+    work = {
+        "sampling": (train, dict(max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature, top_p=g.top_p,
+                                 num_return_sequences=g.samples_per_prompt, batch_size=g.batch_size, seed=g.seed)),
+        "greedy": (evals + extra, dict(max_new_tokens=e.max_new_tokens, do_sample=False, batch_size=e.batch_size, seed=0)),
+    }
+    return {k: v for k, v in work.items() if k in args.workloads.split(",")}
+
+
+def read_inputs(args):
+    from pipeline.constraints.ifeval import read_ifeval
+    from pipeline.constraints.prompts import read_prompts
+    from pipeline.core.params import load_params
+    from pipeline.eval.measures import read_general_prompts
+
+    params = load_params(ROOT / "params.yaml")
+    train, evals = read_prompts(ROOT / params.paths.train_prompts), read_prompts(ROOT / params.paths.eval_prompts)
+    if args.quick:
+        train = train[:: max(1, len(train) // 48)][:48]
+    # What evaluate decodes greedily per model: eval prompts, the IFEval subset, the general prompts.
+    extra = [{"prompt": r["prompt"]} for r in read_ifeval(ROOT / params.paths.ifeval_prompts)]
+    extra += [{"prompt": r["prompt"]} for r in read_general_prompts(ROOT / params.paths.general_prompts, params.evaluate.general)]
+    return params, train, evals, extra
+
+
+def child(args) -> None:
+    """One timed run of one candidate on one workload, in this process; prints `RESULT {json}`."""
+    if args.child != "transformers" and args.candidate_runtime == "stage":
+        from pipeline.core.runtime import tune
+
+        tune()  # what the generate and evaluate stages do first: allocator and OpenMP wait policy
+    from pipeline.core.runtime import facts
+    from pipeline.lm.loading import load_causal_lm, load_tokenizer
+
+    params, train, evals, extra = read_inputs(args)
+    model_dir = ROOT / params.paths.base_model
+    rows, kw = workloads(args, params, train, evals, extra)[args.workload]
+    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    run = make_runner(args.child, model_dir, model, tok, ROOT / params.paths.converted_models)
+    msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    st: dict = {}
+    c0, t0 = cpu_s(), time.monotonic()
+    with PeakRSS() as rss:
+        texts = run(msgs, args.workload, desc=f"{args.child} {args.workload}", stats=st, **kw)
+    wall, cpu = time.monotonic() - t0, cpu_s() - c0
+    r = {"wall": wall, "cpu": cpu, "tokens": st["new_tokens"], "seqs": st["sequences"], "rss": rss.peak / 2**20,
+         "load": os.getloadavg()[0], "runtime": facts(),
+         **quality(texts[: len(evals) if args.workload == "greedy" else None], rows)}
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def spawn(name: str, workload: str, args) -> dict:
+    env = dict(os.environ)
+    if name == "transformers" or args.candidate_runtime == "plain":
+        # today's path: OpenMP's passive waiting (the Makefile forced it before pipeline/core/runtime.py), glibc
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    elif not args.keep_omp_policy:
+        env.pop("OMP_WAIT_POLICY", None)  # the stage chooses it, as `make repro` leaves it to the stage
+    cmd = [sys.executable, __file__, "--child", name, "--workload", workload, "--workloads", workload,
+           "--candidate-runtime", args.candidate_runtime, *(["--quick"] if args.quick else [])]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{name} {workload} failed with status {proc.returncode}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset of the prompts: 48 train, 32 eval")
@@ -127,69 +200,55 @@ def main() -> None:
                     f"(--quick: {','.join(QUICK)})")
     ap.add_argument("--backend", default="loop", help="the candidate the last line reports")
     ap.add_argument("--workloads", default="sampling,greedy")
+    ap.add_argument("--candidate-runtime", choices=("stage", "plain"), default="stage",
+                    help="stage: candidates choose allocator and OpenMP wait policy as the stages do "
+                         "(pipeline/core/runtime.py); plain: the baseline's (PASSIVE, glibc)")
+    ap.add_argument("--keep-omp-policy", action="store_true", help="pass an OMP_WAIT_POLICY set here to the candidates")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--workload", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
 
-    from pipeline.constraints.ifeval import read_ifeval
-    from pipeline.constraints.prompts import read_prompts
-    from pipeline.core.params import load_params
-    from pipeline.eval.measures import read_general_prompts
-    from pipeline.lm.loading import load_causal_lm, load_tokenizer
-
-    params = load_params(ROOT / "params.yaml")
+    params, train, evals, extra = read_inputs(args)
     model_dir = ensure_base_model(params)
-    g, e = params.generate, params.evaluate.generation
-    train, evals = read_prompts(ROOT / params.paths.train_prompts), read_prompts(ROOT / params.paths.eval_prompts)
-    if args.quick:
-        train = train[:: max(1, len(train) // 48)][:48]
-    # What evaluate decodes greedily per model: eval prompts, the IFEval subset, the general prompts.
-    extra = [{"prompt": r["prompt"]} for r in read_ifeval(ROOT / params.paths.ifeval_prompts)]
-    extra += [{"prompt": r["prompt"]} for r in read_general_prompts(ROOT / params.paths.general_prompts, params.evaluate.general)]
-    work = {
-        "sampling": (train, dict(max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature, top_p=g.top_p,
-                                 num_return_sequences=g.samples_per_prompt, batch_size=g.batch_size, seed=g.seed)),
-        "greedy": (evals + extra, dict(max_new_tokens=e.max_new_tokens, do_sample=False, batch_size=e.batch_size, seed=0)),
-    }
-    work = {k: v for k, v in work.items() if k in args.workloads.split(",")}
+    g = params.generate
+    work = workloads(args, params, train, evals, extra)
     names = (args.candidates or ",".join(QUICK if args.quick else CANDIDATES)).split(",")
     if "transformers" not in names:
         names.insert(0, "transformers")
-    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    cache_root = ROOT / params.paths.converted_models
-    runners = {n: make_runner(n, model_dir, model, tok, cache_root) for n in names}
     for n in names:  # conversions (cached) outside the timed runs
         if n.startswith("ct2"):
             from pipeline.lm import ct2
-            ct2.converted(model_dir, {"ct2-fp32": "float32", "ct2-int8": "int8"}[n.partition("@b")[0]], cache_root)
+            ct2.converted(model_dir, {"ct2-fp32": "float32", "ct2-int8": "int8"}[n.partition("@b")[0]],
+                          ROOT / params.paths.converted_models)
     load0 = os.getloadavg()
     res: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeats):
-        for w, (rows, kw) in work.items():
-            msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+        for w in work:
             for n in names:
-                st: dict = {}
-                c0, t0 = cpu_s(), time.monotonic()
-                with PeakRSS() as rss:
-                    texts = runners[n](msgs, w, desc=f"{n} {w}", stats=st, **kw)
-                wall, cpu = time.monotonic() - t0, cpu_s() - c0
-                r = {"wall": wall, "cpu": cpu, "tokens": st["new_tokens"], "seqs": st["sequences"], "rss": rss.peak / 2**20,
-                     "load": os.getloadavg()[0], **quality(texts[: len(evals) if w == "greedy" else None], rows)}
+                r = spawn(n, w, args)
                 res.setdefault((w, n), []).append(r)
                 print(f"rep {rep} {w} {n}: {r}", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     print(f"\nSmolLM2-135M ({model_dir.name}), {'quick' if args.quick else 'full'}: {len(train)} train prompts x "
-          f"{g.samples_per_prompt} samples, {len(evals) + len(extra)} prompts greedy (eval, IFEval subset, general); medians of {args.repeats} interleaved repeats; "
-          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; {os.cpu_count()} CPUs\n")
-    print("| workload | backend | new tokens | tokens/s (wall) | tokens/CPU-s | CPU s per 1,000 completions | peak RSS MB "
+          f"{g.samples_per_prompt} samples, {len(evals) + len(extra)} prompts greedy (eval, IFEval subset, general); medians of "
+          f"{args.repeats} interleaved repeats, one process per run; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
+          f"{os.cpu_count()} CPUs\n")
+    print("| workload | backend | runtime | new tokens | tokens/s (wall) | tokens/CPU-s | CPU s per 1,000 completions | peak RSS MB "
           "| ratio tokens/s | ratio tokens/CPU-s | all constraints pass | mean pass fraction | ratings |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    speed: dict[tuple[str, str], float] = {}
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    speed: dict[tuple[str, ...], float] = {}
     for (w, n), rs in res.items():
         med = {k: statistics.median(x[k] for x in rs) for k in ("wall", "cpu", "tokens", "seqs", "rss", "all_pass", "mean_pass")}
         tps = statistics.median(x["tokens"] / x["wall"] for x in rs)
         tpc = statistics.median(x["tokens"] / x["cpu"] for x in rs)
         speed[(w, n)], speed[(w, n, "cpu")] = tps, tpc
         b, bc = speed[(w, "transformers")], speed[(w, "transformers", "cpu")]
-        print(f"| {w} | {n} | {med['tokens']:.0f} | {tps:.1f} | {tpc:.1f} | {1000 * med['cpu'] / med['seqs']:.0f} | {med['rss']:.0f} "
+        rt = rs[-1]["runtime"]
+        print(f"| {w} | {n} | {rt['allocator']}, {rt['omp_wait_policy']} | {med['tokens']:.0f} | {tps:.1f} | {tpc:.1f} "
+              f"| {1000 * med['cpu'] / med['seqs']:.0f} | {med['rss']:.0f} "
               f"| {tps / b:.2f} | {tpc / bc:.2f} | {med['all_pass']:.3f} | {med['mean_pass']:.3f} | {rs[0]['ratings']} |")
     ratio = {w: speed.get((w, args.backend), float("nan")) / speed[(w, "transformers")] for w in work}
     cratio = {w: speed.get((w, args.backend, "cpu"), float("nan")) / speed[(w, "transformers", "cpu")] for w in work}

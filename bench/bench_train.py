@@ -7,6 +7,7 @@
 (b) `stage-cold`: this stage's `run()` with params.yaml's settings and an empty reference log-prob cache
     (the reference pass is timed).
 (c) `stage-warm`: the same with the cache filled by (b), as a rerun or a sweep over training params sees.
+(d) `stage-bf16-cold`: (b) with train.precision = bf16 (opt-in bfloat16 autocast), its own cold reference cache.
 Shared recipe: LoRA r16/alpha32 on all linear layers, lr 2e-4, beta 0.1, max_length 512, seed 42,
 global batch 8 = 4 per device x 2 accumulation, same pairs and epochs.
 
@@ -16,9 +17,10 @@ trainer processed (TRL's `num_tokens`) / seconds from building the trainer to th
 ../shared/data/llama-factory/dpo_en_demo.json, each answer cut to 10-120 words (seeded); random words
 when that file is absent. Prints a Markdown table (medians over --repeats) and the ratios to (a).
 
-MFU (model FLOPs utilisation) of the stage variants, against the machine's fp32 matmul peak measured in
-this same run (a child process multiplies two 4096 x 4096 fp32 matrices with torch, threads = cores,
-before and after the variants; the higher rate counts). FLOPs per processed token, for LoRA on SmolLM2-135M:
+MFU (model FLOPs utilisation) of the stage variants, against the machine's matmul peak in the variant's
+precision, measured in this same run (a child process multiplies two 4096 x 4096 matrices with torch, in
+fp32 and in bf16, threads = cores, before and after the variants; the higher rate counts): fp32 for
+(b) and (c), bf16 for (d), whose share of the fp32 peak is shown beside it. FLOPs per processed token, for LoRA on SmolLM2-135M:
     4 x N_body          forward (2 N) + backward through the activations (2 N) of the 30 frozen
                         transformer layers (N_body = 106.2M parameters: 134.5M less the 28.3M embedding)
   + 6 x N_lora          the adapters: forward, gradient of the input, gradient of the weights
@@ -101,8 +103,8 @@ def run_baseline(model_dir: Path, data_dir: Path, work: Path, epochs: int) -> di
             "gradient_checkpointing": args.gradient_checkpointing}
 
 
-def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir: Path) -> dict:
-    """(b)/(c): this stage's run() with params.yaml's train settings and the shared recipe."""
+def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir: Path, precision: str = "auto") -> dict:
+    """(b)/(c)/(d): this stage's run() with params.yaml's train settings, the shared recipe and `precision`."""
     from pipeline.core.params import load_params
     from pipeline.stages.train import fingerprint, run
 
@@ -113,6 +115,7 @@ def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir:
     if os.environ.get("BENCH_PER_DEVICE"):  # for sizing the default only
         p.per_device_batch_size = int(os.environ["BENCH_PER_DEVICE"])
     p.checkpoint_every = 10_000  # a benchmark measures training, not checkpoint writes
+    p.precision = precision
     out = work / "model"
     out.mkdir(parents=True)
     t0, c0 = time.monotonic(), time.process_time()
@@ -125,12 +128,12 @@ def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir:
             "total_s": time.monotonic() - t0, "cpu_s": m["cpu_s"], "cpu_total_s": time.process_time() - c0}
 
 
-def measure_peak(n: int = 4096, reps: int = 6) -> dict:
-    """fp32 matmul rate of this machine (torch, threads = cores): the MFU denominator."""
+def measure_peak(n: int = 4096, reps: int = 6, dtype: str = "float32") -> dict:
+    """Matmul rate of this machine in `dtype` (torch, threads = cores): the MFU denominator."""
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     a @ b  # warm up the kernels and the allocator
     t0, c0 = time.monotonic(), time.process_time()
     for _ in range(reps):
@@ -181,13 +184,14 @@ def _child(args: argparse.Namespace) -> None:
     from pipeline.train.report import peak_rss_mb
 
     if args.child == "peak":
-        print("RESULT " + json.dumps(measure_peak()), flush=True)
+        print("RESULT " + json.dumps({"fp32": measure_peak(), "bf16": measure_peak(dtype="bfloat16")}), flush=True)
         return
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
     if args.child == "trl-defaults":
         res = run_baseline(Path(args.model), Path(args.data), work, args.epochs)
     else:
-        res = run_stage(Path(args.model), Path(args.data), work, args.epochs, Path(args.ref_dir))
+        res = run_stage(Path(args.model), Path(args.data), work, args.epochs, Path(args.ref_dir),
+                        precision="bf16" if "bf16" in args.child else "auto")
     res["peak_rss_mb"] = peak_rss_mb()
     res["runtime"] = facts()
     print("RESULT " + json.dumps(res), flush=True)
@@ -213,7 +217,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--model", default=str(ROOT / "models" / "base"))
-    ap.add_argument("--variants", default="trl-defaults,stage-cold,stage-warm")
+    ap.add_argument("--variants", default="trl-defaults,stage-cold,stage-warm,stage-bf16-cold")
     ap.add_argument("--baseline-runtime", choices=("plain", "tuned"), default="plain",
                     help="plain: the TRL script with OpenMP's and glibc's defaults; tuned: the stage's allocator "
                          "and wait policy too (pipeline/core/runtime.py)")
@@ -270,27 +274,36 @@ def main() -> None:
 
 def report_mfu(args, results: dict, peaks: list[dict], pairs: list[dict]) -> None:
     fl = flops_per_token(Path(args.model), pairs)
-    peak = max(peaks, key=lambda x: x["gflops_per_cpu_s"])
+    best = {d: max((x[d] for x in peaks), key=lambda x: x["gflops_per_cpu_s"]) for d in ("fp32", "bf16")}
+    peak = best["fp32"]
     print(f"\nFLOPs per token: {fl['train'] / 1e9:.3f} GFLOP training (N_body {fl['n_body'] / 1e6:.1f}M, N_lora "
           f"{fl['n_lora'] / 1e6:.2f}M, N_head {fl['n_head'] / 1e6:.1f}M, completion share {fl['completion_share']:.2f}, mean length {fl['mean_seq']:.0f}); "
           f"reference forward {fl['ref_forward'] / 1e9:.3f} GFLOP per token of one epoch")
     print(f"fp32 matmul peak (4096^2, {peak['threads']} threads): {peak['gflops_wall']:.0f} GFLOP/s wall, "
           f"{peak['gflops_per_cpu_s']:.0f} GFLOP per CPU-s; all measurements: "
-          + ", ".join(f"{x['gflops_wall']:.0f}/{x['gflops_per_cpu_s']:.0f}" for x in peaks))
-    print("\n| variant | GFLOP | GFLOP/s (wall) | GFLOP per CPU-s | MFU (per CPU-s) | MFU (wall) |\n|---|---:|---:|---:|---:|---:|")
+          + ", ".join(f"{x['fp32']['gflops_wall']:.0f}/{x['fp32']['gflops_per_cpu_s']:.0f}" for x in peaks))
+    print(f"bf16 matmul peak (same shape): {best['bf16']['gflops_wall']:.0f} GFLOP/s wall, "
+          f"{best['bf16']['gflops_per_cpu_s']:.0f} GFLOP per CPU-s; the bf16 variant's MFU is against it")
+    print("\n| variant | precision | GFLOP | GFLOP/s (wall) | GFLOP per CPU-s | MFU (per CPU-s) | MFU (wall) | of the fp32 peak (per CPU-s) |"
+          "\n|---|---|---:|---:|---:|---:|---:|---:|")
     mfu = {}
     for v, rs in results.items():
         if v == "trl-defaults":
             continue
         tok, wall, cpu = (statistics.median(x[k] for x in rs) for k in ("tokens", "seconds", "cpu_s"))
-        total = tok * fl["train"] + (tok / args.epochs * fl["ref_forward"] if v == "stage-cold" else 0.0)
-        mfu[v] = total / cpu / 1e9 / peak["gflops_per_cpu_s"]
-        print(f"| {v} | {total / 1e9:.0f} | {total / wall / 1e9:.1f} | {total / cpu / 1e9:.1f} | {mfu[v]:.2f} "
-              f"| {total / wall / 1e9 / peak['gflops_wall']:.2f} |")
+        total = tok * fl["train"] + (tok / args.epochs * fl["ref_forward"] if v.endswith("cold") else 0.0)
+        own = best["bf16"] if "bf16" in v else peak
+        mfu[v] = total / cpu / 1e9 / own["gflops_per_cpu_s"]
+        print(f"| {v} | {'bf16' if 'bf16' in v else 'fp32'} | {total / 1e9:.0f} | {total / wall / 1e9:.1f} | {total / cpu / 1e9:.1f} "
+              f"| {mfu[v]:.2f} | {total / wall / 1e9 / own['gflops_wall']:.2f} | {total / cpu / 1e9 / peak['gflops_per_cpu_s']:.2f} |")
     if "trl-defaults" in results and "stage-cold" in results:
         med = {v: {k: statistics.median(x[k] for x in rs) for k in ("cpu_s", "tokens", "peak_rss_mb")} for v, rs in results.items()}
         a, b = med["trl-defaults"], med["stage-cold"]
         vs = (b["tokens"] / b["cpu_s"]) / (a["tokens"] / a["cpu_s"])
+        if "stage-bf16-cold" in med:
+            c = med["stage-bf16-cold"]
+            print(f"\nbf16 (opt-in): mfu {mfu['stage-bf16-cold']:.2f} of the bf16 peak, vs_trl_cpu "
+                  f"{(c['tokens'] / c['cpu_s']) / (a['tokens'] / a['cpu_s']):.2f} mem_vs_trl {c['peak_rss_mb'] / a['peak_rss_mb']:.2f}")
         print(f"\nmfu {mfu['stage-cold']:.2f} vs_trl_cpu {vs:.2f} mem_vs_trl {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}")
 
 

@@ -336,6 +336,25 @@ def test_same_inputs_same_weights_with_warm_reference_cache(first_run, tiny_mode
         assert sha256_file(work / "out2" / f) == sha256_file(work / "out" / f), f
 
 
+def test_cpu_bf16_is_opt_in_and_keyed(first_run, tiny_model_dir):
+    """train.precision = bf16 on CPU: TRL trains under bfloat16 autocast, the plan says so (lineage, keys),
+    the fp32 run's reference cache is not reused, and the weights are other than fp32's."""
+    from pipeline.stages.train import run
+    from pipeline.train.setup import build_dpo_config, make_plan
+
+    work, data, p, first, _ = first_run
+    bf16 = p.model_copy(update={"precision": "bf16"})
+    plan = make_plan(bf16, ROOT, world_size=1)
+    assert (plan.device, plan.precision) == ("cpu", "bf16")
+    cfg = build_dpo_config(bf16, plan, work / "cfg")
+    assert cfg.bf16 and not cfg.fp16 and cfg.use_cpu
+    res = run(bf16, **_run_kwargs(work, tiny_model_dir, data, bf16, ckpt="ckpt-bf16", out="out-bf16"))
+    assert res["plan"]["precision"] == "bf16" and res["metrics"]["ref_logps_cache_hit"] == 0.0
+    assert res["metrics"]["steps"] == first["metrics"]["steps"]
+    assert sha256_file(work / "out-bf16" / "adapter/adapter_model.safetensors") != sha256_file(
+        work / "out" / "adapter/adapter_model.safetensors")
+
+
 def test_changed_model_misses_the_reference_cache(first_run, tiny_model_dir, tmp_path):
     """The same data and params with other base weights: the reference cache (warm from the first run)
     misses, and the reference log-probs differ."""

@@ -117,9 +117,14 @@ def make_plan(p: TrainParams, root: Path, *, world_size: int | None = None,
     if device == "cuda" and p.liger and importlib.util.find_spec("liger_kernel") is None:
         raise ParamsError("train.liger = true but the liger-kernel package is not installed "
                           "(pip install liger-kernel), or set it false")
-    precision = "fp32"
-    if device == "cuda":  # bf16 autocast where the GPU has it (Ampere+), else fp16 with loss scaling
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if p.precision == "auto":
+        precision = "fp32"
+        if device == "cuda":  # bf16 autocast where the GPU has it (Ampere+), else fp16 with loss scaling
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif p.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ParamsError("train.precision = 'bf16' but this GPU has no bfloat16; use 'auto' (fp16 with loss scaling)")
+    else:
+        precision = p.precision
     threads = p.torch_threads or (max(1, cores_available() // local) if device == "cpu" else None)
     return Plan(device=device, world_size=world, local_processes=local,
                 per_device_batch_size=p.per_device_batch_size, grad_accumulation=accumulation,

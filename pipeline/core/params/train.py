@@ -59,6 +59,11 @@ class TrainParams(Section):
     completion_only_lm_head: bool = Field(
         description="On CPU, project only completion tokens through the LM head (TRL does this on CUDA only).")
     device: Literal["auto", "cpu", "cuda"] = Field(description="auto: CUDA when available, else CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast on a CUDA GPU that has it (else fp16 with loss scaling), fp32 on CPU. "
+                                    "bf16 on CPU is opt-in: torch's bfloat16 autocast, about 1.5x the steps/s on a CPU with "
+                                    "AVX512_BF16 or AMX (BENCHMARKS.md), and other weights than fp32 gives; in the plan, so in lineage "
+                                    "and the checkpoint and reference-cache keys.")
     gradient_checkpointing: bool = Field(description="Recompute activations in backward (CUDA only; off on CPU).")
     liger: bool = Field(description="Liger kernels (CUDA only; needs liger-kernel installed).")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
