@@ -322,6 +322,8 @@ def _train_section(inp: ReleaseInputs) -> str:
     lines = [
         f"- effective (global) batch size: {fmt(effective)}",
         f"- hardware: {fmt(hardware)}",
+        f"- precision: {fmt(((extra.get('train') or {}).get('plan') or {}).get('precision'))} "
+        "(fp32 on CPU unless `train.precision` opts in to bf16 autocast)",
         "- training wall time, CPU seconds and peak memory of this build: `manifest.json`, `runs.train`",
         f"- {_resume_line(tm, (extra.get('train') or {}).get('resume') or {})}",
         f"- libraries: {', '.join(f'{k} {v}' for k, v in versions.items()) or MISSING}",
