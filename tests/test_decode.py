@@ -138,3 +138,22 @@ def test_cache_capacity_is_enforced():
     assert layer.get_seq_length() == 3 and layer.keys.shape == (1, 2, 3, 8)
     with pytest.raises(RuntimeError, match="capacity 4"):
         layer.update(k, k)
+
+
+def test_shared_prefix_is_found_and_moved_first():
+    pad = 0
+    ids = torch.tensor([[pad, pad, 5, 6, 7, 8, 9], [5, 6, 7, 1, 2, 3, 4], [pad, 5, 6, 7, 8, 2, 2]])
+    mask = (ids != pad).long()
+    assert D.shared_prefix(ids, mask) == 3  # 5 6 7: 8 differs in row 1
+    assert D.prefix_first(ids, mask, 3).tolist() == [[5, 6, 7, pad, pad, 8, 9], [5, 6, 7, 1, 2, 3, 4],
+                                                     [5, 6, 7, pad, 8, 2, 2]]
+    assert D.shared_prefix(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    same = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    assert D.shared_prefix(same, torch.ones_like(same)) == 2  # each row keeps a token of its own
+
+
+def test_the_shared_prefix_path_runs_in_these_tests(tiny):
+    """The chat template's system turn is shared by every prompt above, so the greedy and grouped-prefill
+    comparisons with model.generate cover encoding it once."""
+    _, _, enc = tiny
+    assert D.shared_prefix(enc["input_ids"], enc["attention_mask"]) >= D.PREFIX_MIN_TOKENS
