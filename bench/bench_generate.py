@@ -250,9 +250,13 @@ def main() -> None:
         print(f"| {w} | {n} | {rt['allocator']}, {rt['omp_wait_policy']} | {med['tokens']:.0f} | {tps:.1f} | {tpc:.1f} "
               f"| {1000 * med['cpu'] / med['seqs']:.0f} | {med['rss']:.0f} "
               f"| {tps / b:.2f} | {tpc / bc:.2f} | {med['all_pass']:.3f} | {med['mean_pass']:.3f} | {dict(sorted((int(k), v) for k, v in rs[0]['ratings'].items()))} |")
+    print()
+    for n in names[1:]:
+        r = {w: speed.get((w, n), float("nan")) / speed[(w, "transformers")] for w in work}
+        print(f"{n}: tokens/s {' '.join(f'{w} {v:.2f}' for w, v in r.items())}")
     ratio = {w: speed.get((w, args.backend), float("nan")) / speed[(w, "transformers")] for w in work}
     cratio = {w: speed.get((w, args.backend, "cpu"), float("nan")) / speed[(w, "transformers", "cpu")] for w in work}
-    print(f"\n{args.backend} per CPU second: sampling {cratio.get('sampling', float('nan')):.2f} greedy {cratio.get('greedy', float('nan')):.2f}")
+    print(f"{args.backend} per CPU second: sampling {cratio.get('sampling', float('nan')):.2f} greedy {cratio.get('greedy', float('nan')):.2f}")
     print(f"speedup sampling {ratio.get('sampling', float('nan')):.2f} greedy {ratio.get('greedy', float('nan')):.2f}")
 
 
