@@ -29,16 +29,16 @@ baseline, medians).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+import child_process  # bench/child_process.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -172,7 +172,7 @@ def child(args) -> None:
     r = {"wall": wall, "cpu": cpu, "tokens": st["new_tokens"], "seqs": st["sequences"], "rss": rss.peak / 2**20,
          "load": os.getloadavg()[0], "runtime": facts(),
          **quality(texts[: len(evals) if args.workload == "greedy" else None], rows)}
-    print("RESULT " + json.dumps(r), flush=True)
+    child_process.report(r)
 
 
 def spawn(name: str, workload: str, args) -> dict:
@@ -184,12 +184,7 @@ def spawn(name: str, workload: str, args) -> dict:
         env.pop("OMP_WAIT_POLICY", None)  # the stage chooses it, as `make repro` leaves it to the stage
     cmd = [sys.executable, __file__, "--child", name, "--workload", workload, "--workloads", workload,
            "--candidate-runtime", args.candidate_runtime, *(["--quick"] if args.quick else [])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{name} {workload} failed with status {proc.returncode}")
-    return json.loads(line.removeprefix("RESULT "))
+    return child_process.run(cmd, cwd=ROOT, env=env, label=f"{name} {workload}")
 
 
 def main() -> None:

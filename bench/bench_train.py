@@ -43,11 +43,12 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import child_process  # bench/child_process.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "llama-factory" / "dpo_en_demo.json"
@@ -184,7 +185,7 @@ def _child(args: argparse.Namespace) -> None:
     from pipeline.train.report import peak_rss_mb
 
     if args.child == "peak":
-        print("RESULT " + json.dumps({"fp32": measure_peak(), "bf16": measure_peak(dtype="bfloat16")}), flush=True)
+        child_process.report({"fp32": measure_peak(), "bf16": measure_peak(dtype="bfloat16")})
         return
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
     if args.child == "trl-defaults":
@@ -194,7 +195,7 @@ def _child(args: argparse.Namespace) -> None:
                         precision="bf16" if "bf16" in args.child else "auto")
     res["peak_rss_mb"] = peak_rss_mb()
     res["runtime"] = facts()
-    print("RESULT " + json.dumps(res), flush=True)
+    child_process.report(res)
 
 
 def _spawn(variant: str, args: argparse.Namespace, data: Path, ref_dir: Path) -> dict:
@@ -202,12 +203,7 @@ def _spawn(variant: str, args: argparse.Namespace, data: Path, ref_dir: Path) ->
            "--epochs", str(args.epochs), "--ref-dir", str(ref_dir), "--baseline-runtime", args.baseline_runtime]
     # The environment as given: the baseline runs as a plain script would (OpenMP and glibc defaults) unless
     # --baseline-runtime tuned; the stage variants choose their runtime as the stage does.
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, check=False)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{variant} failed with status {proc.returncode}")
-    return json.loads(line.removeprefix("RESULT "))
+    return child_process.run(cmd, cwd=ROOT, env=dict(os.environ), label=variant)
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ class GenerateParams(Section):
         default="float32", description="Weights precision of the ctranslate2 backend; int8 is opt-in and recorded in every row's decoding and in lineage.")
     precision: Literal["float32", "bfloat16"] = Field(
         default="float32", description="Weights, activations and KV cache of the transformers backend; bfloat16 is opt-in "
-                                       "(about 2x the tokens/s on a CPU with AVX512_BF16, BENCHMARKS.md; it changes the samples) and is recorded in every row's decoding, "
+                                       "(1.8x the float32 loop's tokens/s on the 2-core AVX512_BF16 CPU, bench_generate 2026-12-02; it changes the samples) and is recorded in every row's decoding, "
                                        "in lineage and in the card.")
     cache: Literal["preallocated", "dynamic", "static"] = Field(
         default="preallocated", description="Decoding loop of the transformers backend: preallocated = pipeline.lm.decode (shared prefill, preallocated KV cache, finished rows dropped, top-p without a full sort); dynamic / static = transformers' model.generate with that cache_implementation.")

@@ -61,8 +61,8 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(description="auto: CUDA when available, else CPU.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast on a CUDA GPU that has it (else fp16 with loss scaling), fp32 on CPU. "
-                                    "bf16 on CPU is opt-in: torch's bfloat16 autocast, about 1.5x the steps/s on a CPU with "
-                                    "AVX512_BF16 or AMX (BENCHMARKS.md), and other weights than fp32 gives; in the plan, so in lineage "
+                                    "bf16 on CPU is opt-in: torch's bfloat16 autocast, 1.41x fp32's tokens/s on the 2-core "
+                                    "AVX512_BF16 CPU (bench_train, 2026-12-02), and other weights than fp32 gives; in the plan, so in lineage "
                                     "and the checkpoint and reference-cache keys.")
     gradient_checkpointing: bool = Field(description="Recompute activations in backward (CUDA only; off on CPU).")
     liger: bool = Field(description="Liger kernels (CUDA only; needs liger-kernel installed).")
