@@ -339,6 +339,8 @@ def test_same_inputs_same_weights_with_warm_reference_cache(first_run, tiny_mode
 def test_cpu_bf16_is_opt_in_and_keyed(first_run, tiny_model_dir):
     """train.precision = bf16 on CPU: TRL trains under bfloat16 autocast, the plan says so (lineage, keys),
     the fp32 run's reference cache is not reused, and the weights are other than fp32's."""
+    import shutil
+
     from pipeline.stages.train import run
     from pipeline.train.setup import build_dpo_config, make_plan
 
@@ -348,7 +350,12 @@ def test_cpu_bf16_is_opt_in_and_keyed(first_run, tiny_model_dir):
     assert (plan.device, plan.precision) == ("cpu", "bf16")
     cfg = build_dpo_config(bf16, plan, work / "cfg")
     assert cfg.bf16 and not cfg.fp16 and cfg.use_cpu
-    res = run(bf16, **_run_kwargs(work, tiny_model_dir, data, bf16, ckpt="ckpt-bf16", out="out-bf16"))
+    # Its own reference dir, seeded with the fp32 run's cache: the shared one stays as the other tests expect.
+    kw = _run_kwargs(work, tiny_model_dir, data, bf16, ckpt="ckpt-bf16", out="out-bf16")
+    kw["ref_logps_dir"] = work / "ref-bf16"
+    shutil.copytree(work / "ref", kw["ref_logps_dir"])
+    res = run(bf16, **kw)
+    assert len(list(kw["ref_logps_dir"].glob("train-*.safetensors"))) == 2  # fp32's kept, bf16's added
     assert res["plan"]["precision"] == "bf16" and res["metrics"]["ref_logps_cache_hit"] == 0.0
     assert res["metrics"]["steps"] == first["metrics"]["steps"]
     assert sha256_file(work / "out-bf16" / "adapter/adapter_model.safetensors") != sha256_file(
