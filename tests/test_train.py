@@ -116,7 +116,7 @@ def _plan(**kw):
     from pipeline.train.setup import Plan
 
     base = dict(device="cuda", world_size=1, local_processes=1, per_device_batch_size=4, grad_accumulation=2,
-                global_batch_size=8, torch_threads=None, attn_implementation="sdpa", precision="bf16",
+                global_batch_size=8, torch_threads=None, attn_implementation="sdpa", precision="bf16", packing=True,
                 gradient_checkpointing=False, liger=False, distributed_type="NO")
     return Plan(**{**base, **kw})
 
@@ -322,6 +322,7 @@ def test_training_writes_release_metrics_and_plots(first_run):
     assert len((plots / "metrics.csv").read_text().splitlines()) == 5
     assert {"loss.png", "rewards.png", "reward_accuracy.png"} <= {f.name for f in plots.iterdir()}
     assert result["dpo_config"]["beta"] == p.dpo["beta"] and result["hardware"]["trl"]
+    assert result["plan"]["packing"] is True  # the default: padding-free micro-batches
     assert sorted(f.name for f in (work / "ckpt").iterdir()) == ["RUN.json", "checkpoint-4"]  # pruned to final
 
 

@@ -151,7 +151,7 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
     from accelerate import PartialState
 
     from pipeline.lm.loading import load_causal_lm, load_tokenizer
-    from pipeline.train import checkpoints
+    from pipeline.train import checkpoints, packing
     from pipeline.train.report import MetricsCallback, hardware, peak_rss_mb, step_rows, write_plots
     from pipeline.train.setup import build_dpo_config, lora_config, make_plan
     from pipeline.train.trainer import OpenReleaseDPOTrainer, completion_only_lm_head
@@ -174,7 +174,8 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
 
     train = load_pairs(dataset_dir / "train.parquet")
     tokenizer = load_tokenizer(base_dir)
-    model = load_causal_lm(base_dir, attn_implementation=plan.attn_implementation, dtype=torch.float32)
+    attention = packing.register_attention() if plan.packing else plan.attn_implementation
+    model = load_causal_lm(base_dir, attn_implementation=attention, dtype=torch.float32)
     precompute = bool(cfg.precompute_ref_log_probs)
     callback = MetricsCallback(log_fn)
     stable = checkpoints.stable_checkpoint_callback(base_ref)
@@ -182,7 +183,7 @@ def run(p: TrainParams, *, root: Path, base_dir: Path, dataset_dir: Path, out_di
         t0, cpu0 = time.monotonic(), time.process_time()
         trainer = OpenReleaseDPOTrainer(
             model=model, args=cfg, train_dataset=train, processing_class=tokenizer, peft_config=lora_config(p),
-            callbacks=[callback, stable], length_grouping=p.length_grouping,
+            callbacks=[callback, stable], length_grouping=p.length_grouping, packing=plan.packing,
             ref_cache_dir=ref_logps_dir if precompute else None,
             ref_cache_key={"model": model_sha256, "chat_template": fingerprint["chat_template"]})
         setup_s = time.monotonic() - t0

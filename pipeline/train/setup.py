@@ -37,6 +37,7 @@ class Plan:
     torch_threads: int | None
     attn_implementation: str
     precision: str  # "fp32" (CPU) | "bf16" | "fp16"
+    packing: bool  # padding-free micro-batches with per-sequence SDPA (pipeline/train/packing.py)
     gradient_checkpointing: bool
     liger: bool
     distributed_type: str  # from the accelerate config ("NO" for the python launcher)
@@ -125,11 +126,14 @@ def make_plan(p: TrainParams, root: Path, *, world_size: int | None = None,
         raise ParamsError("train.precision = 'bf16' but this GPU has no bfloat16; use 'auto' (fp16 with loss scaling)")
     else:
         precision = p.precision
+    packing = p.packing and attn == "sdpa"
+    if p.packing and not packing:
+        log.info("train.packing ignored with attn_implementation %r: it replaces SDPA only", attn)
     threads = p.torch_threads or (max(1, cores_available() // local) if device == "cpu" else None)
     return Plan(device=device, world_size=world, local_processes=local,
                 per_device_batch_size=p.per_device_batch_size, grad_accumulation=accumulation,
                 global_batch_size=p.global_batch_size, torch_threads=threads, attn_implementation=attn,
-                precision=precision,
+                precision=precision, packing=packing,
                 gradient_checkpointing=p.gradient_checkpointing and device == "cuda",
                 liger=p.liger and device == "cuda", distributed_type=dist_type, fsdp_version=fsdp_version)
 

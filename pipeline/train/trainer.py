@@ -5,6 +5,8 @@
 - Reference log-probs cached on disk (`paths.ref_logps`), keyed by the base model's and the tokenized
   data's hashes and every setting that changes them; reruns and sweeps skip the reference pass.
 - On CPU, only completion tokens go through the LM head (TRL compacts only where Triton runs).
+- Padding-free micro-batches (`packing`): the loss and the reference pass see the padded batch, the
+  model only its real tokens (pipeline/train/packing.py).
 
 Everything else (loss, metrics, checkpoints) is TRL's and transformers' own code.
 """
@@ -22,6 +24,7 @@ from torch.utils.data import Sampler
 from trl import DPOTrainer
 
 from pipeline.core.lineage import sha256_bytes, sha256_json
+from pipeline.train.packing import PackedForward
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +72,11 @@ def tokenized_data_hash(dataset) -> str:
 class OpenReleaseDPOTrainer(DPOTrainer):
     """DPOTrainer plus length-grouped batches and an on-disk reference log-prob cache."""
 
-    def __init__(self, *args: Any, length_grouping: bool = False, ref_cache_dir: str | Path | None = None,
-                 ref_cache_key: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, length_grouping: bool = False, packing: bool = False,
+                 ref_cache_dir: str | Path | None = None, ref_cache_key: dict[str, Any] | None = None, **kwargs: Any):
         # Set before super().__init__: DPOTrainer precomputes reference log-probs inside its __init__.
         self._length_grouping = length_grouping
+        self._packing = packing
         self._ref_cache_dir = Path(ref_cache_dir) if ref_cache_dir is not None else None
         self._ref_cache_key = dict(ref_cache_key or {})
         self.ref_cache_events: list[dict[str, Any]] = []
@@ -84,6 +88,13 @@ class OpenReleaseDPOTrainer(DPOTrainer):
             return super()._get_train_sampler(train_dataset)
         step_pairs = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return LengthGroupedEpochSampler(pair_lengths(dataset), step_pairs, self.args.seed)
+
+    # -- padding-free forward passes -----------------------------------------------------------------
+    def _compute_loss(self, model, inputs, return_outputs):
+        return super()._compute_loss(PackedForward(model) if self._packing else model, inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(PackedForward(model) if self._packing else model, inputs)
 
     # -- reference log-probs -------------------------------------------------------------------------
     def ref_cache_key(self, dataset, name: str) -> dict[str, Any]:
@@ -100,7 +111,7 @@ class OpenReleaseDPOTrainer(DPOTrainer):
         return {"split": name, "data": tokenized_data_hash(dataset), "rows": len(dataset),
                 "params": {"max_length": a.max_length, "truncation_mode": a.truncation_mode, "ld_alpha": self.ld_alpha,
                            "batch_size": a.precompute_ref_batch_size, "padding_free": a.padding_free,
-                           "pad_to_multiple_of": a.pad_to_multiple_of,
+                           "pad_to_multiple_of": a.pad_to_multiple_of, "packing": self._packing,
                            "compact_lm_head": bool(trl_utils._use_triton(self.accelerator.device))},
                 "precision": "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32",
                 "dtype": str(next(model.parameters()).dtype), "device": self.accelerator.device.type,

@@ -64,6 +64,11 @@ class TrainParams(Section):
                                     "bf16 on CPU is opt-in: torch's bfloat16 autocast, 1.41x fp32's tokens/s on the 2-core "
                                     "AVX512_BF16 CPU (bench_train, 2026-12-02), and other weights than fp32 gives; in the plan, so in lineage "
                                     "and the checkpoint and reference-cache keys.")
+    packing: bool = Field(
+        default=True, description="Run each micro-batch's real tokens as one padding-free row, attention per sequence "
+                                  "(pipeline/train/packing.py; TRL 1.16 turns its own padding_free off for DPO). "
+                                  "With SDPA only: other attention kernels train padded. In the plan, so in lineage "
+                                  "and the checkpoint and reference-cache keys.")
     gradient_checkpointing: bool = Field(description="Recompute activations in backward (CUDA only; off on CPU).")
     liger: bool = Field(description="Liger kernels (CUDA only; needs liger-kernel installed).")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
