@@ -8,6 +8,8 @@
     (the reference pass is timed).
 (c) `stage-warm`: the same with the cache filled by (b), as a rerun or a sweep over training params sees.
 (d) `stage-bf16-cold`: (b) with train.precision = bf16 (opt-in bfloat16 autocast), its own cold reference cache.
+(e) `stage-padded-cold`: (b) with train.packing = false (TRL's padded micro-batches), its own cold cache;
+    not run by default (--variants adds it), for measuring what packing gives.
 Shared recipe: LoRA r16/alpha32 on all linear layers, lr 2e-4, beta 0.1, max_length 512, seed 42,
 global batch 8 = 4 per device x 2 accumulation, same pairs and epochs.
 
@@ -104,8 +106,9 @@ def run_baseline(model_dir: Path, data_dir: Path, work: Path, epochs: int) -> di
             "gradient_checkpointing": args.gradient_checkpointing}
 
 
-def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir: Path, precision: str = "auto") -> dict:
-    """(b)/(c)/(d): this stage's run() with params.yaml's train settings, the shared recipe and `precision`."""
+def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir: Path, precision: str = "auto",
+              packing: bool = True) -> dict:
+    """(b)-(e): this stage's run() with params.yaml's train settings, the shared recipe, `precision` and `packing`."""
     from pipeline.core.params import load_params
     from pipeline.stages.train import fingerprint, run
 
@@ -117,6 +120,7 @@ def run_stage(model_dir: Path, data_dir: Path, work: Path, epochs: int, ref_dir:
         p.per_device_batch_size = int(os.environ["BENCH_PER_DEVICE"])
     p.checkpoint_every = 10_000  # a benchmark measures training, not checkpoint writes
     p.precision = precision
+    p.packing = packing
     out = work / "model"
     out.mkdir(parents=True)
     t0, c0 = time.monotonic(), time.process_time()
@@ -192,7 +196,7 @@ def _child(args: argparse.Namespace) -> None:
         res = run_baseline(Path(args.model), Path(args.data), work, args.epochs)
     else:
         res = run_stage(Path(args.model), Path(args.data), work, args.epochs, Path(args.ref_dir),
-                        precision="bf16" if "bf16" in args.child else "auto")
+                        precision="bf16" if "bf16" in args.child else "auto", packing="padded" not in args.child)
     res["peak_rss_mb"] = peak_rss_mb()
     res["runtime"] = facts()
     child_process.report(res)

@@ -266,7 +266,10 @@ def test_completion_only_lm_head_matches_trl(tiny_model_dir):
     assert torch.equal(fast.is_top1, ref.is_top1)
     torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-6)
     import trl.trainer.utils as u
+    from trl.kernels import ChunkedLogProbFunction
+
     assert u._use_triton(torch.device("cpu")) is False  # restored after the block
+    assert u._ChunkedLogProbFunction is ChunkedLogProbFunction
 
 
 # -- real training on the tiny model ---------------------------------------------------------------------

@@ -272,20 +272,25 @@ def completion_only_lm_head(enabled: bool = True) -> Iterator[None]:
 
     TRL 1.16 compacts to the labelled positions only where its Triton kernel runs (CUDA/XPU), to avoid
     recompiling on shape changes elsewhere; plain CPU execution has no such cost, and the prompt and
-    padding positions are most of a batch. The values are unchanged (tests compare both paths).
+    padding positions are most of a batch. On CPU the log-probs then come from materialized logits
+    (pipeline/train/lm_head.py) instead of TRL's recomputing kernel. The values are unchanged up to float
+    rounding (tests compare both paths).
     """
     import trl.trainer.utils as trl_utils
+
+    from pipeline.train.lm_head import CpuLogProbFunction
 
     if not enabled:
         yield
         return
-    original = trl_utils._use_triton
+    original, original_fn = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
 
     def compact(device: torch.device) -> bool:
         return device.type == "cpu" or original(device)
 
     trl_utils._use_triton = compact
+    trl_utils._ChunkedLogProbFunction = CpuLogProbFunction(original_fn)
     try:
         yield
     finally:
-        trl_utils._use_triton = original
+        trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = original, original_fn
