@@ -77,11 +77,12 @@ def _png(path: Path) -> None:
     plt.close(fig)
 
 
-def _record(root: Path, stage: str, params: dict, inputs: list, outputs: list, run: str, commit: str) -> None:
+def _record(root: Path, stage: str, params: dict, inputs: list, outputs: list, run: str, commit: str,
+            extra: dict | None = None) -> None:
     rec = LineageRecord(stage=stage, params=params, params_digest=f"{abs(hash(stage)):016x}" * 4,
                         inputs=[Artifact.of(root / p, rows=r, root=root) for p, r in inputs],
                         outputs=[Artifact.of(root / p, rows=r, root=root) for p, r in outputs],
-                        extra={"metrics": {}})
+                        extra={"metrics": {}, **(extra or {})})
     out = root / "lineage" / f"{stage}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec.to_dict(), indent=2, sort_keys=True))
@@ -173,7 +174,8 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     _record(root, "validate", {}, [(p.ingested, 10)], [(p.validated, 9)], "3", commit)
     _record(root, "build", {}, [(p.validated, 9), (p.eval_prompts, 2)], [(p.dataset, 5)], "4", commit)
     _record(root, "train", {"train": {"dpo": {"beta": 0.1, "learning_rate": 2e-4, "seed": 42}, "global_batch_size": 8}},
-            [(p.base_model, None), (f"{p.dataset}/train.parquet", 4)], [(p.model, None)], "5", commit)
+            [(p.base_model, None), (f"{p.dataset}/train.parquet", 4)], [(p.model, None)], "5", commit,
+            extra={"train": {"plan": {"device": "cpu", "precision": "fp32", "packing": True}}})
     _record(root, "evaluate", {"evaluate": {"judge": {"kind": "local", "model": "models/base"}}},
             [(p.model, None), (f"{p.dataset}/test.parquet", 1), (p.eval_prompts, 2)], [(f"{p.metrics}/eval.json", None)],
             "6", commit)

@@ -52,7 +52,7 @@ def _fake_trainer(**over):
     model.config = SimpleNamespace(_attn_implementation=attn)
     acc = SimpleNamespace(device=torch.device(device), unwrap_model=lambda m: m)
     self = SimpleNamespace(args=SimpleNamespace(**args), accelerator=acc, ref_model=None, model=model,
-                           ld_alpha=over.pop("ld_alpha", None),
+                           ld_alpha=over.pop("ld_alpha", None), _packing=over.pop("packing", True),
                            _ref_cache_key=over.pop("extra", {"model": "m" * 64, "chat_template": "t" * 64}))
     assert not over, over
     return self
@@ -85,6 +85,7 @@ REF_FLIPS = {
     "ld_alpha": dict(ld_alpha=0.5),
     "batch size": dict(precompute_ref_batch_size=4),
     "padding_free": dict(padding_free=True),
+    "packing (padding-free micro-batches)": dict(packing=False),
     "precision": dict(bf16=True),
     "dtype": dict(dtype=torch.bfloat16),
     "device": dict(device="meta"),

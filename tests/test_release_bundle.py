@@ -91,6 +91,7 @@ def test_model_card_sections_and_numbers(bundle):
     assert "[0.0278, 0.3056]" in text                      # the interval is shown
     assert "![loss](plots/train/loss.png)" in text
     assert "`dpo.beta` | 0.1" in text and "effective (global) batch size: 8" in text
+    assert "- precision: fp32 " in text and "- micro-batches: padding-free: the real tokens" in text
     # the card is a DVC output: run ids stay out of it; the manifest carries them (from the run records)
     assert "00000000000000000000000000000005" not in text and "manifest.json`, `runs.train`" in text
     assert "Model Card for Model ID" not in text           # TRL's README is replaced

@@ -310,6 +310,13 @@ def _reproduce(info: ReleaseInfo) -> str:
         "```bash", f"openrelease audit {info.model_repo} --revision {info.version}", "```"])
 
 
+def _micro_batches(packing: bool | None) -> str:
+    if packing is None:
+        return MISSING
+    return ("padding-free: the real tokens of each micro-batch as one row, attention per sequence (`train.packing`)"
+            if packing else "padded to the longest sequence (TRL's collator)")
+
+
 def _train_section(inp: ReleaseInputs) -> str:
     tp = inp.train_params()
     rec = inp.record("train") or {}
@@ -324,6 +331,7 @@ def _train_section(inp: ReleaseInputs) -> str:
         f"- hardware: {fmt(hardware)}",
         f"- precision: {fmt(((extra.get('train') or {}).get('plan') or {}).get('precision'))} "
         "(fp32 on CPU unless `train.precision` opts in to bf16 autocast)",
+        f"- micro-batches: {_micro_batches(((extra.get('train') or {}).get('plan') or {}).get('packing'))}",
         "- training wall time, CPU seconds and peak memory of this build: `manifest.json`, `runs.train`",
         f"- {_resume_line(tm, (extra.get('train') or {}).get('resume') or {})}",
         f"- libraries: {', '.join(f'{k} {v}' for k, v in versions.items()) or MISSING}",
