@@ -212,10 +212,10 @@ def _spawn(variant: str, args: argparse.Namespace, data: Path, ref_dir: Path) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="16 pairs x 2 epochs, one repeat (~5 minutes on an idle 2-core machine)")
+    ap.add_argument("--quick", action="store_true", help="16 pairs x 2 epochs (~5 minutes a repeat on an idle 2-core machine)")
     ap.add_argument("--pairs", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=None, help="runs of each variant (default 1)")
     ap.add_argument("--model", default=str(ROOT / "models" / "base"))
     ap.add_argument("--variants", default="trl-defaults,stage-cold,stage-warm,stage-bf16-cold")
     ap.add_argument("--baseline-runtime", choices=("plain", "tuned"), default="plain",
@@ -226,7 +226,8 @@ def main() -> None:
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.pairs, args.epochs, args.repeats = 16, 2, 1
+        args.pairs, args.epochs = 16, 2
+    args.repeats = args.repeats or 1
     sys.path.insert(0, str(ROOT))
     if args.child:
         return _child(args)
