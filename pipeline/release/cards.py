@@ -323,17 +323,19 @@ def _train_section(inp: ReleaseInputs) -> str:
     tm = inp.metrics.get("train") or {}
     extra = rec.get("extra") or {}
     hyper = _flatten(tp)
+    run_facts = extra.get("train") or {}
+    plan = run_facts.get("plan") or {}
     effective = tm.get("effective_batch_size", extra.get("effective_batch_size", tp.get("global_batch_size")))
     hardware = extra.get("hardware") or tm.get("hardware") or (rec.get("platform") if rec else None)
     versions = rec.get("versions") or {}
     lines = [
         f"- effective (global) batch size: {fmt(effective)}",
         f"- hardware: {fmt(hardware)}",
-        f"- precision: {fmt(((extra.get('train') or {}).get('plan') or {}).get('precision'))} "
+        f"- precision: {fmt(plan.get('precision'))} "
         "(fp32 on CPU unless `train.precision` opts in to bf16 autocast)",
-        f"- micro-batches: {_micro_batches(((extra.get('train') or {}).get('plan') or {}).get('packing'))}",
+        f"- micro-batches: {_micro_batches(plan.get('packing'))}",
         "- training wall time, CPU seconds and peak memory of this build: `manifest.json`, `runs.train`",
-        f"- {_resume_line(tm, (extra.get('train') or {}).get('resume') or {})}",
+        f"- {_resume_line(tm, run_facts.get('resume') or {})}",
         f"- libraries: {', '.join(f'{k} {v}' for k, v in versions.items()) or MISSING}",
         "", "Every training hyperparameter, as the train stage read it:", "",
         _table(["parameter", "value"], [[f"`{k}`", v] for k, v in sorted(hyper.items())]) if hyper else MISSING,

@@ -30,12 +30,13 @@ def materialized_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
         z = softcap * torch.tanh(z / softcap)
     if temperature != 1.0:
         z = z / temperature
-    log_p = torch.log_softmax(z.float(), dim=-1)
+    z = z.float()  # a no-op in fp32; under bf16 autocast the softmax and the statistics run in fp32 (as TRL's)
+    log_p = torch.log_softmax(z, dim=-1)
     log_probs = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(log_p.exp() * log_p).sum(-1) if "entropy" in outputs else None
         log_sum_sq = torch.logsumexp(2 * log_p, dim=-1) if "log_sum_sq_probs" in outputs else None
-        mean_logits = z.float().mean(-1) if "mean_logits" in outputs else None
+        mean_logits = z.mean(-1) if "mean_logits" in outputs else None
         # argmax returns the first maximum: a tie with an earlier token is not a top-1 prediction (as TRL)
         is_top1 = z.argmax(-1) == targets if "is_top1" in outputs else None
     return log_probs, entropy, log_sum_sq, mean_logits, is_top1

@@ -62,10 +62,8 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
     # The label each position predicts (the next token of its own sequence); a sequence's last real
     # position predicts nothing, which is also where the next sequence starts.
     shifted = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), -100)], dim=1)
-    longest = int(lengths.max())
     return {"input_ids": input_ids[keep][None], "position_ids": positions[None], "shift_labels": shifted[keep][None],
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
-            "keep": keep}
+            "cu_seq_lens_q": cu, "keep": keep}
 
 
 def unpack(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
