@@ -20,7 +20,28 @@ from tests.conftest import shared_data
 ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED = ["pref_accuracy", "reward_margin", "pass_rate_base", "pass_rate_policy", "pass_rate_delta",
-            "pass_rate_delta_ci_low", "pass_rate_delta_ci_high", "win_rate", "lc_win_rate", "length_ratio", "kl"]
+            "pass_rate_delta_ci_low", "pass_rate_delta_ci_high", "win_rate", "lc_win_rate", "length_ratio", "kl",
+            "pass_rate_floor", "degenerate_rate_base", "degenerate_rate_policy", "degenerate_rate_delta",
+            "repetition_rate_policy", "prompt_copy_rate_policy", "reused_rate_policy"]
+WORDS = ("apple river stone cloud lamp garden music paper window forest candle bridge mountain ocean "
+         "pencil silver morning winter harbor meadow").split()
+TEMPLATES = ("The {} by the {} was quiet, and we watched the {} until evening.",
+             "I like the {} more than the {}, but the {} is the best of all.",
+             "Yesterday we walked past a {} and a {} before we found the {}.",
+             "My friend keeps a {} on her desk next to a {} and a {}.",
+             "Nobody expected a {} in the {}, least of all the {}.",
+             "We painted the {} blue, then the {}, and finally the {}.",
+             "There is a {} behind the {} where the {} used to be.",
+             "She wrote about a {}, a {} and one small {}.")
+
+
+def varied_answer(prompt: str) -> str:
+    """A different plain English sentence per prompt (one template for every prompt is a reused answer,
+    and langdetect must read it as English for the case checkers)."""
+    import random
+
+    r = random.Random(prompt)
+    return r.choice(TEMPLATES).format(*r.sample(WORDS, 3))
 
 
 # ---------------------------------------------------------------- readers
@@ -177,7 +198,7 @@ class FakeGenerate:
         policy = "policy" in str(model.name_or_path)
         out = []
         for conv in prompts:
-            text = f"an answer to {conv[-1]['content'][:20].lower()} with several words here"
+            text = varied_answer(conv[-1]["content"])
             out.append([text.upper() if policy else text])
         return out
 
@@ -201,7 +222,7 @@ def eval_inputs(tmp_path, tiny_model_dir, other_model_dir) -> Inputs:
     (tmp_path / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general))
     template = tmp_path / "pairwise.txt"
     shutil.copy(ROOT / "data" / "judge" / "pairwise.txt", template)
-    return Inputs(base=base, policy=policy, test=tmp_path / "test.parquet", eval_prompts=tmp_path / "eval.jsonl",
+    return Inputs(base=base, policy=policy, test=tmp_path / "test.parquet", test_prompts=tmp_path / "eval.jsonl",
                   general_prompts=tmp_path / "general.jsonl", judge_template=template, beta=0.1, max_length=256)
 
 
@@ -225,12 +246,14 @@ def test_run_end_to_end_then_cache_hits_then_judge_change(eval_inputs, tmp_path)
     res = run(_params(), eval_inputs, cache, out1, models=CountingModels(), generate_fn=gen)
     m = res.metrics
     for key in REQUIRED:
-        assert key in m and math.isfinite(m[key]), key
+        assert key in m and (math.isfinite(m[key]) or key.endswith(("_ci_low", "_ci_high"))), key
     assert gen.calls == 2 and gen.prompts == 2 * 10  # base and policy, 6 constraint + 4 general prompts each
     # only the shouting policy passes `uppercase`
     assert m["pass_rate_base"] == 0.0 and m["pass_rate_policy"] == 1.0 and m["pass_rate_delta"] == 1.0
     assert m["constraint_pass_rate_base"] == 0.5 and m["n_constraints"] == 12
-    assert m["pass_rate_delta_ci_low"] <= m["pass_rate_delta"] <= m["pass_rate_delta_ci_high"]
+    # every prompt moved from fail to pass: no resample differs, so no interval (NaN), never [1, 1]
+    assert math.isnan(m["pass_rate_delta_ci_low"]) and math.isnan(m["pass_rate_delta_ci_high"])
+    assert m["pass_rate_floor"] < m["pass_rate_policy"] and m["degenerate_rate_policy"] == 0.0
     assert m["pref_n"] == 5 and m["pref_n_truncated_away"] == 0 and 0 <= m["pref_accuracy"] <= 1
     assert m["n_wins"] + m["n_ties"] + m["n_losses"] == m["n_general_prompts"] == 4
     assert m["kl"] > 0 and 0 < m["length_ratio"]
@@ -238,7 +261,7 @@ def test_run_end_to_end_then_cache_hits_then_judge_change(eval_inputs, tmp_path)
     assert pref["reward_chosen"].tolist() == pytest.approx(
         (0.1 * (pref["logp_policy_chosen"] - pref["logp_ref_chosen"])).tolist())
     assert m["reward_margin"] == pytest.approx(pref["margin"].mean())
-    cons = pd.read_parquet(out1 / "constraints.parquet")
+    cons = pd.read_parquet(out1 / "test.parquet")
     assert len(cons) == 6 and cons["pass_policy"].all() and not cons["pass_base"].any()
     assert len(pd.read_parquet(out1 / "general.parquet")) == 4
 
@@ -295,12 +318,13 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
         shutil.copy(tmp_path / name, root / "data" / name)
     shutil.copytree(ROOT / "data" / "ifeval", root / "data" / "ifeval")
     shutil.copytree(ROOT / "data" / "prompts", root / "data" / "prompts")
+    shutil.copytree(ROOT / "data" / "judge", root / "data" / "judge")  # paths.judge_labels
     shutil.copytree(eval_inputs.base, root / "models" / "base")
     shutil.copytree(eval_inputs.policy, root / "models" / "trained")
     (root / "dataset").mkdir()
     shutil.copy(eval_inputs.test, root / "dataset" / "test.parquet")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["paths"].update(eval_prompts="data/eval.jsonl", general_prompts="data/general.jsonl",
+    params["paths"].update(test_prompts="data/eval.jsonl", general_prompts="data/general.jsonl",
                            judge_template="data/pairwise.txt", dataset="dataset", model="models/trained",
                            base_model="models/base")
     params["evaluate"] = _params(bootstrap={"n_resamples": 200}).model_dump(mode="json")
@@ -329,8 +353,9 @@ def test_stage_writes_metrics_plots_lineage_and_links_the_logged_model(eval_inpu
     for png in ("eval_pass_rates.png", "eval_win_rate.png"):
         assert (root / params["paths"]["plots"] / png).read_bytes()[:4] == b"\x89PNG"
     out = root / params["paths"]["eval_dir"]
-    assert sorted(p.name for p in out.iterdir()) == ["constraints.parquet", "eval_ifeval.parquet", "general.parquet",
-                                                     "ifeval.parquet", "preference.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["dev.parquet", "general.parquet", "ifeval.parquet",
+                                                     "judge_human.parquet", "panel.parquet", "preference.parquet",
+                                                     "test.parquet"]
     assert metrics["n_ifeval_prompts"] == 32 and "ifeval_heldout_inst_strict_policy" in metrics
     assert any((root / params["paths"]["eval_cache"]).rglob("*.json"))
     record = read_json(root / "lineage" / "evaluate.json")
@@ -402,9 +427,9 @@ def test_missing_trained_model_is_a_clear_error(eval_inputs, tmp_path):
 # ---------------------------------------------------------------- rules that keep the metrics honest
 
 def test_an_empty_model_fails_every_default_prompt_and_shows_no_gain(eval_inputs, tmp_path):
-    """The default evaluation sets (data/prompts/eval.jsonl and the IFEval subset): a model that always
+    """The default evaluation sets (data/prompts/test.jsonl and the IFEval subset): a model that always
     answers "" passes nothing, gains nothing, and loses every judged pair."""
-    eval_inputs.eval_prompts = ROOT / "data" / "prompts" / "eval.jsonl"
+    eval_inputs.test_prompts = ROOT / "data" / "prompts" / "test.jsonl"
     eval_inputs.ifeval_prompts = ROOT / "data" / "ifeval" / "input_subset.jsonl"
     eval_inputs.train_prompts = ROOT / "data" / "prompts" / "train.jsonl"
 
@@ -415,8 +440,8 @@ def test_an_empty_model_fails_every_default_prompt_and_shows_no_gain(eval_inputs
     m = run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=gen).metrics
     assert m["pass_rate_policy"] == 0.0 and m["constraint_pass_rate_policy"] == 0.0
     assert m["pass_rate_delta"] <= 0 and m["ifeval_prompt_strict_valid_policy"] == 0.0
-    assert m["ifeval_prompt_strict_valid_delta"] <= 0 and m["eval_ifeval_prompt_strict_valid_policy"] == 0.0
-    assert m["eval_ifeval_heldout_inst_strict_policy"] == 0.0 and m["n_eval_ifeval_heldout_instructions"] > 0
+    assert m["ifeval_prompt_strict_valid_delta"] <= 0 and m["test_ifeval_prompt_strict_valid_policy"] == 0.0
+    assert m["test_ifeval_heldout_inst_strict_policy"] == 0.0 and m["n_test_ifeval_heldout_instructions"] > 0
     assert m["empty_rate_policy"] == 1.0 and m["empty_rate_base"] == 0.0
     assert m["win_rate"] == 0.0  # an empty answer loses without asking the judge
     assert m["n_judged_pairs"] == 0 and m["judge_reliable"] == 1  # nothing rested on the judge
@@ -427,7 +452,7 @@ def test_unfinished_answers_fail_and_are_counted(eval_inputs, tmp_path):
         policy = "policy" in str(model.name_or_path)
         if stats is not None:  # the base model is always cut at max_new_tokens
             stats["finished"] = [[policy] for _ in prompts]
-        return [[f"an answer to {c[-1]['content'][:20].lower()} with several words here".upper()] for c in prompts]
+        return [[varied_answer(c[-1]["content"]).upper()] for c in prompts]
 
     m = run(_params(), eval_inputs, EvalCache(tmp_path / "c"), tmp_path, generate_fn=gen).metrics
     assert m["unfinished_rate_base"] == 1.0 and m["unfinished_rate_policy"] == 0.0
@@ -464,8 +489,10 @@ def test_unreliable_judge_changes_no_gate_and_no_model_index_entry():
 
     assert "**The judge is unreliable**" in judge_section(bad, None, None)  # the card says why
     assert "none was run" in judge_section(bad, None, None)
-    rep = {"file": "h.jsonl", "n": 9, "agreement": 0.5, "kappa": 0.1, "agreement_no_tie": 0.6}
-    assert "kappa 0.100" in judge_section(good, rep, "h.jsonl")
+    rep = {"file": "h.jsonl", "n": 9, "agreement": 0.5, "kappa": 0.1, "agreement_no_tie": 0.6,
+           "judge": {"kind": "local"}, "template_sha256": "t"}
+    assert "kappa 0.100" in judge_section(good, rep, "h.jsonl", {"id": {"kind": "local"}, "template_sha256": "t"})
+    assert "kappa 0.100" not in judge_section(good, rep, "h.jsonl", {"id": {"kind": "openai"}, "template_sha256": "t"})
 
 
 def test_model_index_has_measured_metrics_with_datasets_and_intervals():

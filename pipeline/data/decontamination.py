@@ -121,3 +121,24 @@ def load_index(sets: list[EvalPromptSet], n: int, min_words: int, root: Path) ->
             n += 1
         info[s.name] = {"path": s.path, "field": s.field, "sha256": digest, "prompts": n, "removed": 0, "rows": []}
     return index, info
+
+
+def role_overlaps(roles: dict[str, str], n: int, min_words: int, root: Path, field: str = "prompt") -> list[str]:
+    """Overlaps between prompt files that must be disjoint (train, dev, test): for each file after the
+    first, every prompt that equals or shares an n-gram with a prompt of an earlier file, as
+    `file:line (id) overlaps <role> <id> (<kind>)`. Empty when the roles are disjoint."""
+    problems: list[str] = []
+    names = list(roles)
+    for i, later in enumerate(names[1:], start=1):
+        sets = [EvalPromptSet(name=r, path=roles[r], field=field) for r in names[:i]]
+        index, _ = load_index(sets, n, min_words, root)
+        path = Path(roles[later]) if Path(roles[later]).is_absolute() else root / roles[later]
+        for where, rec in iter_records(str(path)):
+            texts = eval_texts(rec, field, str(path), where)
+            ws = [words(t) for t in texts]
+            for m in index.match(ws, [index.hasher.ids(w) for w in ws]):
+                if m is not None:
+                    problems.append(f"{roles[later]}:{where} ({rec.get('id', rec.get('key', '?'))}) overlaps "
+                                    f"{m.eval_set} {m.item} ({m.kind})")
+                    break
+    return problems

@@ -3,8 +3,9 @@
 For each model, on IFEval-format prompts (`pipeline.constraints.ifeval`):
 - the reference numbers, exactly as IFEval computes them (no validity rule on top, so they compare
   with published figures): prompt-level and instruction-level accuracy, strict and loose;
-- the headline with the validity rule: an unfinished response (cut at max_new_tokens) or an empty
-  one is a failed answer, so it fails every instruction of its prompt (`ifeval_prompt_strict_valid_*`);
+- the headline with the validity rule (`pipeline.eval.verifiable.score_set`): a degenerate answer
+  (empty, cut, looping, copying the prompt, reused) fails every instruction of its prompt
+  (`ifeval_prompt_strict_valid_*`);
 - instruction-level strict and loose accuracy separately for the ids that never occur in the
   training prompts (`heldout`) and those that do (`indist`).
 Prompt-level rates get a bootstrap interval over prompts; instruction-level (pooled) rates a cluster
@@ -14,7 +15,6 @@ bootstrap that resamples prompts, since the instructions of one prompt share one
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,28 +87,24 @@ def _mean(prefix: str, arrays: tuple, stat, ci: dict, m: dict, min_clusters: int
     m.update({prefix: est, f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi})
 
 
-def ifeval_metrics(rows: list[dict], responses: dict[str, Sequence[str]], finished: dict[str, Sequence[bool | None]],
-                   train_ids: set[str], ci: dict, min_clusters: int, prefix: str = "ifeval_") -> tuple[dict[str, float], Any]:
-    """Metrics `<prefix>*` for each model in `responses` ({"base": [...], "policy": [...]})."""
-    import pandas as pd
-
+def ifeval_metrics(scores: dict[str, Any], train_ids: set[str], ci: dict, min_clusters: int,
+                   prefix: str = "ifeval_") -> dict[str, float]:
+    """Metrics `<prefix>*` for each model's `SetScore` in `scores` ({"base": ..., "policy": ...}):
+    IFEval's reference accuracies (strict from the scored verdicts, loose recomputed), held-out and
+    in-distribution instruction ids apart, and the prompt-level strict pass with the validity rule."""
     from pipeline.constraints.ifeval import follow_list
 
+    rows = next(iter(scores.values())).rows
     m: dict[str, float] = {f"n_{prefix}prompts": len(rows),
                            f"n_{prefix}instructions": sum(len(r["instruction_id_list"]) for r in rows)}
     held = [[i not in train_ids for i in r["instruction_id_list"]] for r in rows]
     m[f"n_{prefix}heldout_instructions"] = int(sum(map(sum, held)))
     m[f"n_{prefix}indist_instructions"] = m[f"n_{prefix}instructions"] - m[f"n_{prefix}heldout_instructions"]
-    table: dict[str, list] = {"key": [str(r.get("key", r.get("id"))) for r in rows], "prompt": [r["prompt"] for r in rows],
-                              "instruction_id_list": [json.dumps(r["instruction_id_list"]) for r in rows],
-                              "heldout": [json.dumps(h) for h in held]}
-    strict_pass: dict[str, np.ndarray] = {}
-    for name, resp in responses.items():
-        fin = finished[name]
-        valid = np.array([bool(t.strip()) and f is not False for t, f in zip(resp, fin, strict=True)])
+    for name, score in scores.items():
         for mode in ("strict", "loose"):
-            follow = [follow_list(r["instruction_id_list"], r["kwargs"], r["prompt"], t, loose=mode == "loose")
-                      for r, t in zip(rows, resp, strict=True)]
+            follow = score.follow if mode == "strict" else [
+                follow_list(r["instruction_id_list"], r["kwargs"], r["prompt"], t, loose=True)
+                for r, t in zip(rows, score.responses, strict=True)]
             allp = np.array([float(all(f)) for f in follow])
             n = np.array([len(f) for f in follow], dtype=float)
             ok = np.array([sum(f) for f in follow], dtype=float)
@@ -119,13 +115,8 @@ def ifeval_metrics(rows: list[dict], responses: dict[str, Sequence[str]], finish
                                  for f, hs in zip(follow, held, strict=True)], dtype=float)
                 g_n = np.array([sum(h == want for h in hs) for hs in held], dtype=float)
                 _rate(f"{prefix}{group}_inst_{mode}_{name}", g_ok, g_n, ci, m, min_clusters)
-            table[f"follow_{mode}_{name}"] = [json.dumps(f) for f in follow]
-            if mode == "strict":
-                strict_pass[name] = allp * valid
-        _mean(f"{prefix}prompt_strict_valid_{name}", (strict_pass[name],), mean_stat, ci, m, min_clusters)
-        table[f"response_{name}"] = list(resp)
-        table[f"valid_{name}"] = valid.tolist()
-    if {"base", "policy"} <= set(strict_pass):
-        _mean(f"{prefix}prompt_strict_valid_delta", (strict_pass["policy"], strict_pass["base"]), mean_diff, ci, m,
-              min_clusters)
-    return m, pd.DataFrame(table)
+        _mean(f"{prefix}prompt_strict_valid_{name}", (score.passed.astype(float),), mean_stat, ci, m, min_clusters)
+    if {"base", "policy"} <= set(scores):
+        _mean(f"{prefix}prompt_strict_valid_delta", (scores["policy"].passed.astype(float),
+                                                     scores["base"].passed.astype(float)), mean_diff, ci, m, min_clusters)
+    return m

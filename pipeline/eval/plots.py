@@ -39,10 +39,12 @@ def pass_rates(m: dict[str, float], path: Path) -> Path:
            label="prompt-level (95% CI)")
     ax.scatter([0.38, 1.38], [m["constraint_pass_rate_base"], m["constraint_pass_rate_policy"]],
                marker="D", color="black", zorder=3, label="constraint-level")
+    if m.get("pass_rate_floor") is not None:  # the best trivial answer (pipeline.eval.panel): beat it or nothing
+        ax.axhline(m["pass_rate_floor"], color="#c53030", lw=1, ls="--", label="trivial-answer floor")
     ax.set_xticks([0, 1], ["base", "trained"])
     ax.set_ylim(0, 1)
     ax.set_ylabel("prompt-level pass rate")
-    ax.set_title(f"Held-out constraint prompts (n={int(m['n_eval_prompts'])})")
+    ax.set_title(f"Test prompts (n={int(m['n_test_prompts'])})")
     ax.legend(loc="upper left", fontsize=8)
     deltas = ["pass_rate_delta", "constraint_pass_rate_delta"]
     ax2.errorbar([m[k] for k in deltas], [0, 1], xerr=list(zip(*[_err(m, k) for k in deltas], strict=True)),

@@ -1,7 +1,9 @@
 """Stage `build`: validated rows -> the DPO dataset (TRL conversational preference format).
 
 Reads:  `paths.validated/rows.parquet` and `summary.json`; evaluation prompts to decontaminate against
-        (`paths.eval_prompts`, always, plus `data.decontaminate_against`); the chat template of
+        (the project's own, always: `paths.test_prompts`, `dev_prompts`, `ifeval_prompts` and
+        `general_prompts`; plus `data.decontaminate_against`); `paths.train_prompts`, checked disjoint
+        from dev and test (the three prompt roles; an overlap stops the build); the chat template of
         `paths.base_model` (token lengths); params `build`, `data`, `validate.pairs`,
         `validate.max_length`, `validate.max_quarantine_fraction`.
 Writes: `paths.dataset/` train.parquet and test.parquet (columns: pipeline.data.pair_checks.COLUMNS),
@@ -43,16 +45,16 @@ from pipeline.core.params import BuildParams, DataParams, EvalPromptSet, Validat
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.data import dedup, pair_checks
 from pipeline.data.binarization import binarize_batch, held_out_prompts, pair_features
-from pipeline.data.decontamination import load_index
+from pipeline.data.decontamination import load_index, role_overlaps
 from pipeline.data.filtering import column, filter_rows, prepare
 from pipeline.data.pair_checks import check_pairs
 from pipeline.data.validation import stepper
 
 STAGE = "build"
 READS = ["build", "data", "validate.pairs", "validate.max_length", "validate.max_quarantine_fraction",
-         "paths.validated", "paths.eval_prompts", "paths.decontam_sets", "paths.base_model", "paths.dataset", "paths.reports",
-         "paths.metrics"]
-OWN_EVAL_SET = "eval_prompts"
+         "evaluate.general.field", "paths.validated", "paths.train_prompts", "paths.test_prompts", "paths.dev_prompts",
+         "paths.ifeval_prompts", "paths.general_prompts", "paths.decontam_sets", "paths.base_model", "paths.dataset",
+         "paths.reports", "paths.metrics"]
 PROVENANCE = ("id", "source", "source_row", "license", "generator_chosen", "generator_rejected",
               "ratings_chosen", "ratings_rejected", "rule", "seed", "split", "prompt_hash")
 PAIRS_REPORT_DIR, DECONTAM_FILE, METRICS_FILE = "pairs_validation", "decontamination.json", "data.json"
@@ -175,37 +177,55 @@ def _metrics(summary, counts, bin_counts, n_kept, n_no_pair, n_pairs, outcome, n
     return m
 
 
-def eval_sets_for(data: DataParams, eval_prompts: str) -> list[EvalPromptSet]:
-    """data.decontaminate_against plus the project's own eval prompts (unless already listed)."""
-    sets = list(data.decontaminate_against)
-    if not any(Path(s.path) == Path(eval_prompts) for s in sets):
-        sets.insert(0, EvalPromptSet(name=OWN_EVAL_SET, path=eval_prompts, field="prompt"))
-    return sets
+def eval_sets_for(data: DataParams, own: dict[str, str], general_field: str = "prompt") -> list[EvalPromptSet]:
+    """The project's own evaluation sets (`own`: paths key -> file) first, then data.decontaminate_against
+    (a set already among the own ones is not read twice)."""
+    sets = [EvalPromptSet(name=key, path=path, field=general_field if key == "general_prompts" else "prompt")
+            for key, path in own.items()]
+    mine = {Path(s.path) for s in sets}
+    return sets + [s for s in data.decontaminate_against if Path(s.path) not in mine]
 
 
-def check_set_records(sets: list[EvalPromptSet], eval_prompts: str, records: Path, root: Path) -> None:
-    """Each set file must be the one its decontam_set stage hashed (so DVC tracked what build reads)."""
+def check_set_records(sets: list[EvalPromptSet], own: dict[str, str], records: Path, root: Path) -> None:
+    """Each set file must be the one its decontam stage hashed (so DVC tracked what build reads): the own
+    sets are in `_own.json`, each other set in `<name>.json`."""
     from pipeline.core.lineage import sha256_file
 
-    for s in sets:
-        name = "_own" if Path(s.path) == Path(eval_prompts) else s.name
+    def recorded(name: str) -> dict:
         try:
-            want = read_json(records / f"{name}.json").get("sha256")
+            return read_json(records / f"{name}.json")
         except DataError:
-            want = None
+            return {}
+
+    own_records = {r.get("name"): r for r in recorded("_own").get("sets", []) if isinstance(r, dict)}
+    for s in sets:
+        want = (own_records.get(s.name) if s.name in own else recorded(s.name)) or {}
+        want = want.get("sha256")
         file = Path(s.path) if Path(s.path).is_absolute() else root / s.path
         have = sha256_file(file) if file.is_file() else "missing"
         if have != want:
-            raise SourceError(f"decontamination set {s.name}: {s.path} has sha256 {have[:16]}, its record in "
-                              f"{records} says {str(want)[:16]} (run `dvc repro build`)")
+            raise SourceError(f"decontamination set {s.name}: {s.path} has sha256 {have}, its record in "
+                              f"{records} says {want} (run `dvc repro build`)")
+
+
+def check_roles(roles: dict[str, str], b: BuildParams, root: Path) -> None:
+    """Train, dev and test prompts must be disjoint (exact text or a shared n-gram, build's own
+    decontamination rule): a dev or test prompt seen in training, or a test prompt that selection saw,
+    would make the reported number a measure of memory or of choice."""
+    problems = role_overlaps(roles, b.decontam_ngram, b.decontam_min_words, root)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(problems[0].split(" (")[0], None, "prompt roles are disjoint", problems[0] + more)
 
 
 def _body(ctx: StageContext) -> None:
     pr = ctx.params
     validated = ctx.path("validated")
     ctx.add_input(validated, name="validated")
-    sets = eval_sets_for(pr.data, pr.paths.eval_prompts)
-    check_set_records(sets, pr.paths.eval_prompts, ctx.path("decontam_sets"), ctx.root)
+    own = pr.paths.own_eval_sets()
+    check_roles(pr.paths.prompt_roles(), pr.build, ctx.root)
+    sets = eval_sets_for(pr.data, own, pr.evaluate.general.field)
+    check_set_records(sets, own, ctx.path("decontam_sets"), ctx.root)
     for s in sets:
         ctx.add_input(ctx.root / s.path if not Path(s.path).is_absolute() else s.path, name=f"eval:{s.name}")
     from pipeline.lm.template import check_template_dir

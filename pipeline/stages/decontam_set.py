@@ -1,8 +1,10 @@
 """Stages `decontam_set@<i>` and `decontam_own`: make each decontamination set a DVC dependency of `build`.
 
-Reads:  one entry of params `data.decontaminate_against` (`decontam_set NAME`), or `paths.eval_prompts`
-        (`decontam_set --own`, the project's own evaluation prompts, always decontaminated against).
-Writes: `paths.decontam_sets/<name>.json` (`_own.json` for the own set): the set's name, path and sha256.
+Reads:  one entry of params `data.decontaminate_against` (`decontam_set NAME`), or the project's own
+        evaluation prompt files (`decontam_set --own`: `paths.test_prompts`, `dev_prompts`,
+        `ifeval_prompts`, `general_prompts`, always decontaminated against).
+Writes: `paths.decontam_sets/<name>.json`: the set's name, path and sha256 (`_own.json`: one such
+        record per own set, under `sets`).
 Run:    `dvc repro build` runs these first.
 
 DVC's foreach cannot add deps to another stage, so each set gets this small stage with the set's file
@@ -24,7 +26,8 @@ from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "decontam_set"
 READS = ["data.decontaminate_against", "paths.decontam_sets"]
-OWN_READS = ["paths.eval_prompts", "paths.decontam_sets"]
+OWN_READS = ["paths.test_prompts", "paths.dev_prompts", "paths.ifeval_prompts", "paths.general_prompts",
+             "paths.decontam_sets"]
 DVC_STAGES = {STAGE: READS, "decontam_own": OWN_READS}  # dvc.yaml stage -> the params it reads
 OWN = "_own"  # not a valid set name (they start with a letter or digit), so it never clashes
 
@@ -48,7 +51,19 @@ def run(name: str, path: str, root: Path, out: Path) -> dict[str, Any]:
 def _body_for(name: str):
     def body(ctx: StageContext) -> None:
         if name == OWN:
-            path = ctx.params.paths.eval_prompts
+            out = record_file(ctx.path("decontam_sets"), name)
+            sets = []
+            for key, path in ctx.params.paths.own_eval_sets().items():
+                file = Path(path) if Path(path).is_absolute() else ctx.root / path
+                if not file.is_file():
+                    from pipeline.core.errors import SourceError
+
+                    raise SourceError(f"paths.{key}: {path} does not exist")
+                sets.append({"name": key, "path": path, "sha256": sha256_file(file)})
+                ctx.add_input(file, name=f"eval:{key}", log_dataset=False)
+            atomic_write_json(out, {"name": name, "sets": sets})
+            ctx.add_output(out)
+            return
         else:
             sets = {s.name: s for s in ctx.params.data.decontaminate_against}
             if name not in sets:

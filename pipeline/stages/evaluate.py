@@ -1,15 +1,17 @@
 """Stage `evaluate`: the trained model against its reference (the base model) on data neither saw.
 
 Reads:  `paths.model` (trained), `paths.base_model` (reference), `paths.dataset/test.parquet`,
-        `paths.eval_prompts` (held-out constraint prompts, the project's format or IFEval's),
-        `paths.ifeval_prompts` (the IFEval subset), `paths.train_prompts` (which instruction ids
-        training saw), `paths.general_prompts` and
-        `paths.judge_template`; params `evaluate` and `train.dpo` (beta and max_length, so the implicit
-        reward is the one training optimised); `paths.runs/train.json` `mlflow_model_id`
-        when present (the MLflow LoggedModel the metrics are attached to).
-Writes: `paths.metrics/eval.json` (flat DVC metrics), `paths.eval_dir/{preference,constraints,ifeval,general}.parquet`
-        (one row per test pair / prompt), `paths.plots/eval_pass_rates.png`, `paths.plots/eval_win_rate.png`,
-        and the cache `paths.eval_cache` (DVC `persist: true`).
+        the prompt sets `paths.test_prompts` (reported), `paths.dev_prompts` (selection),
+        `paths.ifeval_prompts` (the IFEval subset) and `paths.general_prompts` (judged), each in the
+        project's format or IFEval's; `paths.train_prompts` (which instruction ids training saw),
+        `paths.judge_template` and `paths.judge_labels` (human-labelled judge pairs); params
+        `evaluate`, `validity` (what makes an answer degenerate) and `train.dpo` (beta and max_length,
+        so the implicit reward is the one training optimised); `paths.runs/train.json`
+        `mlflow_model_id` when present (the MLflow LoggedModel the metrics are attached to).
+Writes: `paths.metrics/eval.json` (flat DVC metrics), one Parquet table per unit in `paths.eval_dir`
+        (`test`, `dev`, `ifeval`, `general`, `panel`, `preference`, `judge_human`),
+        `paths.plots/eval_pass_rates.png`, `paths.plots/eval_win_rate.png`, and the cache
+        `paths.eval_cache` (DVC `persist: true`).
 Run:    `dvc repro evaluate` (or `python -m pipeline.stages.evaluate`).
 
 What is measured:
@@ -21,23 +23,31 @@ What is measured:
    (`pref_n_truncated_away`) and left out, as TRL leaves them out of training. Several pairs can
    come from one prompt, so the interval is a cluster bootstrap over prompts (`pref_n_prompts`);
    with fewer than `bootstrap.min_clusters` prompts no interval is reported (NaN), never [1, 1].
-2. Verifiable instruction following (`pipeline.eval.verifiable`, `pipeline.eval.ifeval_eval`): greedy
-   responses of both models to the held-out constraint prompts and to the IFEval subset. The
-   validity rule: an empty response, or one cut at max_new_tokens, is a failed answer, so
-   `pass_rate_*` (the headline) cannot be gamed by saying less; `empty_rate_*` and
-   `unfinished_rate_*` give the share of such responses per model over every evaluation prompt.
-   IFEval is scored with its reference semantics (strict and loose, prompt- and instruction-level;
-   comparable with published numbers) and, separately, with the validity rule; instruction ids the
-   training prompts never use are reported apart (`ifeval_heldout_*` vs `ifeval_indist_*`). When
-   `paths.eval_prompts` is itself in IFEval's format the headline is its IFEval prompt-level
-   strict accuracy with the validity rule.
+2. Verifiable instruction following (`pipeline.eval.verifiable.score_set`, one function for every
+   set): greedy answers of both models to the test, dev and IFEval-subset prompts, checked by
+   IFEval's strict rules and by the validity rule (`pipeline.constraints.validity`): an empty, too
+   short, looping, prompt-copying, reused or cut answer is a failed answer. `pass_rate_*` (the
+   headline, on test) and `dev_pass_rate_*` (what selection reads) are prompt-level strict passes of
+   valid answers; `test_ifeval_*` and `ifeval_*` add IFEval's reference accuracies, which ignore the
+   validity rule so they compare with published numbers, with instruction ids the training prompts
+   never use reported apart (`*_heldout_*` vs `*_indist_*`).
+   Degeneration: per unit `<unit>_degenerate_rate_{base,policy,delta}`, and over every evaluation
+   answer `degenerate_rate_*` and each rule's `<rule>_rate_*`, all with intervals.
+   The trivial-answer panel (`pipeline.eval.panel`): answers that need no model, scored on the test
+   prompts by the same function; `pass_rate_floor` is the best of them, printed beside the headline
+   and gated on in the release.
 3. Judged win rate on the general prompts: each (policy, base) pair judged in both orders; a pair
    judged differently in the two orders is a tie; ties count half; a blank answer loses without
    the judge. Length-controlled win rate: AlpacaEval 2's GLM (`pipeline.eval.lc`) with its standard
    error and a bootstrap interval. `judge_order_consistency` (the share of pairs the judge
    decides the same way in both orders) says how much the judge's verdicts are worth: below
    `judge.min_order_consistency` `judge_reliable` is 0 and the release leaves its win rates out of
-   the model-index and of every gate.
+   the model-index and of every gate. A tie names no winner, so a judge that always ties scores 0.
+   The same judge is measured against people on `paths.judge_labels` every run
+   (`pipeline.eval.judge_agreement.human_agreement`): `judge_human_agreement` and `judge_human_kappa`
+   with intervals over the pairs it judged (`judge_human_n_judged`; pairs settled by the blank-answer
+   rule are `judge_human_n_rule`, not counted); a kappa interval that includes 0 (or none, NaN) sets
+   `judge_human_reliable` and `judge_reliable` to 0.
 4. Length and drift: mean response length in tokens of each model over all evaluation prompts, their
    ratio, and `kl`, an estimate of KL(policy || base). Along each of the policy's greedy responses,
    the exact next-token KL over the whole vocabulary is computed at every completion position (given
@@ -67,6 +77,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.constraints.validity import Rules
 from pipeline.core.errors import SourceError
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.params import EvaluateParams
@@ -77,17 +88,17 @@ from pipeline.eval.measures import Models, generations, kls, logps, read_general
 from pipeline.eval.stats import (
     cluster_bootstrap_ci,
     mean_stat,
-    order_score,
+    order_consistency,
     pair_scores,
     paired_bootstrap_ci,
 )
-from pipeline.eval.verifiable import verifiable
 
 STAGE = "evaluate"
-READS = ["evaluate", "train.dpo", "paths.base_model", "paths.model", "paths.dataset", "paths.eval_prompts",
+READS = ["evaluate", "validity", "train.dpo", "paths.base_model", "paths.model", "paths.dataset", "paths.test_prompts",
+         "paths.dev_prompts",
          "paths.ifeval_prompts", "paths.train_prompts",
          "paths.general_prompts", "paths.judge_template", "paths.eval_dir", "paths.eval_cache",
-         "paths.metrics", "paths.plots"]
+         "paths.metrics", "paths.plots", "paths.judge_labels"]
 TEST_SPLIT = "test.parquet"  # the file `build` writes in paths.dataset (data contract)
 METRICS_FILE = "eval.json"
 
@@ -99,13 +110,16 @@ class Inputs:
     base: Path
     policy: Path
     test: Path
-    eval_prompts: Path
+    test_prompts: Path
     general_prompts: Path
     judge_template: Path
     beta: float
     max_length: int | None
-    ifeval_prompts: Path | None = None  # IFEval-format prompts evaluated beside eval_prompts
+    ifeval_prompts: Path | None = None  # IFEval-format prompts evaluated beside the test prompts
     train_prompts: Path | None = None  # which instruction ids training saw (held-out ids are the rest)
+    judge_labels: Path | None = None  # human-labelled pairs the judge is measured on (paths.judge_labels)
+    dev_prompts: Path | None = None  # the selection set: scored like test, read by the sweep rule, never reported
+    rules: Rules | None = None  # params `validity`: what makes an answer degenerate (None: the defaults)
 
 
 @dataclass
@@ -113,6 +127,7 @@ class Result:
     metrics: dict[str, float]
     tables: dict[str, Any] = field(default_factory=dict)  # name -> pandas DataFrame
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (MLflow only, not DVC metrics)
+    judge: dict[str, Any] = field(default_factory=dict)  # id and template sha256 the judge figures belong to
 
 
 def _ci(prefix: str, est_lo_hi: tuple[float, float, float], metrics: dict[str, float]) -> None:
@@ -172,8 +187,9 @@ def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_po
     from pipeline.eval.judges import blank_rule, judge_pairs
     from pipeline.eval.lc import lc_bootstrap_ci, length_controlled
 
+    outcome: dict[str, Any] = {}
     probs = judge_pairs(judge, template, [(g["prompt"], rp, rb) for g, rp, rb in
-                                          zip(general, resp_pol, resp_base, strict=True)], cache)
+                                          zip(general, resp_pol, resp_base, strict=True)], cache, outcome=outcome)
     first, second = [a for a, _ in probs], [b for _, b in probs]
     scores = pair_scores(first, second)
 
@@ -193,14 +209,13 @@ def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_po
     # both orders name the same winner (ties aside, this is the judge's freedom from position bias),
     # over the pairs the judge decided (a pair with a blank answer is decided by rule, not by it)
     asked = [pr for pr, rp, rb in zip(probs, resp_pol, resp_base, strict=True) if blank_rule(rp, rb) is None]
-    m["judge_order_consistency"] = (float(np.mean([order_score(a) == order_score(b) for a, b in asked]))
-                                    if asked else float("nan"))
+    m["judge_order_consistency"] = order_consistency([a for a, _ in asked], [b for _, b in asked])  # a tie names no winner
     m["n_judged_pairs"] = len(asked)
     # A judge that mostly picks by position has not earned a say: its win rates stay out of the
     # model-index and of every gate (pipeline.release), and the card says why.
     m["judge_reliable"] = int(not asked or m["judge_order_consistency"] >= p.judge.min_order_consistency)
     m["judge_min_order_consistency"] = p.judge.min_order_consistency
-    m["judge_unparsed"] = getattr(judge, "unparsed", 0)
+    m["judge_unparsed"] = outcome["unparsed"]  # from the cache entries too: the same cold or warm
     table = pd.DataFrame({"id": [g["id"] for g in general], "prompt": [g["prompt"] for g in general],
                           "response_base": resp_base, "response_policy": resp_pol,
                           "p_policy_shown_first": first, "p_policy_shown_second": second, "score": scores,
@@ -208,13 +223,47 @@ def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_po
     return m, table
 
 
+def read_prompt_set(path: Path, limit: int | None = None) -> list[dict]:
+    """Rows {prompt, instruction_id_list, kwargs, id or key} of a prompt file in the project's format
+    (`pipeline.constraints.prompts`) or IFEval's input format."""
+    from pipeline.constraints.ifeval import read_ifeval
+    from pipeline.constraints.prompts import read_prompts
+    from pipeline.eval.ifeval_eval import is_ifeval_file
+
+    return (read_ifeval(path) if is_ifeval_file(path) else read_prompts(path))[:limit]
+
+
+def answer_sets(models: Models, folder: Path, units: dict[str, list[dict]], p: EvaluateParams, cache: EvalCache,
+                generate_fn: Callable[..., list[list[str]]], who: str) -> dict[str, tuple[list[str], list[bool | None]]]:
+    """Greedy answers of the model in `folder` to every prompt of every named unit: one batched call,
+    the answers handed back per unit by key."""
+    keys = [(name, i) for name, rows in units.items() for i in range(len(rows))]
+    convs = [[{"role": "user", "content": units[name][i]["prompt"]}] for name, i in keys]
+    texts, fins = generations(models, folder, convs, p, cache, generate_fn, f"evaluate: {who}")
+    got = dict(zip(keys, zip(texts, fins, strict=True), strict=True))
+    return {name: ([got[name, i][0] for i in range(len(rows))], [got[name, i][1] for i in range(len(rows))])
+            for name, rows in units.items()}
+
+
 def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, models: Models | None = None,
         generate_fn: Callable[..., list[list[str]]] | None = None, judge: Any = None) -> Result:
-    """Evaluate `inp.policy` against `inp.base`; write per-prompt Parquet files into `out_dir`."""
-    from pipeline.constraints.checkers import read_prompts
-    from pipeline.constraints.ifeval import read_ifeval
-    from pipeline.eval.ifeval_eval import ifeval_metrics, is_ifeval_file, training_ids
+    """Evaluate `inp.policy` against `inp.base`; write one Parquet table per unit into `out_dir`.
+
+    The units, each read, answered, scored and written under its name: `test` (the headline and the
+    model-index), `dev` (what selection reads), `ifeval` (the IFEval subset), `general` (the judged
+    win rate), `panel` (trivial answers to the test prompts), `preference` (the test pairs) and
+    `judge_human` (the judge against people)."""
+    from pipeline.constraints.validity import assess
+    from pipeline.eval.ifeval_eval import ifeval_metrics, training_ids
     from pipeline.eval.judges import JUDGES, template_for
+    from pipeline.eval.panel import run_panel
+    from pipeline.eval.verifiable import (
+        degeneration_metrics,
+        headline_metrics,
+        score_set,
+        set_table,
+        verdict_columns,
+    )
 
     for folder, stage in ((inp.base, "base_model"), (inp.policy, "train")):
         if not any(Path(folder).glob("*.safetensors")):
@@ -222,17 +271,17 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
     if generate_fn is None:
         from pipeline.lm.generation import generate as generate_fn
     models = models or Models()
+    rules = inp.rules or Rules()
     ci = {"n_resamples": p.bootstrap.n_resamples, "confidence_level": p.bootstrap.confidence_level,
           "seed": p.bootstrap.seed}
+    mc = p.bootstrap.min_clusters
     template = template_for(inp.judge_template, p.judge)
-    eval_is_ifeval = is_ifeval_file(inp.eval_prompts)
-    rows = [] if eval_is_ifeval else read_prompts(inp.eval_prompts)[: p.max_eval_prompts]
-    sets = {}  # IFEval-format prompt sets: metric prefix -> rows
-    if eval_is_ifeval:
-        sets["eval_ifeval_"] = read_ifeval(inp.eval_prompts)[: p.max_eval_prompts]
+    sets = {"test": read_prompt_set(inp.test_prompts, p.max_eval_prompts)}
+    if inp.dev_prompts is not None:
+        sets["dev"] = read_prompt_set(inp.dev_prompts, p.max_eval_prompts)
     if inp.ifeval_prompts is not None:
-        sets["ifeval_"] = read_ifeval(inp.ifeval_prompts)
-    general = read_general_prompts(inp.general_prompts, p.general)
+        sets["ifeval"] = read_prompt_set(inp.ifeval_prompts)
+    units = {**sets, "general": read_general_prompts(inp.general_prompts, p.general)}
     if judge is None:
         judge = JUDGES[p.judge.kind](p.judge, default_model=inp.base, sha256_of=models.sha256, loader=models.load)
 
@@ -241,62 +290,78 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
         m, tables["preference"] = preference(models, inp, p, cache, ci)
     metrics.update(m)
 
-    if_rows = [r for rs in sets.values() for r in rs]
-    convs = [[{"role": "user", "content": r["prompt"]}] for r in rows + if_rows + general]
-    with _timed("generate_base", timings):
-        resp_b, fin_b = generations(models, inp.base, convs, p, cache, generate_fn, "evaluate: base")
-    with _timed("generate_policy", timings):
-        resp_p, fin_p = generations(models, inp.policy, convs, p, cache, generate_fn, "evaluate: policy")
-    k, kf = len(rows), len(rows) + len(if_rows)
-    mc = p.bootstrap.min_clusters
-    if rows:
-        m, tables["constraints"] = verifiable(rows, resp_b[:k], resp_p[:k], ci, fin_b[:k], fin_p[:k], mc)
-        metrics.update(m)
-    train_ids = training_ids(inp.train_prompts)
-    if rows and all("instruction_id_list" in r for r in rows):  # project prompts in IFEval ids: split them too
-        m, tables["eval_ifeval"] = ifeval_metrics(rows, {"base": resp_b[:k], "policy": resp_p[:k]},
-                                                  {"base": fin_b[:k], "policy": fin_p[:k]}, train_ids, ci, mc,
-                                                  prefix="eval_ifeval_")
-        metrics.update(m)
-    start = k
-    for prefix, rs in sets.items():
-        sl = slice(start, start + len(rs))
-        m, tables[prefix.rstrip("_")] = ifeval_metrics(rs, {"base": resp_b[sl], "policy": resp_p[sl]},
-                                                       {"base": fin_b[sl], "policy": fin_p[sl]}, train_ids, ci, mc,
-                                                       prefix=prefix)
-        metrics.update(m)
-        start += len(rs)
-    if eval_is_ifeval:  # the headline pass rates: IFEval prompt-level strict with the validity rule
-        for who in ("base", "policy", "delta"):
-            for suf in ("", "_ci_low", "_ci_high"):
-                metrics[f"pass_rate_{who}{suf}"] = metrics[f"eval_ifeval_prompt_strict_valid_{who}{suf}"]
-    for name, resp, fin in (("base", resp_b, fin_b), ("policy", resp_p, fin_p)):
-        metrics[f"empty_rate_{name}"] = float(np.mean([not r.strip() for r in resp]))
-        metrics[f"unfinished_rate_{name}"] = float(np.mean([f is False for f in fin]))
-    metrics["n_responses_per_model"] = len(convs)
+    answers = {}
+    for who, folder in (("base", inp.base), ("policy", inp.policy)):
+        with _timed(f"generate_{who}", timings):
+            answers[who] = answer_sets(models, folder, units, p, cache, generate_fn, who)
 
-    tok = models.tokenizer(inp.base)
-    len_b = np.array([len(tok.encode(r, add_special_tokens=False)) for r in resp_b], dtype=float)
-    len_p = np.array([len(tok.encode(r, add_special_tokens=False)) for r in resp_p], dtype=float)
-    with _timed("judge", timings):
-        m, tables["general"] = judged(p, general, resp_b[kf:], resp_p[kf:], len_b[kf:], len_p[kf:], judge,
-                                      template, cache, ci)
+    # Every prompt set with instructions is scored by one function (pipeline.eval.verifiable.score_set),
+    # the one `openrelease score` and the trivial-answer panel use.
+    scores = {name: {who: score_set(rows, *answers[who][name], rules) for who in ("base", "policy")}
+              for name, rows in sets.items()}
+    train_ids = training_ids(inp.train_prompts)
+    metrics.update(headline_metrics("", scores["test"], ci, mc))  # pass_rate_*: the headline
+    metrics["n_test_prompts"] = len(sets["test"])
+    metrics.update(ifeval_metrics(scores["test"], train_ids, ci, mc, prefix="test_ifeval_"))
+    if "dev" in sets:
+        metrics.update(headline_metrics("dev_", scores["dev"], ci, mc))
+        metrics["n_dev_prompts"] = len(sets["dev"])
+    if "ifeval" in sets:
+        metrics.update(ifeval_metrics(scores["ifeval"], train_ids, ci, mc, prefix="ifeval_"))
+    for name in sets:
+        tables[name] = set_table(scores[name])
+    m, tables["panel"] = run_panel(sets["test"], scores["test"]["base"].responses, rules)
     metrics.update(m)
 
+    general = units["general"]
+    verdicts = {name: {who: s.verdicts for who, s in by_model.items()} for name, by_model in scores.items()}
+    verdicts["general"] = {who: assess([g["prompt"] for g in general], *answers[who]["general"], rules,
+                                       [g["id"] for g in general]) for who in ("base", "policy")}
+    for name, by_model in verdicts.items():
+        metrics.update(degeneration_metrics(f"{name}_", by_model, ci, mc))
+    pooled = {who: [v for name in units for v in verdicts[name][who]] for who in ("base", "policy")}
+    metrics.update(degeneration_metrics("", pooled, ci, mc, per_rule=True))
+    metrics["n_responses_per_model"] = len(pooled["base"])
+
+    tok = models.tokenizer(inp.base)
+    lengths = {who: {name: np.array([len(tok.encode(r, add_special_tokens=False)) for r in answers[who][name][0]],
+                                    dtype=float) for name in units} for who in ("base", "policy")}
+    with _timed("judge", timings):
+        m, tables["general"] = judged(p, general, answers["base"]["general"][0], answers["policy"]["general"][0],
+                                      lengths["base"]["general"], lengths["policy"]["general"], judge, template,
+                                      cache, ci)
+    metrics.update(m)
+    for who in ("base", "policy"):
+        for col, values in verdict_columns(who, verdicts["general"][who]).items():
+            tables["general"][col] = values
+    if inp.judge_labels is not None:  # the judge against people, every run; a kappa interval that includes 0 gates nothing
+        from pipeline.eval.judge_agreement import human_agreement
+
+        with _timed("judge_human", timings):
+            m, tables["judge_human"] = human_agreement(judge, template, inp.judge_labels, cache, ci, min_units=mc)
+        metrics.update({**m, "judge_reliable": int(metrics["judge_reliable"] and m["judge_human_reliable"])})
+
+    kl_by_unit = {}
     with _timed("kl", timings):
-        kl = np.array(kls(models, inp.policy, inp.base, convs, resp_p, p, cache), dtype=float)
+        for name, rows in units.items():
+            convs = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+            kl_by_unit[name] = np.array(kls(models, inp.policy, inp.base, convs, answers["policy"][name][0], p, cache),
+                                        dtype=float).reshape(-1, 2)
+            tables[name]["kl"] = kl_by_unit[name][:, 0]
+    kl = np.concatenate([kl_by_unit[n] for n in units])
+    len_b = np.concatenate([lengths["base"][n] for n in units])
+    len_p = np.concatenate([lengths["policy"][n] for n in units])
     metrics.update({"length_base": float(len_b.mean()), "length_policy": float(len_p.mean()),
                     "length_ratio": float(len_p.mean() / len_b.mean()) if len_b.mean() > 0 else float("nan"),
                     "kl": float(kl[:, 0].mean()),
                     "kl_per_token": float(kl[:, 0].sum() / kl[:, 1].sum()) if kl[:, 1].sum() > 0 else 0.0})
-    if rows:
-        tables["constraints"]["kl"] = kl[:k, 0]
-    tables["general"]["kl"] = kl[kf:, 0]
     for name, df in tables.items():
         df.to_parquet(out_dir / f"{name}.parquet", index=False)
     log.info("cache: %s", cache.stats())
     log.info("seconds per phase (wall/cpu): %s", timings)
-    return Result(metrics=metrics, tables=tables, timings=timings)
+    return Result(metrics=metrics, tables=tables, timings=timings,
+                  judge={"id": judge.id, "template_sha256": template.sha256,
+                         **({"snapshot": judge.snapshot} if getattr(judge, "snapshot", None) else {})})
 
 
 @contextlib.contextmanager
@@ -333,11 +398,13 @@ def _body(ctx: StageContext) -> None:
     P = ctx.params
     test = ctx.path("dataset") / TEST_SPLIT
     inp = Inputs(base=ctx.path("base_model"), policy=ctx.path("model"), test=test,
-                 eval_prompts=ctx.path("eval_prompts"), general_prompts=ctx.path("general_prompts"),
+                 test_prompts=ctx.path("test_prompts"), dev_prompts=ctx.path("dev_prompts"),
+                 general_prompts=ctx.path("general_prompts"), rules=Rules.of(P.validity),
                  judge_template=ctx.path("judge_template"), beta=float(dpo_setting(P.train.dpo, "beta")),
                  max_length=dpo_setting(P.train.dpo, "max_length"),
                  ifeval_prompts=ctx.path("ifeval_prompts") if P.paths.ifeval_prompts else None,
-                 train_prompts=ctx.path("train_prompts"))
+                 train_prompts=ctx.path("train_prompts"),
+                 judge_labels=ctx.path("judge_labels") if P.paths.judge_labels else None)
     models = Models()
     for path in (inp.base, inp.policy):
         models.known(path, ctx.add_input(path, log_dataset=False).sha256)  # hash each model folder once
@@ -346,7 +413,8 @@ def _body(ctx: StageContext) -> None:
     for path, what in ((inp.base, "evaluate (base model)"), (inp.policy, "evaluate (trained model)")):
         ctx.record.extra["chat_template_sha256"] = check_template(models.tokenizer(path), inp.base, what)
     test_art = ctx.add_input(test, name="test split")
-    for path in (inp.eval_prompts, inp.general_prompts, inp.judge_template, inp.train_prompts, inp.ifeval_prompts):
+    for path in (inp.test_prompts, inp.dev_prompts, inp.general_prompts, inp.judge_template, inp.train_prompts,
+                 inp.ifeval_prompts, inp.judge_labels):
         if path is not None:
             ctx.add_input(path)
     if inp.ifeval_prompts is not None:
@@ -362,6 +430,7 @@ def _body(ctx: StageContext) -> None:
     out = ctx.path("eval_dir")
     with atomic_dir(out) as tmp:
         result = run(P.evaluate, inp, cache, tmp, models=models)
+    ctx.record.extra["judge"] = {**result.judge, "template": P.paths.judge_template, "labels": P.paths.judge_labels}
     ctx.add_output(out)
     metrics_path = ctx.path("metrics") / METRICS_FILE
     # JSON has no NaN (e.g. kappa-like stats on degenerate data): write null so every reader parses it

@@ -32,10 +32,17 @@ where f is the fraction of the prompt's IFEval instructions the completion follo
 1 -> "5"). Honesty, truthfulness and helpfulness are "N/A" (UltraFeedback's own marker for an aspect
 that was not rated), never an invented number; `overall_score` is null for the same reason.
 
-A completion cut at `generate.max_new_tokens` (`finished` false) is rated as what it is, by
-`rate.unfinished`: `fail` credits it with no instruction that needs the whole answer (the list and
-its rule: `pipeline.constraints.truncation`); `exclude` drops it. Either way metrics/rate.json counts
-the cut completions, and under `exclude` the dropped completions and any prompt left without one.
+A degenerate completion (params `validity`, `pipeline.constraints.validity`: empty, too short,
+looping, copying the prompt, or one answer reused across prompts) is credited with no instruction:
+rating 1, the lowest, so it is never the chosen reply of a pair, only a rejected one. These are the
+rules that make an answer fail evaluate's headline, so DPO is not paid for what the headline refuses.
+metrics/rate.json counts degenerate completions per rule.
+
+A completion cut at `generate.max_new_tokens` (`finished` false; when the generator did not say, the
+`validity` text rule decides) is rated by `rate.unfinished`: `invalid` credits it with nothing, as
+evaluate fails a cut answer; `fail` credits it with no instruction that needs the whole answer (the
+list and its rule: `pipeline.constraints.truncation`); `exclude` drops it. Either way metrics/rate.json
+counts the cut completions, and under `exclude` the dropped completions and any prompt left without one.
 """
 
 from __future__ import annotations
@@ -49,13 +56,14 @@ from typing import Any
 from pipeline.constraints.ifeval import follow_list
 from pipeline.constraints.prompts import instructions_problem
 from pipeline.constraints.truncation import needs_whole_answer
+from pipeline.constraints.validity import RULES, Rules, assess
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from pipeline.core.params import RateParams
 from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "rate"
-READS = ["rate", "paths.generations", "paths.rated", "paths.metrics"]
+READS = ["rate", "validity", "paths.generations", "paths.rated", "paths.metrics"]
 METRICS_FILE = "rate.json"
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 NOT_RATED = ("Not rated: the open-release default data path verifies only instruction following "
@@ -79,8 +87,15 @@ def _verdicts(results: list[dict]) -> str:
     return "; ".join(f"{r['instruction_id']}: {r['detail']}" for r in results)
 
 
-def judge(text: str, prompt: str, ids: list[str], kwargs: list[dict], finished: bool | None, unfinished: str) -> list[dict]:
-    """Per instruction {"instruction_id", "ok", "detail"}: IFEval strict, with the truncation rule."""
+def judge(text: str, prompt: str, ids: list[str], kwargs: list[dict], finished: bool | None, unfinished: str,
+          degenerate: list[str] | None = None) -> list[dict]:
+    """Per instruction {"instruction_id", "ok", "detail"}: IFEval strict, with the degeneration and
+    truncation rules."""
+    if degenerate:
+        why = f"not credited: degenerate ({', '.join(degenerate)})"
+        return [{"instruction_id": iid, "ok": False, "detail": why} for iid in ids]
+    if finished is False and unfinished == "invalid":
+        return [{"instruction_id": iid, "ok": False, "detail": "not credited: cut at max_new_tokens"} for iid in ids]
     flags = follow_list(ids, kwargs, prompt, text)
     out = []
     for iid, kw, ok in zip(ids, kwargs, flags, strict=True):
@@ -92,9 +107,11 @@ def judge(text: str, prompt: str, ids: list[str], kwargs: list[dict], finished: 
 
 
 def rate_completion(text: str, prompt: str, ids: list[str], kwargs: list[dict], model: str, index: int,
-                    finished: bool | None = None, unfinished: str = "fail") -> dict[str, Any]:
-    """One UltraFeedback completion object for `text`, rated on the prompt's IFEval instructions."""
-    results = judge(text, prompt, ids, kwargs, finished, unfinished)
+                    finished: bool | None = None, unfinished: str = "fail",
+                    degenerate: list[str] | None = None) -> dict[str, Any]:
+    """One UltraFeedback completion object for `text`, rated on the prompt's IFEval instructions;
+    `degenerate` names the validity rules it breaks (then nothing is credited)."""
+    results = judge(text, prompt, ids, kwargs, finished, unfinished, degenerate)
     met = sum(x["ok"] for x in results)
     frac = met / len(results)
     r = rating(frac)
@@ -109,6 +126,7 @@ def rate_completion(text: str, prompt: str, ids: list[str], kwargs: list[dict], 
         "critique": f"Checked by rule (IFEval, strict), not by a judge. {_verdicts(results)}.",
         "fine-grained_score": float(r), "overall_score": None,
         "constraint_results": results, "pass_fraction": frac, "completion_index": index, "finished": finished,
+        "degenerate": list(degenerate or []),
     }
 
 
@@ -144,11 +162,35 @@ def read_generations(path: str | Path) -> list[dict]:
     return rows
 
 
-def run(p: RateParams, generations: list[dict]) -> tuple[list[dict], dict[str, float]]:
+def _repeat_text(ids: list[str], kwargs: list[dict]) -> str | None:
+    """The text IFEval's `combination:repeat_prompt` asks the answer to start with (not a copy)."""
+    for iid, kw in zip(ids, kwargs, strict=True):
+        if iid == "combination:repeat_prompt":
+            return kw.get("prompt_to_repeat")
+    return None
+
+
+def degeneration(generations: list[dict], rules: Rules) -> dict[int, tuple[list[str], bool | None]]:
+    """Per generation (by position): the degeneration rules it breaks and whether it is cut (the
+    generator's flag, or the validity text rule when the generator did not say). Reuse is counted
+    across prompts of the whole file, never among one prompt's samples."""
+    verdicts = assess([g["messages"][-1]["content"] for g in generations], [g["text"] for g in generations],
+                      [g.get("finished") for g in generations], rules, [g["prompt_id"] for g in generations],
+                      [_repeat_text(g["instruction_id_list"], g["kwargs"]) for g in generations])
+    out = {}
+    for i, (g, v) in enumerate(zip(generations, verdicts, strict=True)):
+        cut = g.get("finished") is False or (g.get("finished") is None and "unfinished" in v.failed)
+        out[i] = ([r for r in v.failed if r != "unfinished"], False if cut else g.get("finished"))
+    return out
+
+
+def run(p: RateParams, generations: list[dict], rules: Rules | None = None) -> tuple[list[dict], dict[str, float]]:
     """Group completions by prompt (file order), rate each; return UltraFeedback rows and flat metrics."""
+    verdict = degeneration(generations, rules or Rules())
     groups: dict[str, list[dict]] = {}
-    for g in generations:
-        groups.setdefault(g["prompt_id"], []).append(g)
+    for i, g in enumerate(generations):
+        degenerate, finished = verdict[i]
+        groups.setdefault(g["prompt_id"], []).append({**g, "finished": finished, "degenerate": degenerate})
     rows: list[dict] = []
     id_total: Counter[str] = Counter()
     id_ok: Counter[str] = Counter()
@@ -168,7 +210,8 @@ def run(p: RateParams, generations: list[dict]) -> tuple[list[dict], dict[str, f
             gs = kept
         prompt = first["messages"][-1]["content"]
         completions = [rate_completion(g["text"], prompt, g["instruction_id_list"], g["kwargs"], g["generator"],
-                                       g["completion_index"], g.get("finished"), p.unfinished) for g in gs]
+                                       g["completion_index"], g.get("finished"), p.unfinished, g["degenerate"])
+                       for g in gs]
         for c in completions:
             for res in c["constraint_results"]:
                 id_total[res["instruction_id"]] += 1
@@ -203,7 +246,15 @@ def summarize(rows: list[dict], id_total: Counter, id_ok: Counter, counts: Count
         "finish_unknown_completions": counts["finish_unknown_completions"],
         "excluded_unfinished_completions": counts["excluded_unfinished_completions"],
         "prompts_left_without_completions": counts["prompts_left_without_completions"],
+        # never chosen: credited with nothing (pipeline.constraints.validity), counted per rule
+        "degenerate_completions": sum(bool(c["degenerate"]) for r in rows for c in r["completions"]),
+        # a prompt whose every completion is degenerate or cut can give no pair
+        "prompts_without_valid_completion": sum(
+            all(c["degenerate"] or c["finished"] is False for c in r["completions"]) for r in rows),
     }
+    for rule in RULES:
+        if rule != "unfinished":
+            metrics[f"degenerate_{rule}"] = sum(rule in c["degenerate"] for r in rows for c in r["completions"])
     for t in sorted(id_total):
         metrics[f"pass_rate_{t.replace(':', '/')}"] = round(id_ok[t] / id_total[t], 4)
     return metrics
@@ -213,7 +264,7 @@ def _body(ctx: StageContext) -> None:
     src = ctx.path("generations")
     generations = read_generations(src)
     ctx.add_input(src, rows=len(generations), name="generations")
-    rows, metrics = run(ctx.params.rate, generations)
+    rows, metrics = run(ctx.params.rate, generations, Rules.of(ctx.params.validity))
     out = ctx.path("rated")
     atomic_write_jsonl(out, rows)
     ctx.add_output(out, rows=len(rows))
@@ -221,9 +272,9 @@ def _body(ctx: StageContext) -> None:
     atomic_write_json(metrics_file, metrics)
     ctx.add_output(metrics_file)
     ctx.log_metrics(metrics)
-    log.info("rate: %d prompts, %d completions, mean pass fraction %.3f, %d contrastive prompts (%d pass-and-fail)",
-             metrics["prompts"], metrics["completions"], metrics["mean_pass_fraction"],
-             metrics["contrastive_prompts"], metrics["prompts_pass_and_fail"])
+    log.info("rate: %d prompts, %d completions, mean pass fraction %.3f, %d contrastive prompts (%d pass-and-fail), "
+             "%d degenerate completions", metrics["prompts"], metrics["completions"], metrics["mean_pass_fraction"],
+             metrics["contrastive_prompts"], metrics["prompts_pass_and_fail"], metrics["degenerate_completions"])
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from pipeline.core.params.release import HUB_REPO_ID, CardParams, LicenseOverrid
 from pipeline.core.params.sources import BaseModelParams, GenerateParams, HubSource, RateParams, WheelSource  # noqa: F401 (re-exported)
 from pipeline.core.params.sweep import SelectionRule, SweepParams, check_sweep_keys  # noqa: F401 (re-exported)
 from pipeline.core.params.train import LauncherParams, LoraParams, TrainParams  # noqa: F401 (re-exported)
+from pipeline.core.params.validity import ValidityParams  # noqa: F401 (re-exported)
 
 
 class Params(Section):
@@ -50,6 +51,7 @@ class Params(Section):
     base_model: BaseModelParams
     generate: GenerateParams
     rate: RateParams
+    validity: ValidityParams
     data: DataParams
     validate_: ValidateParams = Field(alias="validate")
     build: BuildParams

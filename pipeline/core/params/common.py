@@ -16,7 +16,10 @@ class Paths(Section):
     plots: str = Field(description="Folder of DVC plots data and PNG curves.")
     reports: str = Field(description="Folder of human-readable reports (validation, decontamination).")
     train_prompts: str = Field(description="Project-authored constraint prompts used to make training data.")
-    eval_prompts: str = Field(description="Held-out constraint prompts for evaluation, disjoint from training.")
+    test_prompts: str = Field(description="Test prompts (role: reported): the headline and the model-index; "
+                              "disjoint from train and dev, and never read by any choice.")
+    dev_prompts: str = Field(description="Dev prompts (role: selection): the sweep rule, thresholds and calibrated "
+                             "defaults read these; disjoint from train and test, never reported as a result.")
     generations: str = Field(description="Sampled completions from `generate` (JSONL).")
     rated: str = Field(description="On-policy rows in the ultrafeedback shape written by `rate` (JSONL).")
     ingested_sources: str = Field(default="outputs/ingested_sources", description="One folder per data source, "
@@ -33,7 +36,7 @@ class Paths(Section):
     eval_cache: str = Field(description="Cache of evaluation generations, log-probs and judgments (DVC persist).")
     converted_models: str = Field(default=".openrelease/converted", description="Cache of checkpoints converted for a generation backend (ctranslate2), one folder per source-weights sha256, converter version and quantization.")
     ifeval_prompts: str | None = Field(default=None, description="IFEval-format prompts (key, prompt, "
-                                       "instruction_id_list, kwargs) evaluated beside eval_prompts; null: none.")
+                                       "instruction_id_list, kwargs) evaluated beside test_prompts; null: none.")
     judge_labels: str | None = Field(default=None, description="Human-labelled judge pairs that `openrelease "
                                      "judge-agreement` measures the configured judge on; null: none named.")
     general_prompts: str = Field(description="General prompt set for the judged win rate (JSONL or JSON array).")
@@ -44,6 +47,18 @@ class Paths(Section):
     runs: str = Field(default=".openrelease/runs",
                       description="Git-ignored folder of run records (times, hosts, commit, MLflow ids); not a DVC "
                                   "output, so they never change dvc.lock. The release manifest reads them.")
+    sweeps: str = Field(default="sweeps", description="Git-tracked folder of sweep records (`openrelease sweep` "
+                        "writes <sweep_id>.json); the `sweep_report` stage builds the sweep table from them.")
+
+    def own_eval_sets(self) -> dict[str, str]:
+        """The project's own evaluation prompt files by paths key (test, dev, IFEval subset, general):
+        training data is always decontaminated against every one of them."""
+        keys = ("test_prompts", "dev_prompts", "ifeval_prompts", "general_prompts")
+        return {k: getattr(self, k) for k in keys if getattr(self, k, None)}
+
+    def prompt_roles(self) -> dict[str, str]:
+        """The three prompt roles, which must be disjoint: train makes data, dev selects, test reports."""
+        return {"train": self.train_prompts, "dev": self.dev_prompts, "test": self.test_prompts}
 
 
 class Tracking(Section):

@@ -77,6 +77,7 @@ class RateParams(Section):
     """Scoring each completion with the IFEval instruction checkers and writing UltraFeedback-shaped rows (stage `rate`)."""
 
     source: str = Field(min_length=1, description="Value of the UltraFeedback top-level `source` field in paths.rated (where the instructions came from).")
-    unfinished: Literal["fail", "exclude"] = Field(
-        description="A completion cut at generate.max_new_tokens: `fail` credits it with no instruction that needs the whole "
-                    "answer (pipeline.constraints.truncation); `exclude` drops it, counted in metrics/rate.json.")
+    unfinished: Literal["invalid", "fail", "exclude"] = Field(
+        description="A completion cut at generate.max_new_tokens: `invalid` credits it with nothing (as evaluate fails a cut "
+                    "answer); `fail` credits it with no instruction that needs the whole answer "
+                    "(pipeline.constraints.truncation); `exclude` drops it, counted in metrics/rate.json.")

@@ -1,0 +1,246 @@
+"""Degenerate answers: per-response measures and the rules that make a response a failed answer.
+
+A verifiable checker only asks whether a constraint holds, so an answer that says nothing useful
+can satisfy it: the prompt echoed in lowercase passes "use only lowercase letters", one fixed short
+sentence passes "fewer than 40 words" and "no commas". This module measures what a reader would call
+no answer at all, and `validity.*` in params.yaml turns each measure into a rule. A response that
+breaks any rule is invalid: it fails every instruction in evaluate's headline (and in
+`openrelease score`), and `rate` gives it the lowest rating, so it is never the chosen reply of a
+pair. IFEval's reference numbers (`ifeval_*` without `_valid`) ignore these rules on purpose.
+
+The measures, per response (words are lowercased `\\w+` runs, as IFEval counts words):
+- `words`: the word count. Rule `too_short`: fewer than `min_words`.
+- `repetition`: 1 - distinct / all word n-grams (n = `repetition_ngram`, NLTK's `ngrams`); 0 when the
+  response has fewer than n words. Rule `repetition`: above `max_repetition`.
+- `whole_repeats`: how many times the whole answer is one block of words said over and over (1: not a
+  repeat). Rule `repetition` also fires at 2 or more: a short answer said twice has too few n-grams for
+  the rate to notice.
+- `repeated_sentence`: how often the most frequent sentence (a line or a Punkt sentence, normalised,
+  of at least 2 words) occurs. Rule `repeated_sentence`: at least `max_sentence_repeats` times; it
+  catches a short answer said twice, where the n-gram rate stays low.
+- `prompt_copy`: the share of the response's word n-grams (n = `copy_ngram`; 0 for shorter
+  responses) that occur in the prompt, case-insensitive (text the prompt asks to repeat, IFEval's
+  `combination:repeat_prompt`, is not counted). Rule `prompt_copy`: at or above
+  `max_prompt_copy` (the prompt echoed, in any case, scores 1.0).
+- `reused`: how many *other* prompts of the same set got a near-identical response (rapidfuzz's
+  normalised Indel similarity of the normalised texts at or above `reuse_similarity`; identical texts
+  score 1.0). Rule `reused`: the answer is shared by at least `min_reuse_prompts` prompts in all,
+  i.e. one canned answer whatever was asked.
+- `ends_finished`: the text ends the way a finished answer ends: terminal punctuation, a closing
+  bracket, quote or code fence, a digit, or a word ending a last line of at most `short_line_words`
+  words (a list item, a heading, a sign-off); a comma, colon or dash never ends an answer. Rule `unfinished`: the generator says it was cut at max_new_tokens
+  (`finished` False), or, when the generator did not say (`finished` None, as for answers scored from
+  a file), the text does not end like a finished answer.
+- and `empty`: blank after stripping.
+
+Why these libraries: n-grams with NLTK (already the IFEval tokenizer's home), near-identical answers
+with rapidfuzz's C++ `process.cdist` (exact pairwise similarity of every response pair: a few
+milliseconds for hundreds of answers). datasketch MinHash (used for dataset dedup in `build`) was
+compared: it estimates Jaccard over shingles and needs permutations and a threshold band, which is
+the right trade for millions of rows, not for one evaluation set, and short answers have too few
+shingles for a stable estimate. difflib's SequenceMatcher gives the same ratio in pure Python, about
+100x slower.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+RULES = ("empty", "too_short", "repetition", "repeated_sentence", "prompt_copy", "reused", "unfinished")
+
+_WORD = re.compile(r"\w+")
+# What a finished answer ends with: sentence punctuation, closing brackets and quotes, a code fence
+# or markdown emphasis, IFEval's <<title>> and JSON's }; an emoji or other symbol (So) also counts.
+_END_CHARS = set(".!?…)]}>\"'”’`*»")
+_SENTENCE_BREAK = re.compile(r"\n+|(?<=[.!?])\s+")
+
+
+@dataclass
+class Rules:
+    """Thresholds of the rules (params.yaml `validity`); each value's reason is in params.yaml."""
+
+    min_words: int = 2
+    repetition_ngram: int = 4
+    max_repetition: float = 0.3
+    max_sentence_repeats: int = 3
+    copy_ngram: int = 3
+    max_prompt_copy: float = 0.6
+    short_line_words: int = 4
+    reuse_similarity: float = 0.9
+    min_reuse_prompts: int = 3
+
+    @classmethod
+    def of(cls, params: Any) -> Rules:
+        """From a params section (pydantic model or dict) with the same field names."""
+        if params is None:
+            return cls()
+        data = params.model_dump() if hasattr(params, "model_dump") else dict(params)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class Verdict:
+    """The measures of one response and the rules it breaks (empty list: a valid answer)."""
+
+    words: int
+    repetition: float
+    whole_repeats: int
+    repeated_sentence: int
+    prompt_copy: float
+    reused: int
+    ends_finished: bool
+    finished: bool | None
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not self.failed
+
+    def as_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["failed"] = ",".join(self.failed)
+        row["valid"] = self.valid
+        return row
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def repetition(ws: Sequence[str], n: int) -> float:
+    """1 - distinct / all n-grams of the word list; 0 with fewer than n words."""
+    from nltk.util import ngrams
+
+    grams = list(ngrams(ws, n))
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def whole_repeats(ws: Sequence[str]) -> int:
+    """m when the word list is one block of at least 2 words repeated m times (else 1)."""
+    n = len(ws)
+    for k in range(2, n // 2 + 1):
+        if n % k == 0 and list(ws[:k]) * (n // k) == list(ws):
+            return n // k
+    return 1
+
+
+def repeated_sentence(text: str) -> int:
+    """Occurrences of the most frequent sentence of at least 2 words (lines and sentence ends split)."""
+    parts = [" ".join(words(s)) for s in _SENTENCE_BREAK.split(text)]
+    counts = Counter(p for p in parts if p.count(" ") >= 1)
+    return max(counts.values(), default=0)
+
+
+def prompt_copy(ws: Sequence[str], prompt: str, n: int, asked_to_repeat: str | None = None) -> float:
+    """Share of the response's word n-grams found in the prompt; 0 for responses shorter than n words
+    (a one- or two-word reply naming a word of the question is a short answer, not a copy).
+
+    `asked_to_repeat`: text the prompt asks to be repeated first (IFEval's `combination:repeat_prompt`);
+    a response that starts with it is measured on the rest.
+    """
+    from nltk.util import ngrams
+
+    if asked_to_repeat:
+        head = words(asked_to_repeat)
+        if ws[: len(head)] == head:
+            ws = ws[len(head):]
+    if len(ws) < n:
+        return 0.0
+    mine = list(ngrams(ws, n))
+    theirs = set(ngrams(words(prompt), n))
+    return sum(g in theirs for g in mine) / len(mine)
+
+
+def ends_finished(text: str, short_line_words: int = 4) -> bool:
+    """True when the stripped text ends like a finished answer: terminal punctuation, a closing
+    bracket, quote or fence, a symbol (emoji), a digit or %, or a word ending a short last line (a
+    list item, heading or sign-off of at most `short_line_words` words)."""
+    t = text.rstrip()
+    if not t:
+        return False
+    last = t[-1]
+    if last in _END_CHARS or last.isdigit() or last == "%" or unicodedata.category(last) == "So":
+        return True
+    if not last.isalpha():
+        return False  # a comma, colon, dash or opening bracket: the sentence goes on
+    return len(words(t.splitlines()[-1])) <= short_line_words
+
+
+def _normalised(text: str) -> str:
+    return " ".join(words(text))
+
+
+def reuse_counts(responses: Sequence[str], groups: Sequence[str], similarity: float) -> list[int]:
+    """For each response, how many other groups (prompts) have a near-identical non-empty response."""
+    from rapidfuzz import fuzz, process
+
+    norm = [_normalised(r) for r in responses]
+    idx = [i for i, t in enumerate(norm) if t]
+    out = [0] * len(responses)
+    if len(idx) < 2:
+        return out
+    texts = [norm[i] for i in idx]
+    scores = process.cdist(texts, texts, scorer=fuzz.ratio, score_cutoff=similarity * 100, workers=1)
+    for a, i in enumerate(idx):
+        others = {groups[idx[b]] for b in scores[a].nonzero()[0]}
+        others.discard(groups[i])
+        out[i] = len(others)
+    return out
+
+
+def assess(prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool | None] | None = None,
+           rules: Rules | None = None, groups: Sequence[str] | None = None,
+           asked_to_repeat: Sequence[str | None] | None = None) -> list[Verdict]:
+    """Measure every response of one set and apply the rules.
+
+    `prompts[i]` is the user request `responses[i]` answers; `groups[i]` names the prompt (defaults to
+    the prompt text), so several samples of one prompt are not counted as reuse across prompts.
+    `finished[i]` is the generator's own word on being cut (None: unknown, judge by the text).
+    `asked_to_repeat[i]`: text prompt i asks the answer to repeat (not counted as copying).
+    """
+    rules = rules or Rules()
+    n = len(responses)
+    finished = list(finished) if finished is not None else [None] * n
+    groups = list(groups) if groups is not None else list(prompts)
+    repeat = list(asked_to_repeat) if asked_to_repeat is not None else [None] * n
+    if not (len(prompts) == len(finished) == len(groups) == len(repeat) == n):
+        raise ValueError("prompts, responses, finished and groups must have one entry per response")
+    reuse = reuse_counts(responses, groups, rules.reuse_similarity)
+    out = []
+    for prompt, text, fin, shared, rep in zip(prompts, responses, finished, reuse, repeat, strict=True):
+        ws = words(text)
+        v = Verdict(words=len(ws), repetition=round(repetition(ws, rules.repetition_ngram), 4),
+                    whole_repeats=whole_repeats(ws),
+                    repeated_sentence=repeated_sentence(text),
+                    prompt_copy=round(prompt_copy(ws, prompt, rules.copy_ngram, rep), 4), reused=shared,
+                    ends_finished=ends_finished(text, rules.short_line_words), finished=fin)
+        if not text.strip():
+            v.failed.append("empty")
+        else:
+            if v.words < rules.min_words:
+                v.failed.append("too_short")
+            if v.repetition > rules.max_repetition or v.whole_repeats >= 2:
+                v.failed.append("repetition")
+            if v.repeated_sentence >= rules.max_sentence_repeats:
+                v.failed.append("repeated_sentence")
+            if v.prompt_copy >= rules.max_prompt_copy:
+                v.failed.append("prompt_copy")
+            if shared + 1 >= rules.min_reuse_prompts:
+                v.failed.append("reused")
+        if fin is False or (fin is None and text.strip() and not v.ends_finished):
+            v.failed.append("unfinished")
+        out.append(v)
+    return out
+
+
+def rule_rates(verdicts: Sequence[Verdict]) -> dict[str, float]:
+    """Share of responses breaking each rule, and any rule (`degenerate`)."""
+    n = len(verdicts) or 1
+    rates = {r: sum(r in v.failed for v in verdicts) / n for r in RULES}
+    rates["degenerate"] = sum(not v.valid for v in verdicts) / n
+    return rates
