@@ -49,12 +49,21 @@ def test_bootstrap_is_reproducible_and_seeded():
     assert r1 == r2
 
 
-def test_bootstrap_degenerate_data_collapses_instead_of_nan():
+def test_bootstrap_degenerate_data_gives_nan_bounds_never_certainty():
+    # every prompt passes for both models: every resample gives the same value, and [0, 0] would claim
+    # certainty; the estimate stays, the bounds are NaN
     ones = np.ones(30)
-    assert paired_bootstrap_ci((ones, ones), mean_diff, n_resamples=500) == (0.0, 0.0, 0.0)
-    assert paired_bootstrap_ci((ones,), mean_stat, n_resamples=500) == (1.0, 1.0, 1.0)
+    for data, stat, want in (((ones, ones), mean_diff, 0.0), ((ones,), mean_stat, 1.0),
+                             ((np.array([0.7]),), mean_stat, 0.7)):  # one prompt: nothing to resample
+        est, lo, hi = paired_bootstrap_ci(data, stat, n_resamples=500)
+        assert est == pytest.approx(want) and np.isnan(lo) and np.isnan(hi), (est, lo, hi)
     est, lo, hi = paired_bootstrap_ci((np.array([]),), mean_stat)
     assert np.isnan(est) and np.isnan(lo) and np.isnan(hi)
+    # one differing prompt in 30 is variability: a real interval, not NaN
+    some = np.ones(30)
+    some[0] = 0.0
+    _, lo, hi = paired_bootstrap_ci((some,), mean_stat, n_resamples=500)
+    assert np.isfinite(lo) and lo < hi
 
 
 def test_pooled_rate_diff_weights_prompts_by_constraint_count():

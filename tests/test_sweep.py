@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def test_default_sweep_params_load():
     ({"selection": {"tie_break": ["kl lowest"]}}, "'kl lowest' is not '<metric> min'"),
     ({"selection": {"goal": "maximize"}}, "sweep.selection.goal = 'maximize'"),
     ({"selection": {"metric": "pass rate"}}, "is not a metric name"),
+    # dev prompts choose, test prompts report: the rule never reads a test metric
+    ({"selection": {"metric": "pass_rate_delta"}}, "sweep.selection.metric = 'pass_rate_delta': 'pass_rate_delta' is "
+                                                   "measured on the test prompts; the rule's objective must be a dev_*"),
+    ({"selection": {"constraints": ["pass_rate_policy >= 0.5"]}}, "'pass_rate_policy >= 0.5': 'pass_rate_policy' is "
+                                                                 "measured on the test prompts; the rule's constraint"),
+    ({"selection": {"tie_break": ["win_rate max"]}}, "'win_rate max': 'win_rate' is measured on the test prompts"),
+    ({"headline": ["dev_pass_rate_delta"]}, "'dev_pass_rate_delta' is a dev-set metric: the headline reports test"),
 ])
 def test_bad_sweep_params_name_key_and_value(sweep, needle):
     with pytest.raises(ParamsError) as e:
@@ -106,17 +114,52 @@ def test_combined_interval_covers_a_known_mean():
     assert naive_hits / n < hits / n
 
 
-def test_holm_known_values():
-    assert stats.holm([0.01, 0.04, 0.03, None]) == [pytest.approx(0.03), pytest.approx(0.06), pytest.approx(0.06), None]
+def test_holm_known_values_and_an_undefined_p_still_counts():
+    assert stats.holm([0.01, 0.04, 0.03]) == [pytest.approx(0.03), pytest.approx(0.06), pytest.approx(0.06)]
     assert stats.holm([0.5, 0.6]) == [pytest.approx(1.0), pytest.approx(1.0)]
+    # a configuration whose p-value is undefined was still tried: m = 4, and it counts as p = 1
+    assert stats.holm([0.01, 0.04, 0.03, None]) == [pytest.approx(0.04), pytest.approx(0.09), pytest.approx(0.09), 1.0]
+    assert stats.holm([0.01, float("nan")]) == [pytest.approx(0.02), 1.0]
+
+
+def test_degenerate_intervals_are_nan_never_certainty():
+    # a member whose prompt interval is undefined (NaN bounds): the combined interval is undefined too,
+    # and so is the p-value built on it
+    est = stats.combine([0.1, 0.2, 0.3], [0.05, float("nan"), 0.05])
+    assert est["mean"] == pytest.approx(0.2) and est["std"] == pytest.approx(0.1)
+    assert math.isnan(est["ci_low"]) and math.isnan(est["ci_high"]) and est["se"] is None
+    assert stats.p_better(est, 0.0, "maximise") is None
+    assert stats.prompt_se({"x": 0.1, "x_ci_low": 0.1, "x_ci_high": 0.1}, "x") != 0.0  # zero width is not se 0
+    assert math.isnan(stats.prompt_se({"x": 0.1, "x_ci_low": 0.1, "x_ci_high": 0.1}, "x"))
+    assert stats.prompt_se({"kl": 0.1}, "kl") is None  # no interval keys: seed spread only
+    same = stats.combine([0.2, 0.2, 0.2], [None, None, None])  # identical seeds, no prompt interval
+    assert math.isnan(same["ci_low"]) and math.isnan(same["ci_high"])
+    # the card shows an undefined interval as NaN, not as certainty
+    assert sweep_release._f(float("nan")) == "NaN" and sweep_release._f(None) == "n/a"
+
+
+def test_holm_family_counts_a_configuration_whose_interval_is_degenerate():
+    # three configurations; the middle one's dev interval is degenerate (NaN bounds), so its p is undefined.
+    # It was tried: the winner's Holm adjustment must multiply by 3, not 2.
+    rows = _members({0: 0.05, 1: 0.0, 2: 0.2}, betas=(0.05, 0.1, 0.2), degenerate=frozenset({1}))
+    sw = SweepParams.model_validate({**RAW["sweep"], "axes": {"train.dpo.beta": [0.05, 0.1, 0.2]}})
+    table = report.build_table(sw, "abcd1234", rows, 3)
+    mid, w = table["configs"][1], table["winner"]
+    assert mid["p_vs_base"] is None and mid["p_vs_base_holm"] == 1.0
+    assert math.isnan(mid["ci_low"]["dev_pass_rate_delta"]) and math.isnan(mid["ci_high"]["dev_pass_rate_delta"])
+    assert w["config_index"] == 2 and w["configs_tried"] == 3
+    p = [c["p_vs_base"] for c in table["configs"]]
+    assert w["p_vs_base_holm"] == pytest.approx(min(1.0, 3 * min(p[0], p[2])))
+    assert w["bonferroni_level"] == pytest.approx(1 - 0.05 / 3)
+    assert "| beta=0.1 | 0.010 ± 0.010 |" in sweep_release.card_section(table)
 
 
 def _rule(**kw) -> SelectionRule:
-    return SelectionRule.model_validate({"metric": "score", "goal": "maximise", "null_value": 0.0, **kw})
+    return SelectionRule.model_validate({"metric": "dev_score", "goal": "maximise", "null_value": 0.0, **kw})
 
 
 def _conf(score, ratio=1.0, kl=0.1):
-    return {"config": {}, "mean": {"score": score, "length_ratio": ratio, "kl": kl}}
+    return {"config": {}, "mean": {"dev_score": score, "length_ratio": ratio, "kl": kl}}
 
 
 def test_selection_rule_constraints_goal_and_tie_break():
@@ -126,19 +169,25 @@ def test_selection_rule_constraints_goal_and_tie_break():
     assert select(_rule(), rows)[0] == 0
     assert select(_rule(goal="minimise"), rows)[0] == 1
     assert select(_rule(constraints=["kl <= 0.01"]), rows)[0] is None
-    with pytest.raises(ParamsError, match="metric 'nope' is not in the sweep table"):
-        select(_rule(constraints=["nope > 1"]), rows)
+    with pytest.raises(ParamsError, match="metric 'dev_nope' is not in the sweep table"):
+        select(_rule(constraints=["dev_nope > 1"]), rows)
 
 
-def _members(effect: dict[int, float]) -> list[dict]:
+def _members(effect: dict[int, float], betas=(0.05, 0.1), degenerate: frozenset[int] = frozenset()) -> list[dict]:
+    """Member rows as `openrelease sweep` collects them: dev metrics (the rule's) beside test metrics (the
+    card's). A configuration in `degenerate` has NaN dev interval bounds, as pipeline/eval/stats.py now
+    reports an interval over prompts that show no variability."""
     rows = []
-    for ci, beta in enumerate([0.05, 0.1]):
+    for ci, beta in enumerate(betas):
         for si, seed in enumerate([42, 43, 44]):
             d = effect[ci] + 0.01 * si
+            lo, hi = (float("nan"), float("nan")) if ci in degenerate else (d - 0.05, d + 0.05)
             rows.append({"name": f"m{ci}{seed}", "dvc_exp": f"m{ci}{seed}", "index": len(rows), "config_index": ci,
                          "config": {"train.dpo.beta": beta}, "seed": seed, "mlflow_run_id": f"run{ci}{seed}",
-                         "metrics": {"pass_rate_delta": d, "pass_rate_delta_ci_low": d - 0.05,
-                                     "pass_rate_delta_ci_high": d + 0.05, "length_ratio": 1.1, "kl": 0.1 + ci,
+                         "metrics": {"dev_pass_rate_delta": d, "dev_pass_rate_delta_ci_low": lo,
+                                     "dev_pass_rate_delta_ci_high": hi,
+                                     "pass_rate_delta": d - 0.02, "pass_rate_delta_ci_low": d - 0.08,
+                                     "pass_rate_delta_ci_high": d + 0.04, "length_ratio": 1.1, "kl": 0.1 + ci,
                                      "pref_accuracy": 0.6, "win_rate": 0.5},
                          "train": {"ref_logps_cache_hit": 0.0 if not rows else 1.0}})
     return rows
@@ -154,8 +203,10 @@ def test_table_report_files_and_byte_stable_plots(tmp_path):
     assert w["config"] == {"train.dpo.beta": 0.1} and w["release_seed"] == 42 and w["release_member"] == "m142"
     assert table["reference_passes"] == 1 and w["configs_tried"] == 2
     assert w["p_vs_base_holm"] >= w["p_vs_base"]
+    assert w["metric"] == "dev_pass_rate_delta" and w["selected_on"] == "dev"
     c = table["configs"][1]
-    assert c["mean"]["pass_rate_delta"] == pytest.approx(0.21) and c["std"]["pass_rate_delta"] == pytest.approx(0.01)
+    assert c["mean"]["dev_pass_rate_delta"] == pytest.approx(0.21) and c["std"]["dev_pass_rate_delta"] == pytest.approx(0.01)
+    assert c["mean"]["pass_rate_delta"] == pytest.approx(0.19)  # the test metric, reported beside it
     files = report.write(table, tmp_path / "r", tmp_path / "p", tmp_path / "sweep.json", 12.0)
     png = tmp_path / "r" / "pass_rate_delta_vs_beta.png"
     assert png in files and (tmp_path / "p" / "pass_rate_delta.csv").is_file()
@@ -167,6 +218,10 @@ def test_table_report_files_and_byte_stable_plots(tmp_path):
     section = sweep_release.card_section(table)
     assert "Holm-adjusted" in section and "run142" in section and "`m042`" in section
     assert "seed std" in section and "length_ratio <= 2.0" in section
+    # chosen on dev, the pick reported on test with its seed spread
+    assert "`dev_pass_rate_delta`, measured on the **dev** prompts" in section
+    assert "The pick on the **test** prompts" in section
+    assert "| pass_rate_delta | 0.190 ± 0.010 |" in section
 
 
 def _release(tmp_path: Path, released_beta: float, seed: int = 42) -> tuple[dict, Path]:
@@ -175,7 +230,8 @@ def _release(tmp_path: Path, released_beta: float, seed: int = 42) -> tuple[dict
     report.write(table, src / "reports" / "sweep", src / "plots" / "sweep", src / "metrics" / "sweep.json", None)
     model = tmp_path / "bundle" / "model"
     entry = sweep_release.copy_into(src, "reports", model)
-    manifest = {"sweep": entry, "lineage": {"train": {"params": {"train": {"dpo": {"beta": released_beta, "seed": seed}}}}}}
+    manifest = {"sweep": entry, "params": {"sweep": copy.deepcopy(RAW["sweep"])},
+                "lineage": {"train": {"params": {"train": {"dpo": {"beta": released_beta, "seed": seed}}}}}}
     return manifest, model
 
 
@@ -183,6 +239,7 @@ def test_audit_sweep_check_passes_on_the_rules_pick(tmp_path):
     manifest, model = _release(tmp_path, 0.1)
     problems, notes = sweep_release.check(manifest, model)
     assert problems == [] and "picks configuration 1 of 2" in notes[0]
+    assert "mean and seed std recomputed from its 3 member rows" in notes[0]
 
 
 @pytest.mark.parametrize(("beta", "seed", "needle"), [
@@ -198,12 +255,14 @@ def test_audit_sweep_check_fails_when_released_config_is_not_the_pick(tmp_path, 
 def test_audit_sweep_check_fails_on_an_edited_table(tmp_path):
     manifest, model = _release(tmp_path, 0.1)
     table = json.loads((model / "sweep" / "table.json").read_text())
-    table["configs"][0]["mean"]["pass_rate_delta"] = 0.9  # make the other configuration look best
+    table["configs"][0]["mean"]["dev_pass_rate_delta"] = 0.9  # make the other configuration look best
     (model / "sweep" / "table.json").write_text(json.dumps(table))
     assert "does not match the sha256" in sweep_release.check(manifest, model)[0][0]
     manifest["sweep"]["sha256"] = sha256_file(model / "sweep" / "table.json")  # a forger re-hashes it
     problems, _ = sweep_release.check(manifest, model)
     assert any("the rule picks 0" in p for p in problems) and any("train.dpo.beta" in p for p in problems)
+    assert "configuration 0 ({\"train.dpo.beta\": 0.05}): `dev_pass_rate_delta` mean 0.9 in the table, " \
+           "0.06 from its member rows" in problems[0]
 
 
 def test_no_sweep_is_said_on_the_card():

@@ -1,5 +1,8 @@
 """`openrelease sweep` end to end on the tiny config: a 2 x 2 grid through real `dvc exp run --queue` and
-`dvc queue start`, then the winner released and audited. Several minutes on 2 cores: slow."""
+`dvc queue start`, then the winner released and audited; then what CI does: the record and dvc.lock
+committed and tagged, `dvc push`, a fresh clone of the tag, `dvc pull`, a release from the pulled
+outputs that carries the sweep table, audited against params.yaml at the tag; an edited table is
+refused. Several minutes on 2 cores: slow."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 
 from pipeline.core.lineage import sha256_file
 from tests.conftest import shared_data
-from tests.helpers import configure_tiny, edit_params, env_for, git, make_project_copy
+from tests.helpers import configure_tiny, dvc, edit_params, env_for, git, make_project_copy
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +32,11 @@ def test_sweep_2x2_through_the_dvc_queue_then_release_and_audit(tiny_model_dir, 
     edit_params(
         project,
         sweep={"axes": {"train.dpo.beta": [0.05, 0.2]}, "seeds": [1, 2], "jobs": 1,
-               "headline": ["pref_accuracy", "reward_margin"],
-               "selection": {"metric": "pref_accuracy", "goal": "maximise", "constraints": [],
-                             "tie_break": ["reward_margin max"], "null_value": 0.5, "alpha": 0.05}},
+               "headline": ["pass_rate_delta", "pref_accuracy", "reward_margin"],
+               "selection": {"metric": "dev_pass_rate_delta", "goal": "maximise", "constraints": [],
+                             "tie_break": ["kl min"], "null_value": 0.0, "alpha": 0.05}},
     )
     git(project, "commit", "-qam", "tiny config")
-    git(project, "tag", "v0.0.1")
 
     printed = _openrelease(project, "sweep", "--print-members")
     assert printed.returncode == 0 and len(printed.stdout.splitlines()) == 4, printed.stderr
@@ -43,6 +45,9 @@ def test_sweep_2x2_through_the_dvc_queue_then_release_and_audit(tiny_model_dir, 
 
     table = json.loads((project / "reports" / "sweep" / "table.json").read_text())
     assert len(table["members"]) == 4 and len(table["configs"]) == 2
+    record = project / "sweeps" / f"{table['sweep_id']}.json"
+    assert json.loads(record.read_text())["members"] == table["members"]  # the table is built from the record
+    assert table["winner"]["configs_tried"] == 2 and table["winner"]["selected_on"] == "dev"
     assert all(r["mlflow_run_id"] for r in table["members"]), table["members"]
     assert all(r["params_ran"]["train.dpo.seed"] == r["seed"] for r in table["members"])
     assert table["reference_passes"] == 1, [r["train"] for r in table["members"]]
@@ -56,6 +61,42 @@ def test_sweep_2x2_through_the_dvc_queue_then_release_and_audit(tiny_model_dir, 
     manifest = json.loads((project / "release" / "model" / "manifest.json").read_text())
     assert manifest["sweep"]["sha256"] == sha256_file(project / "release" / "model" / "sweep" / "table.json")
 
-    audit = _openrelease(project, "audit", "release", timeout=600)
+    assert manifest["params"]["sweep"]["selection"]["metric"] == "dev_pass_rate_delta"  # signed with the release
+    key = ".openrelease/keys/signing-key.pub"
+    audit = _openrelease(project, "audit", "release", "--public-key", key, timeout=600)
     assert audit.returncode == 0, (audit.stdout[-3000:], audit.stderr[-3000:])
-    assert "the rule (maximise pref_accuracy" in audit.stdout
+    assert "the rule (maximise dev_pass_rate_delta" in audit.stdout
+
+    # CI: commit the record and the lock, push, tag; a fresh clone of the tag restores the table by dvc pull
+    storage = tmp_path / "dvc-storage"
+    for args in (("remote", "add", "-d", "local", str(storage)), ("push",)):
+        r = dvc(project, *args)
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "sweep release v0.0.1")
+    git(project, "tag", "v0.0.1")
+    clone = tmp_path / "ci"
+    subprocess.run(["git", "clone", "-q", "--branch", "v0.0.1", str(project), str(clone)], check=True)
+    assert not (clone / "reports" / "sweep").exists() and (clone / "sweeps" / record.name).is_file()
+    pulled = dvc(clone, "pull")
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert (clone / "reports" / "sweep" / "table.json").read_bytes() == \
+        (project / "reports" / "sweep" / "table.json").read_bytes()
+    bundle = tmp_path / "bundle"
+    released = _openrelease(clone, "publish", "--dry-run", "--to", str(bundle))
+    assert released.returncode == 0, (released.stdout[-3000:], released.stderr[-3000:])
+    card = (bundle / "model" / "README.md").read_text()
+    assert "No sweep was run" not in card and "The pick on the **test** prompts" in card
+    audited = _openrelease(clone, "audit", str(bundle), "--clone", str(clone), "--public-key",
+                           str(clone / key), timeout=600)
+    assert audited.returncode == 0, (audited.stdout[-3000:], audited.stderr[-3000:])
+    assert "AUDIT PASSED" in audited.stdout and "params.yaml at tag v0.0.1" in audited.stdout
+
+    # an edited sweep table is refused
+    shipped = bundle / "model" / "sweep" / "table.json"
+    edited = json.loads(shipped.read_text())
+    edited["members"][0]["metrics"]["dev_pass_rate_delta"] = 1.0
+    shipped.write_text(json.dumps(edited))
+    refused = _openrelease(clone, "audit", str(bundle), "--clone", str(clone), "--public-key", str(clone / key))
+    assert refused.returncode == 1 and "AUDIT FAILED" in refused.stdout
+    assert "sweep/table.json does not match the sha256 in the manifest" in refused.stdout

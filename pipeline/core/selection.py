@@ -67,3 +67,19 @@ def config_matches(config: dict[str, Any], released: dict[str, Any]) -> list[str
         if not same:
             out.append(f"{key} = {got!r} (the rule's pick has {want!r})")
     return out
+
+
+def holm(pvalues: list[float | None]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone) over EVERY configuration tried.
+
+    An undefined p-value (None or NaN: a degenerate interval) counts as p = 1: the configuration was
+    tried, and leaving it out of the family would shrink m and make the others look stronger. Here,
+    not in the sweep wing, so `openrelease audit` recomputes the adjustment with the same function."""
+    ps = [1.0 if p is None or not math.isfinite(float(p)) else float(p) for p in pvalues]
+    m = len(ps)
+    out = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: ps[i])):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out

@@ -19,9 +19,11 @@ def paired_bootstrap_ci(data: Sequence[np.ndarray], statistic: Callable[..., np.
 
     Rows are the units that were sampled (prompts): all arrays are resampled with the same indices
     (`paired=True`), so a difference between two models on the same prompts keeps its pairing. BCa
-    intervals (scipy's default) are used; where BCa is undefined (few distinct values, e.g. every
-    prompt passes for both models) the percentile interval is used, and where every resample gives
-    the same value the interval collapses to that value.
+    intervals (scipy's default) are used; where BCa is undefined (few distinct values) the percentile
+    interval is used. Where the data cannot show their own variability (one row, every resample giving
+    the same value, e.g. every prompt passing for both models, or no method giving finite bounds) the
+    bounds are NaN: a zero-width [est, est] would claim certainty, and a p-value or a combined interval
+    built on it would too (pipeline/sweep/stats.py).
     """
     from scipy.stats import DegenerateDataWarning, bootstrap
 
@@ -29,8 +31,9 @@ def paired_bootstrap_ci(data: Sequence[np.ndarray], statistic: Callable[..., np.
     if not arrays or len(arrays[0]) == 0:
         return float("nan"), float("nan"), float("nan")
     estimate = float(statistic(*arrays, axis=-1))
+    nan = float("nan")
     if len(arrays[0]) < 2:
-        return estimate, estimate, estimate
+        return estimate, nan, nan
     rng = np.random.default_rng(seed)
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
@@ -40,8 +43,12 @@ def paired_bootstrap_ci(data: Sequence[np.ndarray], statistic: Callable[..., np.
                             confidence_level=confidence_level, method=method, rng=rng)
         low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if np.isfinite(low) and np.isfinite(high):
+            # zero width (to rounding): nearly every resample gave one value, so the sample shows no
+            # variability for an interval to describe
+            if high - low <= 1e-12 * max(1.0, abs(estimate)):
+                return estimate, nan, nan
             return estimate, low, high
-    return estimate, estimate, estimate
+    return estimate, nan, nan
 
 
 def mean_diff(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:

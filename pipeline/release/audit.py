@@ -137,8 +137,16 @@ def _check_eval_sets(manifest: dict[str, Any], dataset: Path) -> list[str]:
     return problems
 
 
+def _commit_in_clone(repo_root: Path | None, commit: Any) -> bool:
+    """Whether a local clone of the code repository holds the release's commit (what the tag names)."""
+    from pipeline.release.gitinfo import git
+
+    return (repo_root is not None and isinstance(commit, str)
+            and git(repo_root, "cat-file", "-e", f"{commit}^{{commit}}", check=False) is not None)
+
+
 def _check_archive(manifest: dict[str, Any], model: Path, repo_root: Path | None) -> tuple[list[str], list[str]]:
-    from pipeline.release.gitinfo import archive_commit, git, source_archive
+    from pipeline.release.gitinfo import archive_commit, source_archive
 
     code = manifest.get("code") or {}
     arch = model / (code.get("archive") or {}).get("path", "")
@@ -148,7 +156,7 @@ def _check_archive(manifest: dict[str, Any], model: Path, repo_root: Path | None
     commit = archive_commit(arch)
     if commit != code.get("commit"):
         problems.append(f"source archive is of commit {commit}, manifest names {code.get('commit')}")
-    if repo_root is not None and git(repo_root, "cat-file", "-e", f"{code.get('commit')}^{{commit}}", check=False) is not None:
+    if _commit_in_clone(repo_root, code.get("commit")):
         with tempfile.TemporaryDirectory() as tmp:
             again = source_archive(repo_root, code["commit"], arch.name.removesuffix(".tar.gz"), Path(tmp) / arch.name)
             if sha256_file(again) != sha256_file(arch):
@@ -210,10 +218,30 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
     return problems
 
 
-def _with_sweep(manifest: dict[str, Any], model: Path, problems: list[str], checked: list[str]):
+def sweep_params_at_tag(manifest: dict[str, Any], repo_root: Path | None) -> tuple[Any, str] | None:
+    """params.yaml's `sweep` section at the release's commit, read from the clone with `git show` (the
+    same clone and commit the source archive is re-made from), and where it was read; None without one."""
+    import yaml
+
+    from pipeline.release.gitinfo import git
+
+    commit = (manifest.get("code") or {}).get("commit")
+    if not _commit_in_clone(repo_root, commit):
+        return None
+    where = f"params.yaml at tag {manifest.get('version')} (commit {commit[:12]})"
+    text = git(repo_root, "show", f"{commit}:params.yaml", check=False)
+    try:
+        raw = yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError:
+        raw = None
+    return (raw.get("sweep") if isinstance(raw, dict) else None), where
+
+
+def _with_sweep(manifest: dict[str, Any], model: Path, problems: list[str], checked: list[str],
+                repo_root: Path | None = None):
     from pipeline.release.sweep_release import check
 
-    p, n = check(manifest, model)
+    p, n = check(manifest, model, sweep_params_at_tag(manifest, repo_root) if manifest.get("sweep") else None)
     return problems + p, checked + n
 
 
@@ -246,7 +274,8 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
     report.problems += arch_problems
     report.checked += notes
     report.problems += _check_cards(model, dataset)
-    report.problems, report.checked = _with_sweep(manifest, model, report.problems, report.checked)
+    report.problems, report.checked = _with_sweep(manifest, model, report.problems, report.checked,
+                                                  repo_root or anchor.clone)
     report.checked.append(f"{len(files.get('model', []))} model and {len(files.get('dataset', []))} dataset "
                           "file(s) checked against the manifest")
     report.tree = lineage_tree(manifest)

@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 PROJECT = "open-release"
 # Params sections the release itself reads, recorded in the manifest
-# (each stage's own params are in its lineage record, which the manifest carries too).
-MANIFEST_PARAMS = ("paths", "base_model", "data", "card", "publish")
+# (each stage's own params are in its lineage record, which the manifest carries too). `sweep` is signed
+# here so the audit can hold the shipped sweep table's rule to it and to params.yaml at the release tag.
+MANIFEST_PARAMS = ("paths", "base_model", "data", "card", "publish", "sweep")
 
 
 @dataclass

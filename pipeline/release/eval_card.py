@@ -30,7 +30,7 @@ def _f(v: Any) -> str:
 def _ci(m: dict, key: str) -> str:
     lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
     if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (lo, hi)):
-        return "none (too few prompts)" if key in m else ""
+        return "none (too few prompts, or no variability to bound)" if key in m else ""
     return f"[{lo:.3f}, {hi:.3f}]"
 
 

@@ -28,7 +28,8 @@ SIDE_TABLES = ("provenance",)
 EVAL_SET_SUFFIXES = (".jsonl", ".json", ".parquet")
 RELEASE_STAGES = ("card", "publish")
 # Stages in pipeline order, for display; unknown stages follow in name order.
-STAGE_ORDER = ("base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate", "card", "publish")
+STAGE_ORDER = ("base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate", "sweep_report",
+               "card", "publish")
 
 
 @dataclass

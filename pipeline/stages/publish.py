@@ -28,7 +28,7 @@ from pipeline.release.bundle import Bundle
 from pipeline.release.publish import dry_run
 
 STAGE = "publish"
-READS = ["publish", "card", "base_model", "data", "train", "evaluate", "paths"]
+READS = ["publish", "card", "base_model", "data", "train", "evaluate", "sweep", "paths"]
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,11 @@
 3. `dvc exp run --queue -n <member> -S ... evaluate` per member, `dvc queue start -j N`. The first
    member runs alone so it fills the shared reference log-prob cache (pipeline/core/shared.py); the
    others then hit it, so the reference pass runs once per sweep.
-4. `dvc exp show --json` gives every member's params and metrics; the table is written and the rule
-   applied (pipeline/core/selection.py).
+4. `dvc exp show --json` gives every member's params and metrics: the record `paths.sweeps/<sweep_id>.json`
+   (git-tracked) holds them; `dvc repro sweep_report` builds the table from it and applies the rule
+   (pipeline/core/selection.py), so the table is a DVC output a fresh clone can `dvc pull`.
 5. `dvc exp apply <winner's first-seed member>` then `dvc repro`: card and publish release the winner.
+   Commit the record and dvc.lock, and `dvc push`, before tagging the release.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import OpenReleaseError
+from pipeline.core.io import atomic_write_json, read_json
 from pipeline.core.params import Params
 from pipeline.sweep import report
-from pipeline.sweep.members import Member, configs, expand, sweep_id
+from pipeline.sweep.members import Member, expand, sweep_id
 
 log = logging.getLogger(__name__)
 POLL_S = 5.0
@@ -202,12 +205,14 @@ def run_sweep(params: Params, root: Path, release: bool = True, collect_only: bo
             r["mlflow_run_id"] = runs.get(r["name"])
             # the reference-cache hit and the timings are run facts: MLflow has them, not metrics/train.json
             r["train"] = {k: train_runs.get(r["name"], {}).get(k) for k in TRAIN_RUN_FACTS}
-        table = report.build_table(sweep, sid, rows, len(configs(sweep)))
-        table["mlflow_parent_run_id"] = parent
         wall = None if collect_only else time.monotonic() - t0
-        table["wall_s"] = wall
-        written = report.write(table, root / params.paths.reports / "sweep", root / params.paths.plots / "sweep",
-                               root / params.paths.metrics / "sweep.json", wall)
+        rec = atomic_write_json(report.record_file(root / params.paths.sweeps, sid),
+                                report.record(sweep, sid, rows, parent, wall))
+        log.info("sweep %s: record %s written; building the table (dvc repro sweep_report)", sid, rec.relative_to(root))
+        _dvc("repro", "sweep_report", root=root)
+        reports_dir = root / params.paths.reports / "sweep"
+        table = read_json(reports_dir / report.TABLE)
+        written = [rec, *sorted(f for f in reports_dir.iterdir() if f.is_file()), root / params.paths.metrics / "sweep.json"]
         status = "FINISHED"
     finally:
         if not collect_only:
@@ -220,6 +225,8 @@ def run_sweep(params: Params, root: Path, release: bool = True, collect_only: bo
                          f"(see {params.paths.reports}/sweep/{report.TABLE})")
     if release:
         release_winner(table, root)
+    log.info("commit the record and the lock, then push the outputs: git add %s dvc.lock && git commit; dvc push",
+             rec.relative_to(root))
     return table
 
 

@@ -15,12 +15,19 @@ exactly, df = infinity): with few seeds and little prompt noise it is a t-interv
 much prompt noise it tends to the prompt interval. One seed: the prompt interval alone (flagged).
 It counts part of the seed-by-prompt interaction twice, so it errs wide; tests/test_sweep.py checks
 its coverage on synthetic data with a known mean.
+
+Degenerate data give no interval (NaN), never [mean, mean]: a member whose metric has interval keys
+but NaN bounds (pipeline/eval/stats.py found no variability to bound, or too few prompts), or a
+configuration with no variance at all. Its p-value is then undefined (None); Holm still counts it, as
+p = 1, so the family is every configuration tried.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from pipeline.core.selection import holm  # noqa: F401 (Holm lives in core: the audit recomputes it too)
 
 Z975 = 1.959963984540054
 
@@ -33,10 +40,15 @@ def _finite(v: Any) -> bool:
 
 
 def prompt_se(metrics: dict[str, Any], name: str) -> float | None:
-    lo, hi = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
-    if _finite(lo) and _finite(hi):
+    """The member's prompt-sampling standard error of `name`: None when the metric has no interval
+    keys (a length, a KL: no prompt bootstrap), NaN when it has them but no finite interval."""
+    lo_key, hi_key = f"{name}_ci_low", f"{name}_ci_high"
+    if lo_key not in metrics and hi_key not in metrics:
+        return None
+    lo, hi = metrics.get(lo_key), metrics.get(hi_key)
+    if _finite(lo) and _finite(hi) and float(hi) > float(lo):
         return (float(hi) - float(lo)) / (2 * Z975)
-    return None
+    return math.nan
 
 
 def combine(values: list[float], ses: list[float | None], level: float = 0.95) -> dict[str, Any]:
@@ -50,11 +62,14 @@ def combine(values: list[float], ses: list[float | None], level: float = 0.95) -
     mean = sum(xs) / k
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (k - 1)) if k > 1 else None
     known = [s for s in ses if s is not None]
+    undefined = {"mean": mean, "std": std, "se": None, "ci_low": math.nan, "ci_high": math.nan, "df": None, "n": k}
+    if any(math.isnan(s) for s in known):  # a member's prompt interval is undefined: so is the combined one
+        return undefined
     b = sum(s * s for s in known) / len(known) if known else 0.0
     a = (std * std / k) if std is not None else 0.0
     var = a + b
-    if var == 0.0:
-        return {"mean": mean, "std": std, "se": 0.0, "ci_low": mean, "ci_high": mean, "df": None, "n": k}
+    if var <= (1e-12 * max(1.0, abs(mean))) ** 2:  # identical seeds (to rounding), no prompt interval:
+        return undefined                             # nothing measured the uncertainty
     df = (a + b) ** 2 * (k - 1) / (a * a) if a > 0 else math.inf
     q = stats.t.ppf(0.5 + level / 2, df) if math.isfinite(df) else stats.norm.ppf(0.5 + level / 2)
     se = math.sqrt(var)
@@ -71,18 +86,6 @@ def p_better(est: dict[str, Any], null: float, goal: str) -> float | None:
     t = (est["mean"] - null) / est["se"] * (1 if goal == "maximise" else -1)
     df = est.get("df")
     return float(stats.t.sf(t, df) if df else stats.norm.sf(t))
-
-
-def holm(pvalues: list[float | None]) -> list[float | None]:
-    """Holm-Bonferroni adjusted p-values (step-down, monotone); None stays None and is not counted."""
-    idx = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
-    m = len(idx)
-    out: list[float | None] = [None] * len(pvalues)
-    running = 0.0
-    for rank, i in enumerate(idx):
-        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
-        out[i] = running
-    return out
 
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:

@@ -3,10 +3,15 @@
 The rule's grammar is deliberately tiny, so it can be checked here, applied mechanically by
 `openrelease sweep` and re-applied by `openrelease audit` (pipeline/core/selection.py):
 
-    metric:      a metrics/eval.json key, e.g. pass_rate_delta
+    metric:      a metrics/eval.json key measured on the dev prompts, e.g. dev_pass_rate_delta
     goal:        maximise | minimise
     constraints: "<metric> <op> <number>", op one of >= <= > <, e.g. "length_ratio <= 2.0", "kl <= 0.5"
     tie_break:   "<metric> min|max" entries, applied in order when configurations tie on `metric`
+
+Three prompt roles, never mixed (shared/DESIGN.md): dev prompts choose, test prompts are reported. So the
+rule may read only dev metrics (`dev_*`) and the drift guards measured over every evaluation response
+(DRIFT_GUARDS: how far a configuration moved from the base, not how well it scores on test), and the
+card's `headline` reports test metrics only. A test metric may be reported, never selected on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,21 @@ from pipeline.core.params.base import Section
 METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 TIE_BREAK = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s+(min|max)\s*$")
+DEV_PREFIX = "dev_"  # the evaluate stage's metrics on the dev prompt set (paths.dev_prompts)
+# Length and KL of the policy against the base over every evaluation response: they bound drift, they
+# do not score the test prompts, so a constraint or tie-break on them does not select on test.
+DRIFT_GUARDS = frozenset({"length_ratio", "kl", "kl_per_token"})
+
+
+def selection_metric_problem(name: str, role: str) -> str | None:
+    """Why `name` may not be used by the rule as `role` (objective, constraint, tie-break); None: allowed."""
+    if name.startswith(DEV_PREFIX):
+        return None
+    if role != "objective" and name in DRIFT_GUARDS:
+        return None
+    allowed = "a dev_* metric" + ("" if role == "objective" else f" or a drift guard ({', '.join(sorted(DRIFT_GUARDS))})")
+    return (f"{name!r} is measured on the test prompts; the rule's {role} must be {allowed}, "
+            f"because dev prompts choose and test prompts are only reported (select on {DEV_PREFIX}{name})")
 
 
 def parse_constraint(text: str) -> tuple[str, str, float]:
@@ -40,7 +60,9 @@ def parse_tie_break(text: str) -> tuple[str, str]:
 class SelectionRule(Section):
     """How the released configuration is picked from the sweep table, before any member has run."""
 
-    metric: str = Field(description="The metrics/eval.json key whose mean over seeds is optimised.")
+    metric: str = Field(description=(
+        "The metrics/eval.json key whose mean over seeds is optimised: a dev-set metric (dev_*), never a "
+        "test-set one (the card reports the pick's test metrics)."))
     goal: Literal["maximise", "minimise"] = Field(description="Whether a larger or a smaller `metric` is better.")
     constraints: list[str] = Field(default_factory=list, description=(
         "Conditions on a configuration's mean over seeds, '<metric> <op> <number>' (op: >= <= > <); "
@@ -50,7 +72,7 @@ class SelectionRule(Section):
         "configuration in grid order wins any remaining tie."))
     null_value: float = Field(description=(
         "The value of `metric` that means 'no better than the base model' (0 for a difference such as "
-        "pass_rate_delta, 0.5 for a win rate): the winner-vs-base test and its Holm adjustment use it."))
+        "dev_pass_rate_delta, 0.5 for a win rate): the winner-vs-base test and its Holm adjustment use it."))
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Family-wise error rate of the Holm-adjusted test.")
 
     @field_validator("metric")
@@ -58,20 +80,24 @@ class SelectionRule(Section):
     def _metric_name(cls, v: str) -> str:
         if not METRIC_NAME.match(v):
             raise ValueError(f"{v!r} is not a metric name (letters, digits, underscores)")
+        if problem := selection_metric_problem(v, "objective"):
+            raise ValueError(problem)
         return v
 
     @field_validator("constraints")
     @classmethod
     def _constraints(cls, v: list[str]) -> list[str]:
         for text in v:
-            parse_constraint(text)
+            if problem := selection_metric_problem(parse_constraint(text)[0], "constraint"):
+                raise ValueError(f"{text!r}: {problem}")
         return v
 
     @field_validator("tie_break")
     @classmethod
     def _tie_break(cls, v: list[str]) -> list[str]:
         for text in v:
-            parse_tie_break(text)
+            if problem := selection_metric_problem(parse_tie_break(text)[0], "tie-break"):
+                raise ValueError(f"{text!r}: {problem}")
         return v
 
 
@@ -85,7 +111,8 @@ class SweepParams(Section):
     seeds: list[int] = Field(min_length=1, description="Training seeds; every configuration is trained with each.")
     selection: SelectionRule
     headline: list[str] = Field(min_length=1, description=(
-        "metrics/eval.json keys plotted against each axis and shown with their seed std on the card."))
+        "metrics/eval.json test-set keys plotted against each axis and reported for the pick on the card, "
+        "mean over seeds with the seed std (dev metrics chose it, so they are not reported as results)."))
     jobs: int = Field(ge=1, le=256, description="Members run at once (`dvc queue start -j`).")
 
     @field_validator("axes")
@@ -113,6 +140,9 @@ class SweepParams(Section):
         for name in v:
             if not METRIC_NAME.match(name):
                 raise ValueError(f"{name!r} is not a metric name")
+            if name.startswith(DEV_PREFIX):
+                raise ValueError(f"{name!r} is a dev-set metric: the headline reports test metrics (dev prompts "
+                                 "chose the configuration, so their numbers are biased upwards)")
         return v
 
     @model_validator(mode="after")
