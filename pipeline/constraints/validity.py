@@ -15,8 +15,8 @@ The measures, per response (words are lowercased `\\w+` runs, as IFEval counts w
 - `whole_repeats`: how many times the whole answer is one block of words said over and over (1: not a
   repeat). Rule `repetition` also fires at 2 or more: a short answer said twice has too few n-grams for
   the rate to notice.
-- `repeated_sentence`: how often the most frequent sentence (a line or a Punkt sentence, normalised,
-  of at least 2 words) occurs. Rule `repeated_sentence`: at least `max_sentence_repeats` times; it
+- `repeated_sentence`: how often the most frequent sentence or line occurs (compared as lowercased
+  words, code blocks left out; a one-word sentence such as "Cheers." counts). Rule `repeated_sentence`: at least `max_sentence_repeats` times; it
   catches a short answer said twice, where the n-gram rate stays low.
 - `prompt_copy`: the share of the response's word n-grams (n = `copy_ngram`; 0 for shorter
   responses) that occur in the prompt, case-insensitive (text the prompt asks to repeat, IFEval's
@@ -58,6 +58,7 @@ _WORD = re.compile(r"\w+")
 # or markdown emphasis, IFEval's <<title>> and JSON's }; an emoji or other symbol (So) also counts.
 _END_CHARS = set(".!?…)]}>\"'”’`*»")
 _SENTENCE_BREAK = re.compile(r"\n+|(?<=[.!?])\s+")
+_CODE_BLOCK = re.compile(r"```.*?(```|$)", re.DOTALL)
 
 
 @dataclass
@@ -130,9 +131,14 @@ def whole_repeats(ws: Sequence[str]) -> int:
 
 
 def repeated_sentence(text: str) -> int:
-    """Occurrences of the most frequent sentence of at least 2 words (lines and sentence ends split)."""
-    parts = [" ".join(words(s)) for s in _SENTENCE_BREAK.split(text)]
-    counts = Counter(p for p in parts if p.count(" ") >= 1)
+    """Occurrences of the most frequent sentence or line (split at line breaks and sentence ends),
+    compared as lowercased words. Code blocks are left out (code repeats lines by nature), and a
+    one-word line counts only as a sentence ("Cheers." nine times), not as a table cell or a number."""
+    counts: Counter[str] = Counter()
+    for part in _SENTENCE_BREAK.split(_CODE_BLOCK.sub(" ", text)):
+        ws = words(part)
+        if len(ws) >= 2 or (ws and part.rstrip()[-1:] in ".!?"):
+            counts[" ".join(ws)] += 1
     return max(counts.values(), default=0)
 
 

@@ -32,14 +32,15 @@ _TOKEN = re.compile(r"\S+")
 
 
 def cut_mid_sentence(text: str) -> str:
-    """The text up to about half its words, ending on a word that does not end a sentence."""
+    """The text up to about half its words, ending on a word that does not end a sentence (the nearest
+    such word at or after the middle, else before it)."""
     tokens = list(_TOKEN.finditer(text))
     if len(tokens) < 2:
         return ""
     half = math.ceil(len(tokens) / 2) - 1
     order = list(range(half, len(tokens) - 1)) + list(range(half - 1, -1, -1))
     for i in order:
-        if tokens[i].group()[-1] not in ".!?":
+        if tokens[i].group()[-1].isalnum():  # a word that ends no sentence (not a bullet marker or "dry.")
             return text[: tokens[i].end()]
     return text[: tokens[half].end()]
 

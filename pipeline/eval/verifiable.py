@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,16 @@ from pipeline.eval.stats import mean_diff, mean_stat, paired_bootstrap_ci, poole
 def _ci(prefix: str, est_lo_hi: tuple[float, float, float], metrics: dict[str, float]) -> None:
     est, lo, hi = est_lo_hi
     metrics.update({prefix: est, f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi})
+
+
+def read_prompt_set(path: Path, limit: int | None = None) -> list[dict]:
+    """Rows {prompt, instruction_id_list, kwargs, id or key} of a prompt file in the project's format
+    (`pipeline.constraints.prompts`) or IFEval's input format."""
+    from pipeline.constraints.ifeval import read_ifeval
+    from pipeline.constraints.prompts import read_prompts
+    from pipeline.eval.ifeval_eval import is_ifeval_file
+
+    return (read_ifeval(path) if is_ifeval_file(path) else read_prompts(path))[:limit]
 
 
 def repeat_text(row: dict) -> str | None:

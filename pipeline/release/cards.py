@@ -22,13 +22,18 @@ from pipeline.release.manifest import ReleaseInfo
 MISSING = "*missing*"
 # metrics/eval.json keys the evaluate stage promises, shown first and flagged when absent.
 EVAL_KEYS = ("pref_accuracy", "reward_margin", "pass_rate_base", "pass_rate_policy", "pass_rate_delta",
-             "win_rate", "lc_win_rate", "length_ratio", "kl")
+             "pass_rate_floor", "degenerate_rate_base", "degenerate_rate_policy", "win_rate", "lc_win_rate",
+             "length_ratio", "kl")
 EVAL_LABELS = {
     "pref_accuracy": "held-out preference accuracy (implicit DPO reward, chosen > rejected)",
     "reward_margin": "mean implicit reward margin (chosen - rejected)",
     "pass_rate_base": "verifiable pass rate, base model (greedy)",
     "pass_rate_policy": "verifiable pass rate, this model (greedy)",
     "pass_rate_delta": "pass rate difference (this model - base)",
+    "pass_rate_floor": "best pass rate of a trivial answer (empty, echo, one fixed answer, base answer repeated or cut)",
+    "degenerate_rate_base": "share of all evaluation answers that are degenerate (params validity), base model",
+    "degenerate_rate_policy": "share of all evaluation answers that are degenerate (params validity), this model",
+    "degenerate_rate_delta": "degenerate share difference (this model - base)",
     "win_rate": "judged win rate vs base (both orders, ties = 1/2)",
     "lc_win_rate": "length-controlled win rate vs base",
     "length_ratio": "mean response length, this model / base",
@@ -42,7 +47,7 @@ EVAL_LABELS = {
     "length_base": "mean response length of the base model (tokens)",
     "length_policy": "mean response length of this model (tokens)",
     "kl_per_token": "estimated KL per generated token",
-    "n_eval_prompts": "held-out constraint prompts evaluated",
+    "n_test_prompts": "held-out constraint prompts evaluated",
     "n_constraints": "constraints checked over those prompts",
     "n_general_prompts": "general prompts judged",
     "empty_rate_base": "share of empty responses, base model",
@@ -50,7 +55,11 @@ EVAL_LABELS = {
     "unfinished_rate_base": "share of responses cut at max_new_tokens, base model",
     "unfinished_rate_policy": "share of responses cut at max_new_tokens, this model",
     "lc_win_rate_se": "AlpacaEval's standard error of the LC win rate (sem of the GLM predictions)",
-    "judge_reliable": "1 if judge_order_consistency reaches evaluate.judge.min_order_consistency",
+    "judge_reliable": "1 if judge_order_consistency reaches evaluate.judge.min_order_consistency and, where "
+                      "measured, Cohen's kappa with people has an interval above 0",
+    "judge_human_agreement": "share of human-labelled pairs (paths.judge_labels) where the judge picks the people's answer",
+    "judge_human_kappa": "Cohen's kappa of the judge with people on paths.judge_labels (0: chance)",
+    "judge_human_n_judged": "human-labelled pairs the judge judged (pairs settled by rule are not counted)",
     "pref_n_prompts": "prompts the held-out test pairs come from (the bootstrap's clusters)",
     "ifeval_prompt_strict_base": "IFEval prompt-level strict accuracy, base model",
     "ifeval_prompt_strict_policy": "IFEval prompt-level strict accuracy, this model",
@@ -120,14 +129,14 @@ def eval_table(metrics: dict[str, Any] | None) -> str:
 INDEX_DATASETS = (  # (metric key prefix, config name, human name)
     ("pref_", "default", "held-out preference pairs (test split)"),
     ("reward_", "default", "held-out preference pairs (test split)"),
-    ("pass_rate_", "eval_prompts", "held-out constraint prompts"),
-    ("constraint_pass_rate_", "eval_prompts", "held-out constraint prompts"),
-    ("eval_ifeval_", "eval_prompts", "held-out constraint prompts (IFEval format)"),
+    ("pass_rate_", "test_prompts", "held-out constraint prompts"),
+    ("constraint_pass_rate_", "test_prompts", "held-out constraint prompts"),
+    ("test_ifeval_", "test_prompts", "held-out constraint prompts (IFEval format)"),
     ("ifeval_", "ifeval_prompts", "IFEval subset (google-research instruction_following_eval)"),
     ("win_rate", "general_prompts", "general prompts (judged pairwise against the base model)"),
     ("lc_win_rate", "general_prompts", "general prompts (judged pairwise against the base model)"),
 )
-NOT_INDEXED_SUFFIXES = ("_se",)
+NOT_INDEXED_SUFFIXES = ("_se", "_floor")  # the floor is a trivial answer's score, not this model's
 _COUNT = re.compile(r"(^|_)n(_|$)")  # pref_n, pref_n_prompts, n_wins: counts, not results
 
 
@@ -149,7 +158,7 @@ def model_index_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
             and not k.endswith(NOT_INDEXED_SUFFIXES) and not _COUNT.search(k) and not (skip_judge and k.startswith(JUDGE_METRICS))}
 
 
-EVAL_PROMPTS_CONFIG = "eval_prompts"
+EVAL_PROMPTS_CONFIG = "test_prompts"
 
 
 def eval_prompts_dataset(info: ReleaseInfo) -> dict[str, str]:

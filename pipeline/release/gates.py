@@ -244,7 +244,8 @@ JUDGE_METRICS = ("win_rate", "win_rate_soft", "lc_win_rate")
 
 
 def judge_unreliable(metrics: dict[str, Any] | None) -> bool:
-    """The evaluate stage marked its judge unreliable (order consistency below the params' threshold)."""
+    """The evaluate stage marked its judge unreliable (order consistency below the params' threshold, or
+    Cohen's kappa with people whose interval includes 0)."""
     return (metrics or {}).get("judge_reliable") == 0
 
 
@@ -252,8 +253,14 @@ def _skip_judge(metrics: dict[str, Any] | None, keys) -> tuple[list[str], str]:
     if not judge_unreliable(metrics):
         return list(keys), ""
     skipped = [k for k in keys if k.startswith(JUDGE_METRICS)]
-    note = (f"; skipped {', '.join(skipped)}: the judge is unreliable (judge_order_consistency "
-            f"{metrics.get('judge_order_consistency')} < {metrics.get('judge_min_order_consistency')})") if skipped else ""
+    why = []
+    if (metrics.get("judge_order_consistency") or 0) < (metrics.get("judge_min_order_consistency") or 0):
+        why.append(f"judge_order_consistency {metrics.get('judge_order_consistency')} < "
+                   f"{metrics.get('judge_min_order_consistency')}")
+    if metrics.get("judge_human_reliable") == 0:
+        why.append(f"kappa with people {metrics.get('judge_human_kappa')}, interval [{metrics.get('judge_human_kappa_ci_low')}, "
+                   f"{metrics.get('judge_human_kappa_ci_high')}] includes 0 or is none")
+    note = f"; skipped {', '.join(skipped)}: the judge is unreliable ({'; '.join(why)})" if skipped else ""
     return [k for k in keys if k not in skipped], note
 
 
@@ -274,6 +281,21 @@ def eval_thresholds(metrics: dict[str, Any] | None, thresholds: dict[str, Any]) 
         elif bound.max is not None and v > bound.max:
             problems.append(f"{key} = {v:.4g} > max {bound.max}")
     return _result("eval-thresholds", problems, f"{len(keys)} threshold(s) hold{note}")
+
+
+def trivial_floor(metrics: dict[str, Any] | None) -> GateResult:
+    """The headline must beat the best trivial answer (evaluate's panel: empty, echo, one fixed answer,
+    the base answer repeated or cut), scored by the same code: a model that does not has shown nothing
+    a constant could not."""
+    m = metrics or {}
+    head, floor = m.get("pass_rate_policy"), m.get("pass_rate_floor")
+    if not isinstance(floor, (int, float)) or not isinstance(head, (int, float)):
+        return GateResult("trivial-floor", "fail", "pass_rate_floor or pass_rate_policy is missing from "
+                          "metrics/eval.json (run dvc repro evaluate)")
+    if not head > floor:
+        return GateResult("trivial-floor", "fail", f"pass_rate_policy {head:.4g} does not exceed the trivial-answer "
+                          f"floor {floor:.4g} (outputs/eval/panel.parquet)")
+    return GateResult("trivial-floor", "pass", f"pass_rate_policy {head:.4g} > trivial-answer floor {floor:.4g}")
 
 
 def regression(metrics: dict[str, Any] | None, previous: dict[str, Any] | None, name: str | None,
@@ -353,9 +375,9 @@ def _texts(value: Any) -> list[str]:
 
 def _eval_sets(inp: ReleaseInputs) -> list[tuple[str, Path, str | None]]:
     p = inp.params.paths
-    sets = [("eval_prompts", inp.root / p.eval_prompts, "prompt")]
-    if getattr(p, "general_prompts", None):
-        sets.append(("general_prompts", inp.root / p.general_prompts, None))
+    # every evaluation set the project owns (test, dev, IFEval subset, general), then the configured ones
+    sets = [(key, inp.root / path, None if key == "general_prompts" else "prompt")
+            for key, path in p.own_eval_sets().items()]
     data = inp.params.section_dump("data") or {}
     for d in (data.get("decontaminate_against") or []) if isinstance(data, dict) else []:
         if isinstance(d, dict) and d.get("path"):

@@ -223,16 +223,6 @@ def judged(p: EvaluateParams, general: list[dict], resp_base: list[str], resp_po
     return m, table
 
 
-def read_prompt_set(path: Path, limit: int | None = None) -> list[dict]:
-    """Rows {prompt, instruction_id_list, kwargs, id or key} of a prompt file in the project's format
-    (`pipeline.constraints.prompts`) or IFEval's input format."""
-    from pipeline.constraints.ifeval import read_ifeval
-    from pipeline.constraints.prompts import read_prompts
-    from pipeline.eval.ifeval_eval import is_ifeval_file
-
-    return (read_ifeval(path) if is_ifeval_file(path) else read_prompts(path))[:limit]
-
-
 def answer_sets(models: Models, folder: Path, units: dict[str, list[dict]], p: EvaluateParams, cache: EvalCache,
                 generate_fn: Callable[..., list[list[str]]], who: str) -> dict[str, tuple[list[str], list[bool | None]]]:
     """Greedy answers of the model in `folder` to every prompt of every named unit: one batched call,
@@ -260,6 +250,7 @@ def run(p: EvaluateParams, inp: Inputs, cache: EvalCache, out_dir: Path, *, mode
     from pipeline.eval.verifiable import (
         degeneration_metrics,
         headline_metrics,
+        read_prompt_set,
         score_set,
         set_table,
         verdict_columns,
