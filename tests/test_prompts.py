@@ -1,5 +1,6 @@
-"""The project's own constraint prompt files: valid IFEval ids, sized as documented, eval disjoint from train,
-some instruction ids held out of training, and an empty answer passes no prompt."""
+"""The project's own prompt files in their three roles (train makes data, dev selects, test is reported):
+valid IFEval ids, sized as documented, pairwise disjoint (exact, 13-gram, and build's own check), some
+instruction ids held out of training, and an empty answer passes no prompt."""
 
 from __future__ import annotations
 
@@ -21,15 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 NGRAM = 13  # the overlap length `build` decontaminates with by default
 
 
-def _paths() -> tuple[Path, Path]:
+def _paths() -> dict[str, Path]:
     paths = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
-    return ROOT / paths["train_prompts"], ROOT / paths["eval_prompts"]
+    return {role: ROOT / paths[f"{role}_prompts"] for role in ("train", "dev", "test")}
 
 
 @pytest.fixture(scope="module")
-def sets():
-    train, ev = _paths()
-    return read_prompts(train), read_prompts(ev)
+def roles() -> dict[str, list[dict]]:
+    return {role: read_prompts(path) for role, path in _paths().items()}
+
+
+@pytest.fixture(scope="module")
+def sets(roles):
+    """(train, evaluation) with dev and test together as the evaluation prompts."""
+    return roles["train"], roles["dev"] + roles["test"]
 
 
 def _ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
@@ -41,9 +47,10 @@ def _norm(text: str) -> str:
     return " ".join(x.lower() for x in words(text))
 
 
-def test_sizes_and_instruction_counts(sets):
+def test_sizes_and_instruction_counts(roles, sets):
+    """test >= 100 so the headline delta's interval is about +-0.08 (issue 21), dev >= 50."""
     train, ev = sets
-    assert 96 <= len(train) <= 128 and 36 <= len(ev) <= 56
+    assert 96 <= len(train) <= 128 and len(roles["test"]) >= 100 and len(roles["dev"]) >= 50
     for row in train + ev:
         assert 1 <= len(row["instruction_id_list"]) <= 3, row["id"]
         assert set(row["instruction_id_list"]) <= set(INSTRUCTION_IDS)
@@ -68,13 +75,29 @@ def test_empty_response_fails_every_prompt(sets, blank):
         assert not any(check_row(row, blank)) and not any(check_row(row, blank, loose=True)), row["id"]
 
 
-def test_eval_disjoint_from_train(sets):
-    train, ev = sets
-    assert not {_norm(r["prompt"]) for r in train} & {_norm(r["prompt"]) for r in ev}
-    assert not {r["id"] for r in train} & {r["id"] for r in ev}
-    train_grams = set().union(*(_ngrams(r["prompt"]) for r in train))
-    leaks = [r["id"] for r in ev if _ngrams(r["prompt"]) & train_grams]
-    assert not leaks, f"eval prompts sharing a {NGRAM}-gram with train: {leaks}"
+@pytest.mark.parametrize("a, b", [("train", "dev"), ("train", "test"), ("dev", "test")])
+def test_roles_are_disjoint(roles, a, b):
+    assert not {_norm(r["prompt"]) for r in roles[a]} & {_norm(r["prompt"]) for r in roles[b]}
+    assert not {r["id"] for r in roles[a]} & {r["id"] for r in roles[b]}
+    grams = set().union(*(_ngrams(r["prompt"]) for r in roles[a]))
+    leaks = [r["id"] for r in roles[b] if _ngrams(r["prompt"]) & grams]
+    assert not leaks, f"{b} prompts sharing a {NGRAM}-gram with {a}: {leaks}"
+
+
+def test_build_checks_the_roles(tmp_path):
+    """build refuses to run when a dev or test prompt is also a train prompt (one line, file:line)."""
+    from pipeline.core.errors import DataError
+    from pipeline.core.params import load_params
+    from pipeline.stages.build import check_roles
+
+    P = load_params(ROOT / "params.yaml")
+    roles = {k: str(ROOT / v) for k, v in P.paths.prompt_roles().items()}
+    check_roles(roles, P.build, ROOT)  # the shipped files pass
+    leaky = tmp_path / "test.jsonl"
+    lines = (ROOT / P.paths.test_prompts).read_text().splitlines()
+    leaky.write_text("\n".join([*lines, (ROOT / P.paths.train_prompts).read_text().splitlines()[5]]) + "\n")
+    with pytest.raises(DataError, match=rf"test.jsonl:{len(lines) + 1}.*overlaps train"):
+        check_roles({**roles, "test": str(leaky)}, P.build, ROOT)
 
 
 def test_overlap_check_would_catch_a_leak(sets):
