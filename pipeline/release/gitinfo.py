@@ -48,7 +48,7 @@ def code_state(root: Path, given_version: str | None, tag_pattern: str) -> CodeS
     else `dev-<short commit>` (which the version gate refuses for a real release).
     """
     commit = git(root, "rev-parse", "HEAD")
-    status = git(root, "status", "--porcelain", "--untracked-files=normal") or ""
+    status = git(root, "status", "--porcelain=v1", "-z", "--untracked-files=normal") or ""
     tags = sorted((git(root, "tag", "--points-at", "HEAD") or "").split())
     remote = git(root, "remote", "get-url", "origin", check=False)
     if given_version:
@@ -56,8 +56,31 @@ def code_state(root: Path, given_version: str | None, tag_pattern: str) -> CodeS
     else:
         matching = [t for t in tags if re.search(tag_pattern, t)]
         version, how = (matching[-1], "tag") if matching else (f"dev-{commit[:12]}", "dev")
-    return CodeState(commit=commit, dirty=[ln for ln in status.splitlines() if ln.strip()], tags_at_head=tags,
+    return CodeState(commit=commit, dirty=uncommitted(root, status), tags_at_head=tags,
                      version=version, version_from=how, remote=_strip_credentials(remote))
+
+
+def uncommitted(root: Path, porcelain_z: str) -> list[str]:
+    """`git status` entries ("XY path") that make a tree dirty, by the rule the run records use
+    (`pipeline.core.lineage.git_state`): dvc.lock and the outputs it lists do not count, since every
+    `dvc repro` rewrites them. Untracked files do count here (the run records ignore them): a release
+    must not leave a stray file beside the code it archives unnoticed."""
+    from pipeline.core.lineage import _is_managed, dvc_managed_paths
+
+    managed = dvc_managed_paths(root)
+    out, entries, i = [], porcelain_z.split("\0"), 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        paths = [entry[3:]]
+        if entry[0] in "RC":  # a rename or copy: its source path follows as an entry of its own
+            paths.append(entries[i])
+            i += 1
+        if not all(_is_managed(p, managed) for p in paths):
+            out.append(entry)
+    return out
 
 
 def public_url(remote: str | None) -> str | None:
