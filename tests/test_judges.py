@@ -304,7 +304,7 @@ def test_read_labeled_pairs_both_shapes_and_errors(tmp_path):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = read_labeled_pairs(f)
     assert [r["label"] for r in got] == ["A", "B", "tie"]
-    assert got[1] == {"instruction": "Q2", "response_a": "x", "response_b": "GOOD", "label": "B"}
+    assert got[1] == {"instruction": "Q2", "response_a": "x", "response_b": "GOOD", "label": "B", "line": 2}
     f.write_text(json.dumps({**rows[0], "label": "C"}) + "\n")
     with pytest.raises(DataError, match=r"pairs.jsonl:1: label: must be 'A', 'B' or 'tie'"):
         read_labeled_pairs(f)
@@ -344,9 +344,19 @@ def test_judge_agreement_cli(tmp_path, tiny_model_dir, capsys):
     assert main([str(pairs), "--params", str(tmp_path / "params.yaml")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 4 and out["judge"]["kind"] == "local" and 0 <= out["agreement"] <= 1
+    assert out["kappa_ci_low"] is None  # 4 pairs < evaluate.bootstrap.min_clusters: no interval, null in JSON
+    from pipeline.core.params import load_params
+    from pipeline.eval.measures import Models
+
+    m = Models()  # the judge the evaluate stage builds: same id, so its report matches and its cache is shared
+    stage_judge = JUDGES["local"](load_params(tmp_path / "params.yaml").evaluate.judge, default_model=tiny_model_dir,
+                                  sha256_of=m.sha256, loader=m.load)
+    assert out["judge"] == stage_judge.id
     assert any((tmp_path / "cache" / "judgment").rglob("*.json"))
-    report = json.loads((tmp_path / "reports" / "judge_agreement.json").read_text())  # FILE is paths.judge_labels
-    assert report["file"] == "pairs.jsonl" and report["n"] == 4 and len(report["file_sha256"]) == 64
+    written = list((tmp_path / "reports" / "judge_agreement").glob("pairs-*.json"))  # what the card reads
+    report = json.loads(written[0].read_text())
+    assert len(written) == 1 and report == out and len(report["file_sha256"]) == 64
+    assert report["template_sha256"] == load_template(TEMPLATE).sha256
     assert main([str(tmp_path / "missing.jsonl"), "--params", str(tmp_path / "params.yaml")]) == 1
     assert "missing.jsonl: file exists: no such file" in capsys.readouterr().err
 
@@ -380,14 +390,14 @@ def test_mt_bench_pair_v2_template_runs_on_a_local_judge(tiny_model_dir, tmp_pat
     assert judge.id["verdicts"] == ["[[A]]", "[[B]]", "[[C]]"]
 
 
-def test_judge_agreement_judges_blank_answers(tmp_path, template):
+def test_judge_agreement_settles_blank_answers_by_rule(tmp_path, template):
     f = tmp_path / "pairs.jsonl"
     f.write_text(json.dumps({"instruction": "Q", "response_a": "", "response_b": "GOOD", "label": "B"}) + "\n"
                  + json.dumps({"instruction": "Q2", "response_a": "GOOD", "response_b": "x", "label": "A"}) + "\n")
     rows = read_labeled_pairs(f)  # no input error for the blank answer
     judge = ScriptedJudge()
     s = agreement(judge, template, rows, EvalCache(tmp_path / "c"))
-    assert s["agreement"] == 1.0 and s["n_blank_pairs"] == 1
+    assert s["agreement"] == 1.0 and s["n"] == 1 and s["n_rule"] == 1 and s["rule_agreement"] == 1.0
     assert judge.calls == 2  # only the pair with two answers was sent to the judge
     f.write_text(json.dumps({"instruction": " ", "response_a": "a", "response_b": "b", "label": "A"}) + "\n")
     with pytest.raises(DataError, match="pairs.jsonl:1: instruction: must be a non-blank string"):

@@ -8,8 +8,10 @@ A judge turns filled-in judge prompts (the template in `paths.judge_template` wi
   generation prompt (the letter with and without a leading space both count). No sampling.
 - `openai`: any OpenAI-compatible chat endpoint (`base_url`, `model`), temperature 0. With
   `logprobs: true` P(A) comes from the first token's top log-probs; otherwise (or when the endpoint
-  sends none) from the first standalone "A" or "B" in the reply (1 or 0), and a reply with neither
-  counts as a tie (0.5) and is counted in `unparsed`. The key comes from the environment variable
+  sends none: `transformers serve` accepts the field and ignores it) from the first standalone "A"
+  or "B" in the reply (1 or 0), and a reply with neither
+  counts as a tie (0.5) and is flagged as unparsed (stored with the cached judgment, so a warm
+  cache counts it too: `judge_pairs(..., outcome=)`). The key comes from the environment variable
   named by `api_key_env`, never from params. Transient errors are retried by the client with backoff
   (`max_retries`); requests are spaced to stay under `requests_per_minute`.
 
@@ -129,8 +131,10 @@ def parse_verdict(reply: str, verdicts: tuple[str, str, str | None]) -> float | 
 class Judge(Protocol):
     id: dict[str, Any]
     unparsed: int
-    # Remote judges only: the snapshot that answered each prompt of the last `prob_a` call.
+    # Remote judges only: the snapshot that answered each prompt of the last `prob_a` call, and
+    # whether its reply held no verdict (`unparsed` counts those live calls only).
     # snapshots: list[str | None]
+    # unparsed_flags: list[bool]
 
     def prob_a(self, prompts: Sequence[str]) -> list[float]: ...
 
@@ -264,6 +268,7 @@ class OpenAIJudge:
             self.id["verdicts"] = list(verdicts)
         self.unparsed = 0
         self.snapshots: list[str | None] = []
+        self.unparsed_flags: list[bool] = []  # per prompt of the last `prob_a` call: no verdict in the reply
 
     def _one(self, prompt: str, system: str | None = None) -> float:
         import openai
@@ -286,20 +291,20 @@ class OpenAIJudge:
         self.snapshots.append(getattr(resp, "model", None) or None)
         choice = resp.choices[0]
         p = _prob_from_logprobs(choice) if letters else None
+        if p is None:
+            p = parse_verdict((choice.message.content or "").strip(), self.verdicts)
+        self.unparsed_flags.append(p is None)
         if p is not None:
             return p
-        p = parse_verdict((choice.message.content or "").strip(), self.verdicts)
-        if p is None:
-            self.unparsed += 1
-            log.warning("judge reply has no verdict %s, counted as a tie: %r", list(self.verdicts),
-                        (choice.message.content or "")[:80])
-            return 0.5
-        return p
+        self.unparsed += 1
+        log.warning("judge reply has no verdict %s, counted as a tie: %r", list(self.verdicts),
+                    (choice.message.content or "")[:80])
+        return 0.5
 
     def prob_a(self, prompts: Sequence[str], system: str | None = None) -> list[float]:
         from tqdm.auto import tqdm
 
-        self.snapshots = []
+        self.snapshots, self.unparsed_flags = [], []
         return [self._one(p, system) for p in tqdm(prompts, desc=f"judge ({self.p.model})", unit="req")]
 
 
@@ -355,12 +360,16 @@ def blank_rule(x: str, y: str) -> float | None:
 
 
 def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str, str]],
-                cache: EvalCache) -> list[tuple[float, float]]:
+                cache: EvalCache, outcome: dict[str, Any] | None = None) -> list[tuple[float, float]]:
     """For each (instruction, x, y): (P(x better) shown as A, P(x better) shown as B).
 
     Judgments already in `cache` are not asked again; only the missing ones go to the judge. For a remote
     judge an entry counts only if the snapshot that answered it is the one answering now. A pair with a
     blank side is decided by `blank_rule` and never sent to the judge.
+
+    `outcome`, when given, receives `by_rule` (per pair: settled by `blank_rule`, not by the judge) and
+    `unparsed` (judgments used, cached or fresh, whose reply held no verdict). Each cache entry stores
+    whether its reply was parsed, so the count is the same with a cold cache and a warm one.
     """
     from pipeline.core.fingerprint import code_part
 
@@ -374,7 +383,7 @@ def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str
             prompts.append(template.fill(instruction, a, b))
     fixed = [blank_rule(a, b) for _, x, y in pairs for a, b in ((x, y), (y, x))]
     entries: list[Any] = [None if f is not None else cache.get("judgment", k) for f, k in zip(fixed, keys, strict=True)]
-    entries = [e if isinstance(e, dict) and "p" in e else None for e in entries]
+    entries = [e if isinstance(e, dict) and "p" in e and "unparsed" in e else None for e in entries]
     remote = hasattr(judge, "snapshots")
     askable = [i for i, f in enumerate(fixed) if f is None]
     todo = [i for i in askable if entries[i] is None]
@@ -386,8 +395,9 @@ def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str
             asked = [prompts[i] for i in todo]
             fresh = judge.prob_a(asked, system=template.system) if template.system else judge.prob_a(asked)
             answered = list(getattr(judge, "snapshots", [])) or [None] * len(todo)
-            for i, v, snap in zip(todo, fresh, answered, strict=True):
-                entries[i] = {"p": float(v), "snapshot": snap}
+            failed = list(getattr(judge, "unparsed_flags", [])) or [False] * len(todo)  # a local judge always reads P(A)
+            for i, v, snap, bad in zip(todo, fresh, answered, failed, strict=True):
+                entries[i] = {"p": float(v), "snapshot": snap, "unparsed": bool(bad)}
                 cache.put("judgment", keys[i], entries[i])
             current = answered[-1]
         if not remote:
@@ -401,6 +411,9 @@ def judge_pairs(judge: Judge, template: Template, pairs: Sequence[tuple[str, str
     if remote:
         judge.snapshot = current  # what answered; for metrics and lineage
     probs = [f if f is not None else entries[i]["p"] for i, f in enumerate(fixed)]
+    if outcome is not None:
+        outcome["by_rule"] = [fixed[2 * k] is not None for k in range(len(pairs))]
+        outcome["unparsed"] = sum(bool(entries[i]["unparsed"]) for i in askable)
     return [(probs[2 * k], 1.0 - probs[2 * k + 1]) for k in range(len(pairs))]
 
 

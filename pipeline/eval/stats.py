@@ -155,3 +155,62 @@ def agreement_stats(human: Sequence[str], judge: Sequence[str]) -> dict[str, flo
     decided = [(h, j) for h, j in zip(human, judge, strict=True) if h != "tie"]
     no_tie = float(np.mean([h == j for h, j in decided])) if decided else float("nan")
     return {"n": n, "agreement": agree, "kappa": kappa, "n_no_tie": len(decided), "agreement_no_tie": no_tie}
+
+
+def order_consistency(first: Sequence[float], second: Sequence[float]) -> float:
+    """Share of pairs whose two presentation orders name the same winner.
+
+    `first` and `second` are P(the same response better) with it shown first and second. A tie in
+    either order names no winner, so it is not consistent: a judge that always answers "tie" (or
+    that cannot be parsed and is counted as one) scores 0, not 1. NaN for no pairs.
+    """
+    a = np.array([order_score(p) for p in first], dtype=float)
+    b = np.array([order_score(p) for p in second], dtype=float)
+    if len(a) == 0:
+        return float("nan")
+    return float(np.mean((a == b) & (a != 0.5)))
+
+
+AGREEMENT_LABELS = ("A", "B", "tie")
+
+
+def kappa_stat(human: np.ndarray, judge: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Cohen's kappa of label codes (indices into AGREEMENT_LABELS), vectorised over resamples.
+
+    The same value as sklearn's `cohen_kappa_score` on one sample; NaN where chance agreement is 1
+    (one label everywhere), where kappa is undefined.
+    """
+    human, judge = np.asarray(human), np.asarray(judge)
+    p_o = np.mean(human == judge, axis=axis)
+    p_e = sum(np.mean(human == k, axis=axis) * np.mean(judge == k, axis=axis) for k in range(len(AGREEMENT_LABELS)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p_e < 1, (p_o - p_e) / (1 - p_e), np.nan)
+
+
+def agreement_ci(human: Sequence[str], judge: Sequence[str], *, min_units: int, n_resamples: int = 9999,
+                 confidence_level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """`agreement_stats` plus bootstrap intervals over pairs for the agreement and Cohen's kappa.
+
+    An interval is NaN, never zero-width, where the sample cannot show its own variability: fewer
+    than `min_units` pairs, every pair agreeing (or every pair disagreeing), or a kappa that is
+    undefined in the sample or in a resample.
+    """
+    out: dict[str, float] = dict(agreement_stats(human, judge))
+    nan = float("nan")
+    out.update(agreement_ci_low=nan, agreement_ci_high=nan, kappa_ci_low=nan, kappa_ci_high=nan)
+    n = len(human)
+    agree = np.array([h == j for h, j in zip(human, judge, strict=True)], dtype=float)
+    if n < max(2, min_units) or agree.min() == agree.max():
+        return out
+    ci = {"n_resamples": n_resamples, "confidence_level": confidence_level, "seed": seed}
+    _, lo, hi = paired_bootstrap_ci((agree,), mean_stat, **ci)
+    if lo < hi:  # False for NaN bounds: paired_bootstrap_ci found no interval
+        out.update(agreement_ci_low=lo, agreement_ci_high=hi)
+    if np.isfinite(out["kappa"]):
+        code = {label: i for i, label in enumerate(AGREEMENT_LABELS)}
+        h = np.array([code[x] for x in human], dtype=float)
+        j = np.array([code[x] for x in judge], dtype=float)
+        _, lo, hi = paired_bootstrap_ci((h, j), kappa_stat, **ci)
+        if np.isfinite(lo) and np.isfinite(hi) and lo < hi:
+            out.update(kappa_ci_low=lo, kappa_ci_high=hi)
+    return out

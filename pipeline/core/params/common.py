@@ -37,8 +37,9 @@ class Paths(Section):
     converted_models: str = Field(default=".openrelease/converted", description="Cache of checkpoints converted for a generation backend (ctranslate2), one folder per source-weights sha256, converter version and quantization.")
     ifeval_prompts: str | None = Field(default=None, description="IFEval-format prompts (key, prompt, "
                                        "instruction_id_list, kwargs) evaluated beside test_prompts; null: none.")
-    judge_labels: str | None = Field(default=None, description="Human-labelled judge pairs that `openrelease "
-                                     "judge-agreement` measures the configured judge on; null: none named.")
+    judge_labels: str | None = Field(default=None, description="Human-labelled judge pairs the evaluate stage "
+                                     "measures its judge on every run (judge_human_* metrics; a kappa interval "
+                                     "that includes 0 makes the judge unreliable); null: no check against people.")
     general_prompts: str = Field(description="General prompt set for the judged win rate (JSONL or JSON array).")
     judge_template: str = Field(description="Pairwise judge prompt template with {instruction}, {response_a}, {response_b}.")
     cards: str = Field(description="Model and dataset cards written by `card` (a folder with model/ and dataset/).")
