@@ -256,3 +256,15 @@ def test_evaluate_measures_its_judge_against_people_every_run(eval_inputs, tmp_p
     table = __import__("pandas").read_parquet(tmp_path / "judge_human.parquet")
     assert len(table) == 60 and set(table["label"]) == {"A", "B"} and table["id"].str.startswith("harmless-base").all()
     assert res.judge == {"id": {"kind": "knows-people"}, "template_sha256": load_template(TEMPLATE).sha256}
+
+
+def test_a_judge_that_always_agrees_with_people_is_reliable():
+    """Perfect agreement leaves no resample that differs (no interval), yet it is no reason for doubt;
+    too few pairs, or an interval that includes 0, still are."""
+    from pipeline.eval.judge_agreement import kappa_reliable
+
+    perfect = {"kappa": 1.0, "agreement": 1.0, "n": 60, "kappa_ci_low": float("nan")}
+    assert kappa_reliable(perfect, min_units=10)
+    assert not kappa_reliable({**perfect, "n": 5}, min_units=10)
+    assert not kappa_reliable({"kappa": 0.2, "agreement": 0.6, "n": 60, "kappa_ci_low": -0.05}, min_units=10)
+    assert kappa_reliable({"kappa": 0.6, "agreement": 0.8, "n": 60, "kappa_ci_low": 0.38}, min_units=10)

@@ -111,18 +111,22 @@ def summarize(table: Any, *, min_units: int, ci: dict[str, Any] | None = None) -
     return stats
 
 
-def kappa_reliable(stats: dict[str, Any]) -> bool:
+def kappa_reliable(stats: dict[str, Any], min_units: int = 10) -> bool:
     """A judge is worth a say only if Cohen's kappa's interval lies above 0: one that includes 0 (or
-    none at all, NaN) does not tell the judge from chance."""
+    none at all, NaN) does not tell the judge from chance. The one exception is a judge that agreed
+    with people on every one of at least `min_units` judged pairs (kappa 1): no resample differs, so
+    there is no interval, but there is no doubt either."""
     lo = stats.get("kappa_ci_low")
-    return isinstance(lo, float) and math.isfinite(lo) and lo > 0
+    if isinstance(lo, float) and math.isfinite(lo):
+        return lo > 0
+    return stats.get("kappa") == 1.0 and stats.get("agreement") == 1.0 and (stats.get("n") or 0) >= min_units
 
 
 def agreement(judge: Judge, template: Template, rows: list[dict[str, Any]], cache: EvalCache, *,
               min_units: int = 10, ci: dict[str, Any] | None = None) -> dict[str, Any]:
     """Judge each labelled pair in both orders; compare the judge's A/B/tie verdicts with the labels."""
     stats = summarize(judge_table(judge, template, rows, cache), min_units=min_units, ci=ci)
-    stats["reliable"] = kappa_reliable(stats)
+    stats["reliable"] = kappa_reliable(stats, min_units)
     stats["judge"] = judge.id
     stats["template_sha256"] = template.sha256
     if getattr(judge, "snapshot", None):
@@ -142,7 +146,7 @@ def human_agreement(judge: Judge, template: Template, labels: str | Path, cache:
             m[f"judge_human_{key}{suffix}"] = s[f"{key}{suffix}"]
     m.update({"judge_human_n_judged": s["n"], "judge_human_n_rule": s["n_rule"],
               "judge_human_order_consistency": s["order_consistency"], "judge_human_unparsed": s["unparsed"],
-              "judge_human_reliable": int(kappa_reliable(s))})
+              "judge_human_reliable": int(kappa_reliable(s, min_units))})
     return m, table
 
 
