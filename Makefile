@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # OMP_WAIT_POLICY here or in the environment to force one; tests/conftest.py sets PASSIVE.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install dev repro sweep test lint clean
+.PHONY: install dev repro sweep test lint clean venv-tf4
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,17 @@ repro: install
 # The `sweep:` grid of params.yaml as DVC experiments, then the rule's pick released (README: Sweeps)
 sweep: install
 	$(BIN)/openrelease sweep
+
+# A second virtualenv with the latest transformers 4.x: tests/test_release_tf4.py loads the release
+# with it and compares its greedy answer with the pinned 5.x (people still run 4.x; issue 22).
+# Outside the repo so pytest and ruff never walk it; OPENRELEASE_TF4_VENV moves it.
+TF4_VENV ?= $(or $(OPENRELEASE_TF4_VENV),/tmp/openrelease-venv-tf4)
+TF4_REQS := "transformers==4.57.1" "peft==0.17.1" "huggingface_hub>=0.34,<1.0" "torch==2.13.0" safetensors jinja2
+$(TF4_VENV)/.installed:
+	$(PYTHON) -m venv $(TF4_VENV)
+	$(TF4_VENV)/bin/pip install --quiet --disable-pip-version-check --no-compile $(TF4_REQS)
+	touch $@
+venv-tf4: $(TF4_VENV)/.installed
 
 test: dev
 	$(BIN)/pytest

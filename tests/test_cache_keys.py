@@ -213,9 +213,9 @@ def test_eval_generation_key_parts_flip(tmp_path, monkeypatch):
         models = Models(loader=lambda f: (None, None), **kw)
         models.known(tmp_path / "m", "a" * 64)
         assert _gen(tmp_path, cache, models=models) == 1, name
-    bf16 = Models(loader=lambda f: (None, None))
-    bf16.known(_model_dir(tmp_path, "m3", dtype="bfloat16"), "a" * 64)
-    assert _gen(tmp_path, cache, models=bf16, folder=tmp_path / "m3") == 1, "dtype"
+    bf16 = Models(loader=lambda f: (None, None), dtype="bfloat16")
+    bf16.known(tmp_path / "m", "a" * 64)
+    assert _gen(tmp_path, cache, models=bf16) == 1, "dtype"
     assert _gen(tmp_path, cache, fn=OtherBackend()) == 1, "backend"
     assert _gen(tmp_path, cache) == 0  # nothing above overwrote the original entry
     real = fpmod.library_versions
@@ -264,8 +264,9 @@ def test_eval_logp_and_kl_keys_name_model_dtype_and_code(tmp_path, monkeypatch):
     gpu = Models(loader=lambda f: (None, fake_tok), device="cuda")
     gpu.known(tmp_path / "m", "a" * 64)
     assert run(gpu, tmp_path / "m", cache) == ["logp", "kl"], "device"
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
-    assert run(models, tmp_path / "m", cache) == ["logp", "kl"], "dtype"
+    bf16 = Models(loader=lambda f: (None, fake_tok), dtype="bfloat16")
+    bf16.known(tmp_path / "m", "a" * 64)
+    assert run(bf16, tmp_path / "m", cache) == ["logp", "kl"], "dtype"
     monkeypatch.setattr(measures, "_CODE", {})
     monkeypatch.setattr(fpmod, "code_part", lambda *m: "c" * 64)
     assert run(models, tmp_path / "m", cache) == ["logp", "kl"], "code"
@@ -273,7 +274,7 @@ def test_eval_logp_and_kl_keys_name_model_dtype_and_code(tmp_path, monkeypatch):
 
 def test_loaded_model_that_does_not_match_its_key_is_an_error(tmp_path):
     folder = _model_dir(tmp_path, "m", dtype="bfloat16")
-    models = Models(loader=lambda f: (torch.nn.Linear(1, 1), None))  # float32 on CPU
+    models = Models(loader=lambda f: (torch.nn.Linear(1, 1).to(torch.bfloat16), None))  # keys name float32
     with pytest.raises(RuntimeError, match="cache keys name"):
         models.load(folder)
 

@@ -21,18 +21,24 @@ from pipeline.eval.cache import EvalCache
 log = logging.getLogger(__name__)
 
 
+# Every model is scored in float32, whatever dtype its checkpoint was saved in: the release is saved in
+# bfloat16 (train.save_dtype), and the upcast is exact, so evaluate scores exactly the released weights
+# with float32 arithmetic, as training ran on CPU. (transformers 5 would load "auto": the config's dtype.)
+EVAL_DTYPE = "float32"
+
+
 class Models:
     """Model folders hashed once and loaded on first use (a warm cache loads nothing).
 
-    `device` and `attn_implementation` say where and how models run; with the dtype from each folder's
-    config (what transformers loads) they enter every cache key, so they are known before any model is
-    loaded, and a loaded model that does not match them is an error rather than a wrong key.
+    `device`, `attn_implementation` and `dtype` (float32 by default, whatever dtype a checkpoint was
+    saved in) say where and how models run; they enter every cache key, so they are known before any
+    model is loaded, and a loaded model that does not match them is an error rather than a wrong key.
     """
 
     def __init__(self, loader: Callable[[Path], tuple[Any, Any]] | None = None, *, device: str = "cpu",
-                 attn_implementation: str = "sdpa"):
-        self._loader = loader or (lambda folder: _load(folder, attn_implementation))
-        self.device, self.attn_implementation = device, attn_implementation
+                 attn_implementation: str = "sdpa", dtype: str = EVAL_DTYPE):
+        self._loader = loader or (lambda folder: _load(folder, attn_implementation, dtype))
+        self.device, self.attn_implementation, self.dtype = device, attn_implementation, dtype
         self._sha: dict[Path, str] = {}
         self._loaded: dict[Path, tuple[Any, Any]] = {}
         self._tok: dict[Path, Any] = {}
@@ -58,7 +64,7 @@ class Models:
 
     def runtime(self, folder: Path) -> dict[str, Any]:
         """Device, dtype and attention kernel the model in `folder` runs with (part of every key)."""
-        return {"device": self.device, "dtype": config_dtype(folder), "attn_implementation": self.attn_implementation}
+        return {"device": self.device, "dtype": self.dtype, "attn_implementation": self.attn_implementation}
 
     def _check_runtime(self, folder: Path, model: Any) -> None:
         try:
@@ -81,20 +87,14 @@ class Models:
         return self._tok[folder]
 
 
-def _load(folder: Path, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+def _load(folder: Path, attn_implementation: str = "sdpa", dtype: str = "float32") -> tuple[Any, Any]:
+    import torch
+
     from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
-    return load_causal_lm(folder, attn_implementation=attn_implementation), load_tokenizer(folder)
+    return (load_causal_lm(folder, attn_implementation=attn_implementation, dtype=getattr(torch, dtype)),
+            load_tokenizer(folder))
 
-
-def config_dtype(folder: Path) -> str:
-    """The dtype transformers loads a checkpoint in by default ("auto": the config's), float32 if unset."""
-    try:
-        cfg = read_json(Path(folder) / "config.json")
-    except DataError:
-        return "float32"
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
-    return str(dtype or "float32").removeprefix("torch.")
 
 
 _CODE: dict[tuple[str, ...], str] = {}

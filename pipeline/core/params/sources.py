@@ -15,6 +15,9 @@ class WheelSource(Section):
     module: str = Field(min_length=1, description="Importable package folder that holds the file.")
     gguf_file: str = Field(min_length=1, description="GGUF file name inside that folder.")
     quantization: str = Field(min_length=1, description="Quantization of the GGUF weights, recorded in lineage.")
+    original_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="The dtype the model was published in before quantization (a GGUF does not "
+                                        "say); `train.save_dtype: base` saves the release in it.")
 
 
 class HubSource(Section):

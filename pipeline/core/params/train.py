@@ -69,6 +69,11 @@ class TrainParams(Section):
                                   "(pipeline/train/packing.py; TRL 1.16 turns its own padding_free off for DPO). "
                                   "With SDPA only: other attention kernels train padded. In the plan, so in lineage "
                                   "and the checkpoint and reference-cache keys.")
+    save_dtype: Literal["base", "float32", "bfloat16", "float16"] = Field(
+        default="base", description="dtype of the saved merged weights (the LoRA adapter stays float32): base = the dtype the base "
+                                    "model was published in (SOURCE.json original_dtype; bfloat16 for SmolLM2). "
+                                    "Training runs in `precision`; evaluate upcasts what was saved to float32, so "
+                                    "it scores exactly the released weights.")
     gradient_checkpointing: bool = Field(description="Recompute activations in backward (CUDA only; off on CPU).")
     liger: bool = Field(description="Liger kernels (CUDA only; needs liger-kernel installed).")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
