@@ -28,7 +28,7 @@ VERSION = "v0.1.0"
 EVAL = {"pref_accuracy": 0.6875, "reward_margin": 0.4213, "pass_rate_base": 0.1944, "pass_rate_policy": 0.3611,
         "pass_rate_delta": 0.1667, "pass_rate_delta_ci_low": 0.0278, "pass_rate_delta_ci_high": 0.3056,
         "win_rate": 0.5417, "lc_win_rate": 0.5102, "length_ratio": 1.12, "kl": 0.0831, "n_eval_prompts": 36,
-        "judge_order_consistency": 0.75}
+        "judge_order_consistency": 0.75, "pass_rate_floor": 0.0556}  # the floor: gate trivial-floor needs it
 SOURCES = [{"name": "on_policy", "format": "ultrafeedback", "path": "data/sources/rated.jsonl", "license": "Apache-2.0"},
            {"name": "hh", "format": "hh-rlhf", "path": "data/sources/hh.jsonl", "license": "MIT"}]
 EVAL_PROMPTS = [

@@ -506,11 +506,13 @@ def test_model_index_has_measured_metrics_with_datasets_and_intervals():
     assert set(model_index_metrics(m)) == {"pref_accuracy", "ifeval_prompt_strict_policy", "lc_win_rate"}
     info = ReleaseInfo(version="v1", model_repo="org/model", dataset_repo="org/pairs", endpoint="https://hf.co",
                        commit="0" * 40, dirty=False)
-    res = {r.metric_type: r for r in model_index_results(m, info)}
-    assert res["pref_accuracy"].metric_args["ci_low"] == 0.5 and res["pref_accuracy"].dataset_config == "default"
-    assert res["ifeval_prompt_strict_policy"].dataset_config == "ifeval_prompts"
-    assert res["ifeval_prompt_strict_policy"].metric_args is None  # no interval to give
-    assert res["lc_win_rate"].dataset_config == "general_prompts"
+    res = {r.metric_name: r for r in model_index_results(m, info)}
+    pref = res["Preference accuracy of the implicit DPO reward (chosen > rejected)"]
+    assert pref.metric_args["ci_low"] == 0.5 and pref.dataset_config == "default" and pref.metric_type == "accuracy"
+    ifeval = res["IFEval prompt-level strict accuracy"]
+    assert ifeval.dataset_config == "ifeval_prompts" and ifeval.dataset_name.startswith("IFEval subset")
+    assert ifeval.metric_args is None  # no interval to give
+    assert res["Length-controlled win rate against the base model (AlpacaEval 2 GLM)"].dataset_config == "general_prompts"
     assert {r.dataset_type for r in res.values()} == {"org/pairs"} and {r.dataset_revision for r in res.values()} == {"v1"}
 
 

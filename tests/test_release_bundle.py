@@ -79,9 +79,11 @@ def test_model_card_sections_and_numbers(bundle):
     card = ModelCard(text)
     assert card.data.license == "apache-2.0" and card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.data.datasets == ["open-release/smollm2-135m-dpo-pairs"]
-    results = {r.metric_type: r for r in card.data.eval_results}
-    assert results["pass_rate_delta"].metric_value == EVAL["pass_rate_delta"]
-    assert results["pref_accuracy"].dataset_revision == VERSION
+    results = {r.metric_name: r for r in card.data.eval_results}
+    assert results["Prompt-level strict accuracy, degenerate answers fail"].metric_value == EVAL["pass_rate_policy"]
+    assert {r.dataset_revision for r in results.values()} == {VERSION} and card.data.base_model_relation == "finetune"
+    # this model's results only: the base model's figure and the difference to it are comparisons in the text
+    assert not {EVAL["pass_rate_base"], EVAL["pass_rate_delta"]} & {r.metric_value for r in results.values()}
     assert "n_eval_prompts" not in results and "judge_order_consistency" not in results  # counts, diagnostics
     assert "| `n_eval_prompts` | held-out constraint prompts evaluated | 36 |" in text
     for section in ("## Intended use", "## Out of scope", "## Training data", "### Decontamination",

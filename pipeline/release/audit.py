@@ -168,11 +168,28 @@ def _check_archive(manifest: dict[str, Any], model: Path, repo_root: Path | None
     return problems, notes
 
 
+def _check_eval_results(folder: Path, expected: list[float]) -> list[str]:
+    """The `.eval_results/*.yaml` values are the model-index's, each once (read as the Hub parses them)."""
+    import yaml
+    from huggingface_hub import parse_eval_result_entries
+
+    values = []
+    for f in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        try:
+            values += [e.value for e in parse_eval_result_entries(yaml.safe_load(f.read_text(encoding="utf-8")) or [])]
+        except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+            return [f".eval_results/{f.name} unreadable: {e}"]
+    if sorted(values) != sorted(expected):
+        return [f".eval_results/ holds {sorted(values)}, the model-index {sorted(expected)}"]
+    return []
+
+
 def _check_cards(model: Path, dataset: Path) -> list[str]:
     from huggingface_hub import ModelCard
 
     from pipeline.core.io import read_json
-    from pipeline.release.cards import _table, eval_table, model_index_metrics
+    from pipeline.release.cards import _table, eval_table
+    from pipeline.release.hub_results import EVAL_RESULTS_DIR, index_by_name
     from pipeline.release.inputs import SIDE_TABLES
 
     problems = []
@@ -189,10 +206,11 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
         card = ModelCard(text, ignore_metadata_errors=False)
     except ValueError as e:
         return [*problems, f"model card metadata unreadable: {e}"]
-    expected = model_index_metrics(metrics)
+    expected = index_by_name(metrics)   # entries are matched by metric_name: several share metric_type accuracy
     seen = {}
     for r in card.data.eval_results or []:
-        seen[r.metric_type] = r.metric_value
+        seen[r.metric_name] = r.metric_value
+    problems += _check_eval_results(model / EVAL_RESULTS_DIR, list(expected.values()))
     for k in sorted(set(expected) | set(seen)):
         if k not in seen:
             problems.append(f"model card model-index: {k} missing (eval.json has {expected[k]})")

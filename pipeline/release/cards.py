@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,6 @@ EVAL_LABELS = {
     "ifeval_heldout_inst_strict_policy": "IFEval instruction-level strict on ids never used in training, this model",
     "ifeval_indist_inst_strict_policy": "IFEval instruction-level strict on ids used in training, this model",
 }
-# Counts and judge diagnostics are in the table but are not results for the model-index.
-NOT_RESULTS = ("n_", "judge_")
 CI_SUFFIXES = (("_ci_low", "_ci_high"), ("_low", "_high"))
 PREF_PREFIXES = ("pref_", "reward_")
 
@@ -123,39 +120,12 @@ def eval_table(metrics: dict[str, Any] | None) -> str:
     return _table(["metric", "what it measures", "value", "95% interval"], rows)
 
 
-# What goes into the model-index: measured results only, each with the dataset config it was measured
-# on (configs of the release dataset repo: the test split of the pairs, the held-out evaluation
-# prompts, the IFEval subset, the general prompts). Counts, diagnostics and lengths stay in the body.
-INDEX_DATASETS = (  # (metric key prefix, config name, human name)
-    ("pref_", "default", "held-out preference pairs (test split)"),
-    ("reward_", "default", "held-out preference pairs (test split)"),
-    ("pass_rate_", "test_prompts", "held-out constraint prompts"),
-    ("constraint_pass_rate_", "test_prompts", "held-out constraint prompts"),
-    ("test_ifeval_", "test_prompts", "held-out constraint prompts (IFEval format)"),
-    ("ifeval_", "ifeval_prompts", "IFEval subset (google-research instruction_following_eval)"),
-    ("win_rate", "general_prompts", "general prompts (judged pairwise against the base model)"),
-    ("lc_win_rate", "general_prompts", "general prompts (judged pairwise against the base model)"),
-)
-NOT_INDEXED_SUFFIXES = ("_se", "_floor")  # the floor is a trivial answer's score, not this model's
-_COUNT = re.compile(r"(^|_)n(_|$)")  # pref_n, pref_n_prompts, n_wins: counts, not results
-
-
-def _index_dataset(key: str) -> tuple[str, str] | None:
-    for prefix, config, name in INDEX_DATASETS:
-        if key.startswith(prefix):
-            return config, name
-    return None
-
-
 def model_index_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
-    """The metrics that go into the card's model-index: finite measured results with a dataset, no
-    counts or diagnostics, and no judged win rate when the evaluate stage marked its judge unreliable."""
-    from pipeline.release.gates import JUDGE_METRICS, judge_unreliable
+    """metric key -> value of what goes into the model-index and `.eval_results/` (hub_results.SPECS:
+    this model's own results, once each; no base, floor, panel, dev, counts or unreliable judge)."""
+    from pipeline.release.hub_results import indexed
 
-    skip_judge = judge_unreliable(metrics)
-    return {k: v for k, v, _, _ in eval_metrics(metrics) if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v) and not k.startswith(NOT_RESULTS) and _index_dataset(k) is not None
-            and not k.endswith(NOT_INDEXED_SUFFIXES) and not _COUNT.search(k) and not (skip_judge and k.startswith(JUDGE_METRICS))}
+    return {spec.key: v for spec, v, _ in indexed(metrics)}
 
 
 EVAL_PROMPTS_CONFIG = "test_prompts"
@@ -207,22 +177,11 @@ def validate_cards(model_readme: Path, dataset_readme: Path, endpoint: str) -> N
             raise SourceError(f"card validation at {endpoint}/api/validate-yaml failed: {str(e).splitlines()[0]}") from None
 
 
-def model_index_results(metrics: dict[str, Any] | None, info: ReleaseInfo, confidence_level: float = 0.95):
+def model_index_results(metrics: dict[str, Any] | None, info: ReleaseInfo):
     """EvalResult entries for the card metadata; the interval, where there is one, in `metric_args`."""
-    from huggingface_hub import EvalResult
+    from pipeline.release.hub_results import model_index_results as results
 
-    m = metrics or {}
-    out = []
-    for key, v in model_index_metrics(metrics).items():
-        config, name = _index_dataset(key)
-        lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-        args = ({"ci_low": lo, "ci_high": hi, "confidence_level": confidence_level}
-                if all(isinstance(x, (int, float)) and math.isfinite(x) for x in (lo, hi)) else None)
-        out.append(EvalResult(task_type="text-generation", task_name="preference tuning evaluation",
-                              metric_type=key, metric_name=key, metric_value=v, metric_args=args,
-                              dataset_type=info.dataset_repo, dataset_name=name, dataset_config=config,
-                              dataset_split="test", dataset_revision=info.version))
-    return out
+    return results(metrics, info)
 
 
 def _bullets(items: list[str]) -> str:
@@ -426,6 +385,8 @@ def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         model_name=name, base_model=base_id, datasets=[info.dataset_repo], language=cp.language,
         library_name="transformers", pipeline_tag="text-generation", tags=[*cp.tags, "dpo", "open-release"],
         eval_results=model_index_results(inp.metrics.get("eval"), info) or None,
+        # merged weights of the base architecture (the LoRA adapter rides along in adapter/)
+        base_model_relation="finetune",
         **hub_metadata(lic.release),
     )
     splits = ", ".join(f"{s}: {n} pairs" for s, n in inp.splits.items()) or MISSING
@@ -477,5 +438,8 @@ def write_cards(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision, mod
     model_dir.mkdir(parents=True, exist_ok=True)
     dataset_dir.mkdir(parents=True, exist_ok=True)
     copy_plots(inp, model_dir)
+    from pipeline.release.hub_results import write_eval_results
+
+    write_eval_results(inp.metrics.get("eval"), info, model_dir)
     atomic_write_text(model_dir / "README.md", str(model_card(inp, info, lic)))
     atomic_write_text(dataset_dir / "README.md", str(dataset_card(inp, info, lic)))
