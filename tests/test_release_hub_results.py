@@ -74,3 +74,19 @@ def test_bundle_ships_eval_results_and_audit_catches_an_edited_value(bundle, tmp
     data[0]["value"] = 0.99
     f.write_text(yaml.safe_dump(data))
     assert any(".eval_results/ holds" in p for p in audit._check_cards(copy / "model", copy / "dataset"))
+
+
+def test_model_card_reads_in_order_with_every_metric_described(bundle):
+    from pipeline.release.card_sections import describe
+
+    text = (bundle.path / "model" / "README.md").read_text()
+    order = ["## Results", "## Quick start", "## Training procedure", "<details>", "## Evaluation", "## Citation"]
+    pos = [text.index(h) for h in ("## Results", "## Quick start", "## Training procedure", "## Citation")]
+    assert pos == sorted(pos) and all(h in text for h in order)
+    assert "this model **0.361**" in text and "scores 0.056 (`pass_rate_floor`)" in text
+    assert "AutoPeftModelForCausalLM" in text and "Rafailov" in text and "TRL" in text
+    start = text.index("| metric | what it measures | value | 95% interval |")
+    table = text[start:text.index("</details>", start)].strip().splitlines()[2:]
+    assert table and all(row.split(" | ")[1].strip() for row in table)       # no empty description
+    assert describe("dev_pass_rate_delta").startswith("share of prompts") and "dev prompts" in describe("dev_pass_rate_delta")
+    assert "trivial answer `empty`" in describe("panel_empty_pass_rate")

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.release.card_sections import CITATIONS, describe, quick_start, results_summary
 from pipeline.release.eval_card import evaluation_notes
 from pipeline.release.inputs import RELEASE_STAGES, ReleaseInputs, flat_numbers
 from pipeline.release.licenses import LicenseDecision, hub_metadata
@@ -116,7 +117,7 @@ def eval_table(metrics: dict[str, Any] | None) -> str:
     rows = []
     for key, v, lo, hi in eval_metrics(metrics):
         interval = f"[{fmt(lo)}, {fmt(hi)}]" if lo is not None or hi is not None else ""
-        rows.append([f"`{key}`", EVAL_LABELS.get(key, ""), fmt(v), interval])
+        rows.append([f"`{key}`", EVAL_LABELS.get(key) or describe(key), fmt(v), interval])
     return _table(["metric", "what it measures", "value", "95% interval"], rows)
 
 
@@ -374,6 +375,19 @@ def render_template(name: str, fields: dict[str, str]) -> str:
     return "\n" + text.format_map(fields)
 
 
+def _saved_dtype(inp: ReleaseInputs) -> str | None:
+    """The dtype the released weights are saved in, from their config.json (what users download)."""
+    from pipeline.lm.portable import config_dtype_name
+
+    if inp.model_dir is None:
+        return None
+    cfg = inp.model_dir / "config.json"
+    try:
+        return config_dtype_name(json.loads(cfg.read_text(encoding="utf-8"))) if cfg.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -396,7 +410,12 @@ def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "intended_use": _bullets(cp.intended_use), "out_of_scope": _bullets(cp.out_of_scope),
         "sources": _sources_table(inp), "build_counts": _numbers_table(inp.metrics.get("data"), "build counts"),
         "decontamination": _numbers_table(inp.report("decontamination"), "decontamination report"),
-        "training": _train_section(inp), "evaluation": eval_table(inp.metrics.get("eval")) + "\n\n" + evaluation_notes(inp),
+        "training": _train_section(inp), "evaluation": "<details>\n<summary>Every evaluation metric (click to open)</summary>\n\n"
+        + eval_table(inp.metrics.get("eval")) + "\n\n</details>\n\n" + evaluation_notes(inp),
+        "summary": results_summary(inp.metrics.get("eval") or {}, (inp.metrics.get("eval") or {}).get("n_test_prompts"),
+                                   _saved_dtype(inp)),
+        "quick_start": quick_start(info, base_id, bm.hub.revision if bm.hub is not None else None),
+        "citations": CITATIONS,
         "judge": _judge(inp),
         "judge_weaknesses": _bullets(cp.judge_weaknesses), "plots": _plots(inp), "limitations": _bullets(cp.limitations),
         "license": _license_section(lic, "model"), "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
