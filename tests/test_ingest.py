@@ -131,7 +131,7 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     assert inputs["rated.jsonl"]["sha256"] == sha256_file(rated) and inputs["rated.jsonl"]["rows"] == 12
     assert inputs["dpo_en_demo.json"]["rows"] == 30
     assert set(lineage["params"]) == {"data.sources", "paths.ingested_sources", "paths.ingested", "tracking",
-                                      "paths.lineage"}
+                                      "paths.lineage", "paths.takedowns"}
     run_id = json.loads((tmp_path / p["runs"] / "ingest.json").read_text())["mlflow"]["run_id"]  # a run fact
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     logged = {i.dataset.name: {t.key: t.value for t in i.tags} for i in client.get_run(run_id).inputs.dataset_inputs}

@@ -177,6 +177,8 @@ def binarize_batch(batch, indices: list[int], p: BuildParams, hashes: list[str],
         "ratings_rejected": flat.field("ratings").take(take_j),
         "seed": pa.array([p.seed] * n, pa.int64()),
         "split": pa.array(splits, pa.string()),
+        # the raw records behind the pair, so a release alone shows no pair derives from a taken-down one
+        "record_sha256": batch.column("record_sha256").combine_chunks().take(take_r),
     }
     return pa.table(cols).cast(features.arrow_schema)
 
@@ -191,4 +193,4 @@ def pair_features():
                      "score_chosen": Value("float64"), "score_rejected": Value("float64"), "source": s,
                      "source_row": s, "rule": s, "prompt_hash": s, "license": s, "generator_chosen": s,
                      "generator_rejected": s, "ratings_chosen": rating, "ratings_rejected": rating,
-                     "seed": Value("int64"), "split": s})
+                     "seed": Value("int64"), "split": s, "record_sha256": List(Value("string"))})

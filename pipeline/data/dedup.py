@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 
 import numpy as np
+
+from pipeline.core.text import normalize  # noqa: F401 - re-exported: dedup.normalize is the prompt-hash rule
 
 _WORD = re.compile(r"\w+")
 _BASE = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so the polynomial hash mixes every position
 _M32 = np.uint64(0xFFFFFFFF)
 
 
-def normalize(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def words(text: str) -> list[str]:

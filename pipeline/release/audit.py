@@ -4,7 +4,9 @@ For a bundle folder (what `publish --dry-run` wrote) or a Hub model repo id: the
 every file's sha256 and size match the manifest and nothing unlisted is present; the dataset is the
 repo and revision the manifest names and holds the very Parquet files the train stage read; the
 weights are those the train stage wrote; the source archive is the manifest's commit; the card's
-numbers match the evaluation results in the bundle. Then it prints the lineage as a tree. Exit 0 when
+numbers match the evaluation results in the bundle; no released pair derives from a record the
+manifest lists as taken down, and both cards' "Data removals" sections say what the manifest says
+(pipeline.release.takedowns). Then it prints the lineage as a tree. Exit 0 when
 all holds, 1 with every mismatch listed otherwise.
 """
 
@@ -28,6 +30,7 @@ from pipeline.release.manifest import (
     UNLISTED,
     release_files,
 )
+from pipeline.release.takedowns import audit_problems as takedown_problems
 from pipeline.release.tree import lineage_tree
 from pipeline.release.trust import (
     EXIT_FAILED,
@@ -292,6 +295,9 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
     report.problems += arch_problems
     report.checked += notes
     report.problems += _check_cards(model, dataset)
+    removal_problems, removal_notes = takedown_problems(manifest, model, dataset)
+    report.problems += removal_problems
+    report.checked += removal_notes
     report.problems, report.checked = _with_sweep(manifest, model, report.problems, report.checked,
                                                   repo_root or anchor.clone)
     report.checked.append(f"{len(files.get('model', []))} model and {len(files.get('dataset', []))} dataset "

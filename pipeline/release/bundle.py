@@ -36,6 +36,7 @@ from pipeline.release.manifest import (
     build_manifest,
     scrub_local_paths,
 )
+from pipeline.release.takedowns import removals
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,9 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
             runs=runs, runs_missing=runs_missing), root)
         if sweep_entry:
             manifest["sweep"] = sweep_entry
+        # signed with the rest: the takedowns applied (hashes and reasons, never content), which earlier
+        # releases' weights saw a removed record, and the release this one supersedes
+        manifest.update(removals(inp))
         bom = atomic_write_text(model / BOM_FILE, build_bom(manifest))
         manifest["files"]["model"] = sorted([*manifest["files"]["model"], {
             "path": BOM_FILE, "sha256": sha256_file(bom), "size": bom.stat().st_size}], key=lambda f: f["path"])

@@ -18,6 +18,7 @@ from pipeline.release.eval_card import evaluation_notes
 from pipeline.release.inputs import RELEASE_STAGES, ReleaseInputs, flat_numbers
 from pipeline.release.licenses import LicenseDecision, hub_metadata
 from pipeline.release.manifest import ReleaseInfo
+from pipeline.release.takedowns import dataset_section, model_section, removals
 
 MISSING = "*missing*"
 # metrics/eval.json keys the evaluate stage promises, shown first and flagged when absent.
@@ -419,7 +420,7 @@ def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "judge": _judge(inp),
         "judge_weaknesses": _bullets(cp.judge_weaknesses), "plots": _plots(inp), "limitations": _bullets(cp.limitations),
         "license": _license_section(lic, "model"), "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
-        "sweep": _sweep_section(inp),
+        "sweep": _sweep_section(inp), "removals": model_section(removals(inp)),
     })
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
@@ -446,6 +447,7 @@ def dataset_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "decontamination": _numbers_table(inp.report("decontamination"), "decontamination report"),
         "validation": _numbers_table(validation, "validation report"), "license": _license_section(lic, "dataset"),
         "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
+        "removals": dataset_section(removals(inp)),
     })
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
 

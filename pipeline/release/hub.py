@@ -186,3 +186,30 @@ def fetch_json(endpoint: str, repo_id: str, filename: str, revision: str, repo_t
     except HfHubHTTPError as e:
         raise _hub_error(f"{repo_id}@{revision}/{filename} at {endpoint}", e) from None
 
+
+
+def fetch_file(endpoint: str, repo_id: str, filename: str, revision: str, dest: Path,
+               repo_type: str = "model") -> Path | None:
+    """One file of a repo at `revision`, downloaded under `dest` (its repo path kept); None when absent."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    check_online()
+    api = make_api(endpoint, os.environ.get("HF_TOKEN") or False)
+    try:
+        return Path(api.hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, local_dir=dest))
+    except EntryNotFoundError:
+        return None
+    except HfHubHTTPError as e:
+        raise _hub_error(f"{repo_type} repo {repo_id}@{revision}/{filename} at {endpoint}", e) from None
+
+
+def list_files(endpoint: str, repo_id: str, repo_type: str, revision: str) -> list[str]:
+    """Every file path of a repo at `revision`."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    check_online()
+    api = make_api(endpoint, os.environ.get("HF_TOKEN") or False)
+    try:
+        return sorted(remote_files(api, repo_id, repo_type, revision))
+    except HfHubHTTPError as e:
+        raise _hub_error(f"{repo_type} repo {repo_id}@{revision} at {endpoint}", e) from None

@@ -8,7 +8,7 @@ Reads:  `paths.validated/rows.parquet` and `summary.json`; evaluation prompts to
         `validate.max_length`, `validate.max_quarantine_fraction`.
 Writes: `paths.dataset/` train.parquet and test.parquet (columns: pipeline.data.pair_checks.COLUMNS),
         provenance.parquet (per pair: source row, license, generators, the ratings behind the choice,
-        rule, seed, split), filtered.jsonl (every row that made no pair, with the filter's name),
+        rule, seed, split, and `record_sha256`: the raw records it derives from, see pipeline.data.takedowns), filtered.jsonl (every row that made no pair, with the filter's name),
         quarantine.jsonl (pairs set aside by the pairs suite); `paths.reports/decontamination.json`;
         `paths.reports/pairs_validation/` (report.json + GX Data Docs); `paths.metrics/data.json`.
 Run:    `dvc repro build` (or `python -m pipeline.stages.build`).
@@ -19,7 +19,8 @@ hash), near duplicates (MinHash LSH), binarization (ties and margins below min_m
 the pairs suite (GX), the split (round(test_fraction x paired prompts) with the lowest hash of seed and prompt hash). Rows are processed as
 memory-mapped Arrow (`datasets`) in batched maps. Same inputs and seed give byte-identical files.
 
-metrics/data.json (flat): read, read.<source>, quarantined, quarantined.<rule>, validated (rows kept by
+metrics/data.json (flat): excluded.takedown, excluded.takedown.<source> (raw records ingest dropped for
+data/takedowns.yaml, not part of `read`), read, read.<source>, quarantined, quarantined.<rule>, validated (rows kept by
 validate); filtered.decontaminated, filtered.decontaminated.<eval set>, filtered.weight,
 filtered.exact_duplicate, filtered.near_duplicate, filtered.no_pair (prompt groups); groups_binarized;
 binarize.too_few_rated (groups), binarize.tie and binarize.below_margin (candidate pairs dropped),
@@ -56,7 +57,7 @@ READS = ["build", "data", "validate.pairs", "validate.max_length", "validate.max
          "paths.ifeval_prompts", "paths.general_prompts", "paths.decontam_sets", "paths.base_model", "paths.dataset",
          "paths.reports", "paths.metrics"]
 PROVENANCE = ("id", "source", "source_row", "license", "generator_chosen", "generator_rejected",
-              "ratings_chosen", "ratings_rejected", "rule", "seed", "split", "prompt_hash")
+              "ratings_chosen", "ratings_rejected", "rule", "seed", "split", "prompt_hash", "record_sha256")
 PAIRS_REPORT_DIR, DECONTAM_FILE, METRICS_FILE = "pairs_validation", "decontamination.json", "data.json"
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,9 @@ def _metrics(summary, counts, bin_counts, n_kept, n_no_pair, n_pairs, outcome, n
                          "validated": summary["kept"]}
     for src, b in sorted(summary["by_source"].items()):
         m[f"read.{src}"] = b["rows"]
+    # records ingest dropped on request before any row existed: outside `read`, counted here
+    for k, n in (summary.get("excluded") or {"takedown": 0}).items():
+        m[f"excluded.{k}"] = n
     for rule, n in sorted(summary["quarantined_by_rule"].items()):
         m[f"quarantined.{rule}"] = n
     for k in ("decontaminated", "weight", "exact_duplicate", "near_duplicate"):

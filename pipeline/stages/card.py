@@ -29,7 +29,7 @@ from pipeline.release.manifest import DATASET_DIR, MODEL_DIR
 
 STAGE = "card"
 READS = ["card", "base_model", "data", "train", "evaluate", "publish.model_repo", "publish.dataset_repo",
-         "publish.endpoint", "publish.version", "publish.tag_pattern", "paths.model", "paths.dataset",
+         "publish.endpoint", "publish.version", "publish.tag_pattern", "publish.previous_release", "paths.model", "paths.dataset",
          "paths.metrics", "paths.plots", "paths.reports", "paths.cards"]
 
 log = logging.getLogger(__name__)

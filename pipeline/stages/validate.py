@@ -4,7 +4,8 @@ Reads:  `paths.ingested/rows.jsonl`; params `validate.rows` (rule -> fail | quar
         `validate.max_quarantine_fraction`, `data.sources` (each source's rating scale).
 Writes: `paths.validated/rows.parquet` (kept rows, Arrow schema of pipeline.data.formats.common.arrow_schema),
         `paths.validated/quarantine.jsonl` (each set-aside row with its rules and reasons),
-        `paths.validated/summary.json` (the accounting `build` folds into metrics/data.json), and
+        `paths.validated/summary.json` (the accounting `build` folds into metrics/data.json, with ingest's
+        takedown exclusions from `paths.ingested/counts.json`), and
         `paths.reports/validation/` (report.json and GX Data Docs at docs/index.html), also on failure.
 Run:    `dvc repro validate` (or `python -m pipeline.stages.validate`).
 
@@ -339,8 +340,22 @@ def write_outputs(rows_path: Path, staging: Path, outcome: Outcome, unconvertibl
     summary = {k: outcome.report[k] for k in ("input_rows", "kept", "quarantined")}
     summary["quarantined_by_rule"] = outcome.report["quarantined_by_rule"]
     summary["by_source"] = outcome.report["by_source"]
+    summary["excluded"] = ingest_exclusions(rows_path)
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def ingest_exclusions(rows_path: Path) -> dict[str, int]:
+    """Records ingest dropped before any row existed (takedowns), from its counts.json beside rows.jsonl, so
+    build can account for them in metrics/data.json: {"takedown": n, "takedown.<source>": n}."""
+    counts = rows_path.parent / "counts.json"
+    try:
+        excluded = (json.loads(counts.read_text(encoding="utf-8")).get("excluded") or {}) if counts.is_file() else {}
+    except ValueError:
+        raise DataError(counts, None, "valid JSON (ingest's counts)", "unreadable") from None
+    out = {"takedown": int(excluded.get("takedown", 0))}
+    out.update({f"takedown.{k}": int(n) for k, n in sorted((excluded.get("by_source") or {}).items())})
+    return out
 
 
 def run(rows_path: Path, sources: list[DataSource], rules: RowRules, max_fraction: float, out_dir: Path,

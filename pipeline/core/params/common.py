@@ -27,6 +27,9 @@ class Paths(Section):
     ingested: str = Field(description="Normalised rows from every source written by `ingest` (folder).")
     decontam_sets: str = Field(default="outputs/decontam_sets", description="sha256 records of the "
                                "decontamination sets (stages decontam_set, decontam_own), a DVC dep of `build`.")
+    takedowns: str = Field(default="data/takedowns.yaml", description="Git-tracked takedown file: sha256 of raw "
+                           "records to drop at ingest, with reason and date, never the text "
+                           "(pipeline.data.takedowns); a DVC dep of every ingest stage.")
     validated: str = Field(description="Rows that passed validation, written by `validate` (folder).")
     dataset: str = Field(description="The built DPO dataset: Parquet splits and provenance (folder).")
     checkpoints: str = Field(description="Training checkpoints (DVC persist: survives reruns for resume).")

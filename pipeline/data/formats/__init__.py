@@ -1,4 +1,5 @@
-"""One reader per source format: `read(path, source_cfg) -> Iterator[dict]` of normalised rows.
+"""One reader per source format: `read(path, source_cfg, exclude=None) -> Iterator[dict]` of normalised rows
+(`exclude`: a takedown filter, records it drops are never read).
 
 `READERS` maps the `format` of a `data.sources` entry to its reader; `RATING_RANGES` gives each
 format's rating scale (a source's `rating_range` overrides it). The row layout, positions and error

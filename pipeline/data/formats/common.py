@@ -6,8 +6,10 @@ a Hugging Face dataset `hf://datasets/<id>@<commit>`. Positions are the 1-based 
 datasets. Every problem is a DataError naming the file, the position, the rule and a short excerpt.
 
 A normalised row (one prompt group) is:
-`{"id", "source", "source_file", "source_line", "license", "prompt": [{"role", "content"}, ...],
-  "completions": [{"content", "generator", "ratings": {aspect: float | None}}, ...]}`.
+`{"id", "source", "source_file", "source_line", "license", "record_sha256": [sha256, ...],
+  "prompt": [{"role", "content"}, ...], "completions": [{"content", "generator", "ratings": {aspect: float | None}}, ...]}`;
+`record_sha256` names the raw records the row was made from (pipeline.data.takedowns.record_sha256).
+A reader given a TakedownFilter (`exclude`) never sees the records it drops.
 Readers check structure and types only; content rules (blank text, role order, rating range) are
 the `validate` stage's, so a reader never judges what a row says, only whether it can be read.
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 from pipeline.core.errors import DataError, SourceError
 from pipeline.core.io import iter_jsonl, open_text
+from pipeline.data.takedowns import record_sha256
 
 # ingest writes the normalised rows here inside `paths.ingested`; validate reads them.
 ROWS_FILE = "rows.jsonl"
@@ -44,8 +47,13 @@ def bad(path: str | Path, where: int | str | None, rule: str, detail: str, sourc
     return DataError(path, where, f"[{source}] {rule}" if source else rule, detail)
 
 
-def iter_records(path: str, source_cfg: Any = None) -> Iterator[tuple[int, dict]]:
-    """Yield (position, record) for every record of a source, lazily where the format allows."""
+def iter_records(path: str, source_cfg: Any = None, exclude: Any = None) -> Iterator[tuple[int, dict]]:
+    """Yield (position, record) for every record of a source, lazily where the format allows; records
+    `exclude` (a pipeline.data.takedowns.TakedownFilter) drops are skipped before any reader parses them,
+    keeping the positions of the others."""
+    if exclude:
+        yield from ((w, r) for w, r in iter_records(path, source_cfg) if not exclude.drop(r))
+        return
     if path.startswith("hf://"):
         yield from _iter_hub(path, getattr(source_cfg, "split", None))
         return
@@ -166,9 +174,12 @@ def row_id(source: str, record: dict, where: int) -> str:
 
 
 def make_row(source_cfg: Any, path: str, where: int, record: dict, prompt: list[dict],
-             completions: list[dict]) -> dict:
+             completions: list[dict], records: list[dict] | None = None) -> dict:
+    """A normalised row; `records` are all the raw records it was made from when more than `record`."""
     return {"id": row_id(source_cfg.name, record, where), "source": source_cfg.name, "source_file": str(path),
-            "source_line": where, "license": source_cfg.license, "prompt": prompt, "completions": completions}
+            "source_line": where, "license": source_cfg.license,
+            "record_sha256": [record_sha256(r) for r in (records or [record])], "prompt": prompt,
+            "completions": completions}
 
 
 def completion(content: str, generator: str | None, ratings: dict[str, float | None]) -> dict:
@@ -236,7 +247,7 @@ def arrow_schema():
                               ("ratings", pa.list_(rating_t))])
     return pa.schema([("id", pa.string()), ("source", pa.string()), ("source_file", pa.string()),
                       ("source_line", pa.int64()), ("license", pa.string()), ("prompt", pa.list_(message)),
-                      ("completions", pa.list_(completion_t))])
+                      ("completions", pa.list_(completion_t)), ("record_sha256", pa.list_(pa.string()))])
 
 
 def rows_to_arrow(rows: list[dict]):
@@ -245,7 +256,7 @@ def rows_to_arrow(rows: list[dict]):
     when a row does not have the normalised shape."""
     import pyarrow as pa
 
-    ids, sources, files, lines, licenses = [], [], [], [], []
+    ids, sources, files, lines, licenses, shas = [], [], [], [], [], []
     p_off, p_role, p_content = [0], [], []
     c_off, c_content, c_gen = [0], [], []
     r_off, r_aspect, r_value = [0], [], []
@@ -255,6 +266,9 @@ def rows_to_arrow(rows: list[dict]):
         files.append(row["source_file"])
         lines.append(row["source_line"])
         licenses.append(row["license"])
+        # rows written before record hashes existed (or by hand in tests) carry none; the audit refuses
+        # to certify a takedown over pairs without them
+        shas.append(row.get("record_sha256") or [])
         for m in row["prompt"]:
             p_role.append(m["role"])
             p_content.append(m["content"])
@@ -277,5 +291,5 @@ def rows_to_arrow(rows: list[dict]):
     completions = pa.ListArray.from_arrays(pa.array(c_off, i32), pa.StructArray.from_arrays(
         [pa.array(c_content, string), pa.array(c_gen, string), ratings], names=["content", "generator", "ratings"]))
     cols = [pa.array(ids, string), pa.array(sources, string), pa.array(files, string), pa.array(lines, pa.int64()),
-            pa.array(licenses, string), prompt, completions]
+            pa.array(licenses, string), prompt, completions, pa.array(shas, pa.list_(string))]
     return pa.Table.from_arrays(cols, schema=arrow_schema())

@@ -35,9 +35,9 @@ def parse_transcript(text: str) -> list[dict]:
     return out
 
 
-def read(path: str, source_cfg: Any) -> Iterator[dict]:
+def read(path: str, source_cfg: Any, exclude: Any = None) -> Iterator[dict]:
     name = source_cfg.name
-    for where, rec in iter_records(path, source_cfg):
+    for where, rec in iter_records(path, source_cfg, exclude):
         turns = {}
         for key in ("chosen", "rejected"):
             text = require(rec, key, str, path, where, name)

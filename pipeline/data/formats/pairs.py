@@ -59,9 +59,9 @@ def _completion_text(value: Any, key: str, path: str, where: int, source: str) -
     return msgs[0]["content"]
 
 
-def read(path: str, source_cfg: Any) -> Iterator[dict]:
+def read(path: str, source_cfg: Any, exclude: Any = None) -> Iterator[dict]:
     name = source_cfg.name
-    for where, rec in iter_records(path, source_cfg):
+    for where, rec in iter_records(path, source_cfg, exclude):
         for key in ("chosen", "rejected"):
             if key not in rec:
                 raise bad(path, where, "required key", f"missing key {key!r}; keys are {sorted(rec)[:12]}", name)

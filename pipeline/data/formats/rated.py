@@ -21,11 +21,11 @@ RATING_RANGE = (0.0, 4.0)
 DEFAULT_ASPECTS = ("helpfulness", "correctness", "coherence")
 
 
-def read(path: str, source_cfg: Any) -> Iterator[dict]:
+def read(path: str, source_cfg: Any, exclude: Any = None) -> Iterator[dict]:
     name = source_cfg.name
     aspects = list(getattr(source_cfg, "aspects", None) or DEFAULT_ASPECTS)
-    groups: dict[str, tuple[int, dict, list[dict]]] = {}
-    for where, rec in iter_records(path, source_cfg):
+    groups: dict[str, tuple[int, dict, list[dict], list[dict]]] = {}  # prompt -> (where, first, completions, records)
+    for where, rec in iter_records(path, source_cfg, exclude):
         prompt = require(rec, "prompt", str, path, where, name)
         response = require(rec, "response", str, path, where, name)
         ratings = {}
@@ -35,7 +35,8 @@ def read(path: str, source_cfg: Any) -> Iterator[dict]:
             ratings[a] = rating(rec[a], a, path, where, name)
         model = rec.get("model") if isinstance(rec.get("model"), str) else None
         if prompt not in groups:
-            groups[prompt] = (where, rec, [])
+            groups[prompt] = (where, rec, [], [])
         groups[prompt][2].append(completion(response, model, ratings))
-    for prompt, (where, rec, completions) in groups.items():
-        yield make_row(source_cfg, path, where, rec, [{"role": "user", "content": prompt}], completions)
+        groups[prompt][3].append(rec)  # every response row is a raw record the group derives from
+    for prompt, (where, rec, completions, records) in groups.items():
+        yield make_row(source_cfg, path, where, rec, [{"role": "user", "content": prompt}], completions, records)

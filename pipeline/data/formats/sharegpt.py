@@ -27,9 +27,9 @@ def _answer(rec: dict, key: str, path: str, where: int, source: str) -> str:
     return msgs[0]["content"]
 
 
-def read(path: str, source_cfg: Any) -> Iterator[dict]:
+def read(path: str, source_cfg: Any, exclude: Any = None) -> Iterator[dict]:
     name = source_cfg.name
-    for where, rec in iter_records(path, source_cfg):
+    for where, rec in iter_records(path, source_cfg, exclude):
         prompt = messages(require(rec, "conversations", list, path, where, name), "conversations", path, where, name)
         system = rec.get("system")
         if system is not None and not isinstance(system, str):

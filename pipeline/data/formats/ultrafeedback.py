@@ -37,9 +37,9 @@ def _aspect_rating(value: Any, aspect: str, path: str, where: int, source: str) 
     return sum(found) / len(found) if found else None
 
 
-def read(path: str, source_cfg: Any) -> Iterator[dict]:
+def read(path: str, source_cfg: Any, exclude: Any = None) -> Iterator[dict]:
     name = source_cfg.name
-    for where, rec in iter_records(path, source_cfg):
+    for where, rec in iter_records(path, source_cfg, exclude):
         instruction = require(rec, "instruction", str, path, where, name)
         raw = require(rec, "completions", list, path, where, name)
         models = rec.get("models") if isinstance(rec.get("models"), list) else []
