@@ -8,6 +8,31 @@ numbers match the evaluation results in the bundle; no released pair derives fro
 manifest lists as taken down, and both cards' "Data removals" sections say what the manifest says
 (pipeline.release.takedowns). Then it prints the lineage as a tree. Exit 0 when
 all holds, 1 with every mismatch listed otherwise.
+
+What people download is audited as it is:
+- a bundle folder (`model/` + `dataset/`), or a model repo folder as `hf download` gives it, with the
+  dataset beside it as `dataset/`, or named by `--dataset FOLDER|REPO`; without one the audit checks
+  the model repo only, says so on every dataset check (skipped) and in the verdict, and exits 0;
+- a dataset repo folder alone, with `--model FOLDER|REPO` naming the signed manifest's repo;
+- a Hub model repo id: both repos are downloaded; an unreachable Hub is one line and exit 1.
+
+Output: one line per check, `ok`, `FAIL` (with the reason) or `skip` (with why), then the manifest's
+non-passing release gates (`warn`), the lineage tree and a verdict line naming the trust anchor.
+
+`--json FILE` writes (schema_version "openrelease.audit/1"; keys are only ever added within a version):
+    schema_version  "openrelease.audit/1"
+    verdict         "passed" | "failed" | "unanchored" (consistent, signer not verified: exit 3)
+    exit_code       0 | 1 | 3
+    target          what was audited, as given
+    release         {version, commit, dirty, model_repo, dataset_repo, created_at} or null
+    scope           {model: bool, dataset: bool}: which repos were checked
+    anchor          {kind: "public-key" | "repo-key" | "sigstore" | null, verified: bool,
+                     description, key_sha256 (64 hex, or null for keyless), identity, issuer}
+    checks          [{name, status: "passed" | "failed" | "skipped", detail}]  every check, in order
+    problems        [str]  every mismatch (the details of the failed checks)
+    warnings        [{gate, status, detail}]  release gates the manifest records as not passing
+    lineage         {hash_display, tree, stages_shown, stages_missing} or null; tree is nested
+                    {kind, label, sha256 (full), detail, children} (pipeline.release.tree)
 """
 
 from __future__ import annotations
@@ -15,8 +40,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import tempfile
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +58,7 @@ from pipeline.release.manifest import (
     release_files,
 )
 from pipeline.release.takedowns import audit_problems as takedown_problems
-from pipeline.release.tree import lineage_tree
+from pipeline.release.tree import lineage_graph, render_text
 from pipeline.release.trust import (
     EXIT_FAILED,
     EXIT_PASSED,
@@ -45,6 +72,28 @@ from pipeline.release.trust import (
 log = logging.getLogger(__name__)
 
 
+JSON_SCHEMA = "openrelease.audit/1"
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+# A note that says a check did not run. Check code reports such notes in plain words ("...; not
+# checked"); they are shown as skips, never as ok.
+_SKIP_NOTE = re.compile(r"\bnot (?:checked|re-created)\b")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str      # passed | failed | skipped
+    detail: str
+
+
+class _Step:
+    def __init__(self) -> None:
+        self.skipped: str | None = None
+
+    def skip(self, why: str) -> None:
+        self.skipped = why
+
+
 @dataclass
 class AuditReport:
     problems: list[str] = field(default_factory=list)
@@ -53,14 +102,46 @@ class AuditReport:
     tree: str = ""
     anchor: str | None = None    # what the signer was verified against; None: not verified
     unanchored: bool = False     # the signature is valid but only against the bundle's own key
+    checks: list[Check] = field(default_factory=list)
+    graph: dict[str, Any] | None = None     # pipeline.release.tree.lineage_graph
+    dataset_checked: bool = True
+    anchor_kind: str | None = None
+
+    def add(self, name: str, status: str, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    @contextmanager
+    def check(self, name: str, passed: str):
+        """One named check: whatever problems and notes the body adds become its status and detail."""
+        p0, c0, step = len(self.problems), len(self.checked), _Step()
+        yield step
+        new_p, new_c = self.problems[p0:], self.checked[c0:]
+        if new_p:
+            self.add(name, FAILED, "; ".join(new_p))
+        elif step.skipped or any(_SKIP_NOTE.search(n) for n in new_c):
+            self.add(name, SKIPPED, step.skipped or "; ".join(new_c))
+        else:
+            self.add(name, PASSED, "; ".join([passed, *new_c]) if passed else "; ".join(new_c))
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        """The release gates the manifest records as anything but passed (a dev build's warnings)."""
+        gates = (self.manifest or {}).get("gates") or []
+        return [{"gate": g.get("name"), "status": g.get("status"), "detail": g.get("detail")}
+                for g in gates if isinstance(g, dict) and g.get("status") != "pass"]
 
 
-def _layout(path: Path) -> tuple[Path, Path]:
-    """(model folder, dataset folder) of a bundle, or of a model repo folder with a sibling dataset/."""
+def _layout(path: Path) -> tuple[Path, Path, bool]:
+    """(model folder, dataset folder, model only) of a bundle, or of a model repo folder (as `hf download`
+    gives it) with or without a sibling dataset/. A bundle must hold both; a model repo download is
+    checked alone when no dataset sits beside it."""
     if (path / MODEL_DIR / MANIFEST_FILE).is_file():
-        return path / MODEL_DIR, path / DATASET_DIR
+        return path / MODEL_DIR, path / DATASET_DIR, False
     if (path / MANIFEST_FILE).is_file():
-        return path, path.parent / DATASET_DIR
+        return path, path.parent / DATASET_DIR, not (path.parent / DATASET_DIR).is_dir()
+    if (path / "data").is_dir() and (path / "README.md").is_file():
+        raise AuditError(f"{path} is a dataset download; the signed manifest lives in the model repo: "
+                         "give --model FOLDER|REPO")
     raise AuditError(f"{path}: no {MODEL_DIR}/{MANIFEST_FILE} or {MANIFEST_FILE}: not a release bundle")
 
 
@@ -96,7 +177,7 @@ def _files_under(artifacts: list[dict[str, Any]], folder: str | None) -> dict[st
     return found
 
 
-def _check_lineage_links(manifest: dict[str, Any], model: Path, dataset: Path) -> list[str]:
+def _check_lineage_links(manifest: dict[str, Any], model: Path, dataset: Path | None) -> list[str]:
     """The published weights are what train wrote; the published splits are what train read."""
     problems = []
     rec = (manifest.get("lineage") or {}).get("train") or {}
@@ -109,6 +190,8 @@ def _check_lineage_links(manifest: dict[str, Any], model: Path, dataset: Path) -
             if (model / name).is_file() and sha256_file(model / name) != wrote[name]:
                 problems.append(f"{MODEL_DIR}/{name}: not the weights the train stage wrote")
     read = _files_under(rec.get("inputs", []), paths.get("dataset"))
+    if dataset is None:  # a model-only download: the dataset half is reported as a skip
+        return problems
     if not read:
         problems.append("manifest: the train lineage record does not list the dataset it read")
     else:
@@ -187,7 +270,7 @@ def _check_eval_results(folder: Path, expected: list[float]) -> list[str]:
     return []
 
 
-def _check_cards(model: Path, dataset: Path) -> list[str]:
+def _check_cards(model: Path, dataset: Path | None) -> list[str]:
     from huggingface_hub import ModelCard
 
     from pipeline.core.io import read_json
@@ -221,6 +304,8 @@ def _check_cards(model: Path, dataset: Path) -> list[str]:
             problems.append(f"model card model-index: {k} = {seen[k]} is not in eval/eval.json")
         elif seen[k] != expected[k]:
             problems.append(f"model card model-index: {k} = {seen[k]} but eval/eval.json has {expected[k]}")
+    if dataset is None:  # a model-only download: the dataset card is reported as a skip
+        return problems
     ds_readme = dataset / "README.md"
     if ds_readme.is_file():
         import pyarrow as pa
@@ -273,48 +358,135 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
 
     anchor = anchor or Anchor(public_key=public_key, clone=repo_root)
     report = AuditReport()
-    model, dataset = _layout(path)
-    dataset = dataset_dir or dataset
+    model, dataset, model_only = _layout(path)
+    if dataset_dir is not None:
+        if not dataset_dir.is_dir():
+            raise AuditError(f"--dataset {dataset_dir}: no such folder")
+        dataset, model_only = dataset_dir, False
+    ds = None if model_only else dataset
+    report.dataset_checked = ds is not None
+    no_ds = ("model-only download: no dataset folder beside the model (give --dataset FOLDER|REPO to "
+             "check it); dataset not checked")
     try:
         manifest = read_json(model / MANIFEST_FILE)
     except DataError as e:
         report.problems.append(f"manifest.json unreadable: {e}")
+        report.add("manifest", FAILED, report.problems[-1])
         return report
     structure = manifest_problems(manifest)
     if structure:
         report.problems += structure
+        report.add("manifest", FAILED, "; ".join(structure))
         return report
+    report.add("manifest", PASSED, "structure as the audit reads it")
     report.manifest = manifest
-    check_signature(report, model, manifest, anchor)
+    with report.check("signature", ""):
+        check_signature(report, model, manifest, anchor)
+    report.anchor_kind = ("sigstore" if anchor.identity else "public-key" if anchor.public_key
+                          else "repo-key" if anchor.repo_key else None)
+    if report.unanchored:  # the signature holds, but only against the key that came inside the release
+        report.checks[-1] = Check("signature", PASSED, "valid against the public key inside the release "
+                                  f"(sha256 {_key_sha256(report) or '?'})")
+        report.add("signer", SKIPPED, "no trust anchor given, so the signer is NOT verified: give --public-key "
+                                      "FILE, --repo-key (with a clone) or --identity/--issuer")
     files = manifest["files"]
-    report.problems += _check_files(model, files.get("model", []), MODEL_DIR, UNLISTED)
-    report.problems += _check_files(dataset, files.get("dataset", []), DATASET_DIR, frozenset())
-    report.problems += _check_lineage_links(manifest, model, dataset)
-    report.problems += _check_eval_sets(manifest, dataset)
-    arch_problems, notes = _check_archive(manifest, model, repo_root or anchor.clone)
-    report.problems += arch_problems
-    report.checked += notes
-    report.problems += _check_cards(model, dataset)
-    removal_problems, removal_notes = takedown_problems(manifest, model, dataset)
-    report.problems += removal_problems
-    report.checked += removal_notes
-    report.problems, report.checked = _with_sweep(manifest, model, report.problems, report.checked,
-                                                  repo_root or anchor.clone)
-    report.checked.append(f"{len(files.get('model', []))} model and {len(files.get('dataset', []))} dataset "
+    with report.check("model files", f"{len(files.get('model', []))} file(s): sha256 and size as listed, "
+                                     "nothing unlisted"):
+        report.problems += _check_files(model, files.get("model", []), MODEL_DIR, UNLISTED)
+    with report.check("dataset files", f"{len(files.get('dataset', []))} file(s): sha256 and size as listed, "
+                                       "nothing unlisted") as step:
+        if ds is None:
+            step.skip(no_ds)
+        else:
+            report.problems += _check_files(dataset, files.get("dataset", []), DATASET_DIR, frozenset())
+    with report.check("lineage links", "the weights are those the train stage wrote"
+                                       + ("" if ds is None else " and the splits those it read")):
+        report.problems += _check_lineage_links(manifest, model, ds)
+    with report.check("evaluation sets", "each published prompt set is what the evaluate stage read") as step:
+        if ds is None:
+            step.skip(no_ds)
+        elif not (dataset / "eval").is_dir():
+            step.skip("the dataset publishes no eval/ prompt sets")
+        else:
+            report.problems += _check_eval_sets(manifest, dataset)
+    with report.check("source archive", ""):
+        arch_problems, notes = _check_archive(manifest, model, repo_root or anchor.clone)
+        report.problems += arch_problems
+        report.checked += notes
+    if report.checks[-1].status == SKIPPED and not arch_problems:
+        # the archive's commit was checked even when it could not be re-created from a clone
+        report.checks[-1:] = [Check("source archive", PASSED, "of the manifest's commit "
+                                    f"{str((manifest.get('code') or {}).get('commit'))[:12]}"),
+                              Check("source archive rebuild", SKIPPED, "; ".join(notes) + " (give --clone DIR)")]
+    with report.check("model card", "its evaluation table and model-index are eval/eval.json's numbers"):
+        report.problems += _check_cards(model, ds)
+    with report.check("dataset card", "its split sizes are the Parquet files' row counts") as step:
+        if ds is None:
+            step.skip(no_ds)
+    with report.check("takedowns", "no released pair derives from a taken-down record") as step:
+        if ds is None:
+            step.skip(no_ds)
+        else:
+            removal_problems, removal_notes = takedown_problems(manifest, model, dataset)
+            report.problems += removal_problems
+            report.checked += removal_notes
+    with report.check("sweep", "the sweep table, its rule and pick") as step:
+        report.problems, report.checked = _with_sweep(manifest, model, report.problems, report.checked,
+                                                      repo_root or anchor.clone)
+        if not manifest.get("sweep"):
+            step.skip("this release has no sweep (one training run)")
+    report.checked.append(f"{len(files.get('model', []))} model and "
+                          f"{len(files.get('dataset', [])) if ds is not None else 0} dataset "
                           "file(s) checked against the manifest")
-    report.tree = lineage_tree(manifest)
+    report.graph = lineage_graph(manifest)
+    report.tree = render_text(report.graph)
     return report
 
 
+def _key_sha256(report: AuditReport) -> str | None:
+    """The full sha256 of the key the signature was checked with, as check_signature states it."""
+    for text in [report.anchor or "", *report.checked]:
+        m = re.search(r"sha256 ([0-9a-f]{64})", text)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's HTTP client raises when the Hub cannot be reached (it is not an OSError)."""
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def _download(endpoint: str, repo_id: str, repo_type: str, revision: str, dest: Path) -> str:
+    """hub.download_repo, with an unreachable Hub turned into one line (exit 1), never a traceback."""
+    from pipeline.core.errors import SourceError
+    from pipeline.release import hub
+
+    try:
+        return hub.download_repo(endpoint, repo_id, repo_type, revision, dest)
+    except _network_errors() as e:
+        raise SourceError(f"cannot download {repo_type} repo {repo_id}@{revision}: the Hub at {endpoint} is "
+                          f"unreachable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _is_repo_id(target: str) -> bool:
+    return target.count("/") == 1 and not target.startswith((".", "/")) and not Path(target).exists()
+
+
 def audit_hub(repo_id: str, revision: str, endpoint: str, public_key: Path | None, repo_root: Path | None,
-              anchor: Anchor | None = None) -> AuditReport:
+              anchor: Anchor | None = None, dataset: str | None = None) -> AuditReport:
     """Download the model repo at `revision` and the dataset repo the manifest names, then check them."""
     from pipeline.core.io import read_json
-    from pipeline.release import hub
 
     with tempfile.TemporaryDirectory(prefix="openrelease-audit-") as tmp:
         root = Path(tmp)
-        commit = hub.download_repo(endpoint, repo_id, "model", revision, root / MODEL_DIR)
+        commit = _download(endpoint, repo_id, "model", revision, root / MODEL_DIR)
         if not (root / MODEL_DIR / MANIFEST_FILE).is_file():
             raise AuditError(f"{repo_id}@{revision}: no {MANIFEST_FILE}: not an open-release repo")
         try:
@@ -328,27 +500,70 @@ def audit_hub(repo_id: str, revision: str, endpoint: str, public_key: Path | Non
         problems = []
         if manifest["repos"][MODEL_DIR]["repo_id"] != repo_id:
             problems.append(f"the manifest names model repo {manifest['repos'][MODEL_DIR]['repo_id']}, not {repo_id}")
-        hub.download_repo(endpoint, ds["repo_id"], "dataset", ds["revision"], root / DATASET_DIR)
-        report = check_bundle(root, public_key, repo_root, anchor=anchor)
+        if dataset is not None and not _is_repo_id(dataset):  # a local dataset download stands in for the Hub's
+            report = check_bundle(root / MODEL_DIR, public_key, repo_root, dataset_dir=Path(dataset), anchor=anchor)
+            fetched = f"downloaded {repo_id}@{revision} (commit {commit[:12]}) from {endpoint}; dataset from {dataset}"
+        else:
+            ds_repo = dataset or ds["repo_id"]
+            if ds_repo != ds["repo_id"]:
+                problems.append(f"--dataset {ds_repo} is not the dataset repo the manifest names ({ds['repo_id']})")
+            _download(endpoint, ds_repo, "dataset", ds["revision"], root / DATASET_DIR)
+            report = check_bundle(root, public_key, repo_root, anchor=anchor)
+            fetched = (f"downloaded {repo_id}@{revision} (commit {commit[:12]}) and {ds_repo}@{ds['revision']} "
+                       f"(the dataset the manifest names) from {endpoint}")
         report.problems = problems + report.problems
-        report.checked.insert(0, f"downloaded {repo_id}@{revision} (commit {commit[:12]}) and "
-                                 f"{ds['repo_id']}@{ds['revision']} (the dataset the manifest names) from {endpoint}")
+        report.checked.insert(0, fetched)
+        report.checks.insert(0, Check("download", FAILED if problems else PASSED, "; ".join([fetched, *problems])))
         return report
 
 
+def _dataset_repo(model: Path, dataset: str, revision: str | None, endpoint: str, public_key: Path | None,
+                  repo_root: Path | None, anchor: Anchor) -> AuditReport:
+    """A local model download checked with the dataset repo it names, downloaded at the manifest's revision."""
+    from pipeline.core.io import read_json
+
+    m_file = model / MODEL_DIR / MANIFEST_FILE if (model / MODEL_DIR).is_dir() else model / MANIFEST_FILE
+    try:
+        manifest = read_json(m_file)
+    except DataError as e:
+        raise AuditError(f"manifest.json unreadable: {e}") from None
+    ds = ((manifest.get("repos") or {}).get(DATASET_DIR) or {}) if isinstance(manifest, dict) else {}
+    rev = revision or ds.get("revision") or "main"
+    with tempfile.TemporaryDirectory(prefix="openrelease-audit-") as tmp:
+        _download(endpoint, dataset, "dataset", rev, Path(tmp) / DATASET_DIR)
+        report = check_bundle(model, public_key, repo_root, dataset_dir=Path(tmp) / DATASET_DIR, anchor=anchor)
+    if ds.get("repo_id") and ds["repo_id"] != dataset:
+        report.problems.insert(0, f"--dataset {dataset} is not the dataset repo the manifest names ({ds['repo_id']})")
+        report.checks.insert(0, Check("download", FAILED, report.problems[0]))
+    return report
+
+
 def audit(target: str, public_key: Path | None = None, revision: str | None = None, endpoint: str | None = None,
-          repo_root: Path | None = None, anchor: Anchor | None = None) -> AuditReport:
+          repo_root: Path | None = None, anchor: Anchor | None = None, dataset: str | None = None,
+          model: str | None = None) -> AuditReport:
+    """Audit `target` (module docstring: what it may be); `dataset`/`model` name the other half of a
+    download that holds only one repo, as a folder or a Hub repo id."""
     anchor = anchor or Anchor(public_key=public_key, clone=repo_root)
-    path = Path(target)
-    if path.exists():
-        return check_bundle(path, public_key, repo_root, anchor=anchor)
-    if target.count("/") != 1 or target.startswith((".", "/")):
-        raise AuditError(f"{target}: no such folder, and not a Hub repo id (namespace/name)")
     if endpoint is None:
         from pipeline.core.params import load_params
 
         endpoint = load_params().publish.endpoint if Path("params.yaml").is_file() else "https://huggingface.co"
-    return audit_hub(target, revision or "main", endpoint.rstrip("/"), public_key, repo_root, anchor)
+    endpoint = endpoint.rstrip("/")
+    path = Path(target)
+    if model is not None:  # the target is a dataset download; the signed manifest comes with the model
+        if not path.is_dir():
+            raise AuditError(f"{target}: no such dataset folder")
+        if not _is_repo_id(model):
+            return check_bundle(Path(model), public_key, repo_root, dataset_dir=path, anchor=anchor)
+        return audit_hub(model, revision or "main", endpoint, public_key, repo_root, anchor, dataset=str(path))
+    if path.exists():
+        if dataset is None or not _is_repo_id(dataset):
+            return check_bundle(path, public_key, repo_root, anchor=anchor,
+                                dataset_dir=Path(dataset) if dataset else None)
+        return _dataset_repo(path, dataset, revision, endpoint, public_key, repo_root, anchor)
+    if target.count("/") != 1 or target.startswith((".", "/")):
+        raise AuditError(f"{target}: no such folder, and not a Hub repo id (namespace/name)")
+    return audit_hub(target, revision or "main", endpoint, public_key, repo_root, anchor, dataset=dataset)
 
 
 def exit_code(report: AuditReport) -> int:
@@ -358,6 +573,73 @@ def exit_code(report: AuditReport) -> int:
     return EXIT_UNANCHORED if report.unanchored or report.anchor is None else EXIT_PASSED
 
 
+def verdict(report: AuditReport) -> str:
+    return {EXIT_FAILED: "failed", EXIT_UNANCHORED: "unanchored", EXIT_PASSED: "passed"}[exit_code(report)]
+
+
+def to_json(report: AuditReport, target: str) -> dict[str, Any]:
+    """The audit as data, under JSON_SCHEMA (the module docstring documents every key)."""
+    m = report.manifest or {}
+    repos, code = m.get("repos") or {}, m.get("code") or {}
+    release = {"version": m.get("version"), "commit": code.get("commit"), "dirty": code.get("dirty"),
+               "model_repo": (repos.get(MODEL_DIR) or {}).get("repo_id"),
+               "dataset_repo": (repos.get(DATASET_DIR) or {}).get("repo_id"),
+               "created_at": m.get("created_at")} if m else None
+    sig = (m.get("signing") or {})
+    return {
+        "schema_version": JSON_SCHEMA,
+        "verdict": verdict(report),
+        "exit_code": exit_code(report),
+        "target": target,
+        "release": release,
+        "scope": {"model": report.manifest is not None, "dataset": report.dataset_checked},
+        "anchor": {"kind": report.anchor_kind if report.anchor else None, "verified": report.anchor is not None,
+                   "description": report.anchor,
+                   "key_sha256": _key_sha256(report) or (None if report.anchor_kind == "sigstore"
+                                                         else sig.get("public_key_sha256")),
+                   "identity": None, "issuer": None} | (_identity(report.anchor) if report.anchor_kind == "sigstore"
+                                                        else {}),
+        "checks": [asdict(c) for c in report.checks],
+        "problems": list(report.problems),
+        "warnings": report.warnings,
+        "lineage": report.graph,
+    }
+
+
+def _identity(anchor: str | None) -> dict[str, Any]:
+    m = re.match(r"keyless Sigstore signer (\S+) \(issuer (\S+)\)", anchor or "")
+    return {"identity": m.group(1), "issuer": m.group(2)} if m else {}
+
+
+_TAGS = {PASSED: "ok  ", FAILED: "FAIL", SKIPPED: "skip"}
+
+
+def print_report(report: AuditReport) -> int:
+    """Each check on one line, the manifest's gate warnings, the tree and the verdict naming the anchor."""
+    for c in report.checks:
+        print(f"{_TAGS[c.status]}  {c.name}: {c.detail}")
+    for w in report.warnings:
+        print(f"warn  gate {w['gate']} ({w['status']}): {w['detail']}")
+    if report.tree:
+        print("\nlineage:\n" + report.tree + "\n")
+    code = exit_code(report)
+    version = (report.manifest or {}).get("version")
+    scope = "" if report.dataset_checked else "; model repo only: the dataset was NOT checked (--dataset FOLDER|REPO)"
+    warned = f"; {len(report.warnings)} release gate warning(s) above" if report.warnings else ""
+    if report.problems:
+        print(f"AUDIT FAILED: release {version}: {len(report.problems)} mismatch(es)")
+        for p in report.problems:
+            print(f"  - {p}")
+    elif code == EXIT_UNANCHORED:
+        print(f"AUDIT INCOMPLETE: release {version} is consistent with its manifest and the signature is valid, but "
+              f"the signer is NOT verified (no trust anchor; the key inside the release has sha256 "
+              f"{_key_sha256(report)}){scope}{warned}; exit 3")
+    else:
+        print(f"AUDIT PASSED: release {version} is consistent with its signed manifest; signer: {report.anchor}"
+              f"{scope}{warned}")
+    return code
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     if bool(args.identity) != bool(args.issuer):
         raise AuditUsageError("keyless verification needs both --identity and --issuer")
@@ -365,28 +647,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                               ("--identity/--issuer", args.identity)) if on]
     if len(chosen) > 1:
         raise AuditUsageError(f"give one trust anchor, not {' and '.join(chosen)}")
+    if args.dataset and args.model:
+        raise AuditUsageError("give --dataset (the target is a model download) or --model (the target is a "
+                              "dataset download), not both")
     clone = args.clone or (Path.cwd() if (Path.cwd() / ".git").exists() else None)
     anchor = Anchor(public_key=args.public_key, repo_key=args.repo_key, clone=clone, identity=args.identity,
                     issuer=args.issuer, trust_config=args.sigstore_trust_config)
-    report = audit(args.target, args.public_key, args.revision, args.endpoint, clone, anchor)
-    for line in report.checked:
-        print(f"ok    {line}")
-    if report.tree:
-        print("\nlineage:\n" + report.tree + "\n")
-    code = exit_code(report)
+    report = audit(args.target, args.public_key, args.revision, args.endpoint, clone, anchor,
+                   dataset=args.dataset, model=args.model)
+    code = print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps({"problems": report.problems, "checked": report.checked,
-                                               "anchor": report.anchor, "exit_code": code}, indent=2))
-    if report.problems:
-        print(f"AUDIT FAILED: {len(report.problems)} mismatch(es)")
-        for p in report.problems:
-            print(f"  - {p}")
-    elif code == EXIT_UNANCHORED:
-        print(f"AUDIT INCOMPLETE: release {report.manifest.get('version')} is consistent with its manifest and the "
-              "signature is valid, but the signer is NOT verified (no trust anchor); exit 3")
-    else:
-        print(f"AUDIT PASSED: release {report.manifest.get('version')} is consistent with its signed manifest; "
-              f"signer: {report.anchor}")
+        Path(args.json).write_text(json.dumps(to_json(report, args.target), indent=2))
     return code
 
 
@@ -413,5 +684,13 @@ def register_cli(sub) -> None:
                                                            "folder if it is one)")
     p.add_argument("--revision", default=None, help="Hub revision (a version tag) to audit; default main")
     p.add_argument("--endpoint", default=None, help="Hub URL; default publish.endpoint from params.yaml")
-    p.add_argument("--json", default=None, help="also write the problems and checks to this JSON file")
+    p.add_argument("--dataset", default=None, metavar="FOLDER|REPO",
+                   help="the dataset download (folder) or Hub dataset repo id that goes with a model-only "
+                        "download; without it a model download is checked alone, and says so")
+    p.add_argument("--model", default=None, metavar="FOLDER|REPO",
+                   help="when the target is a dataset download: the model download or Hub model repo id that "
+                        "holds the signed manifest")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the verdict, release, anchor, every check and the lineage tree to FILE "
+                        "(schema openrelease.audit/1, documented in pipeline/release/audit.py)")
     p.set_defaults(func=_cmd_audit)
