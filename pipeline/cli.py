@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands defined next to their logic (audit, publish, ifeval, sweep); absent modules are skipped."""
-    for name in ("pipeline.release.audit", "pipeline.release.publish", "pipeline.release.trace", "pipeline.eval.judge_agreement", "pipeline.eval.score",
+    for name in ("pipeline.release.audit", "pipeline.release.report", "pipeline.release.publish", "pipeline.release.trace", "pipeline.eval.judge_agreement", "pipeline.eval.score",
                  "pipeline.constraints.cli", "pipeline.sweep.cli"):
         try:
             mod = importlib.import_module(name)
