@@ -99,3 +99,35 @@ def test_dvc_temp_experiment_workspace_logs_to_main_repo(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     workspace = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
     assert tracking.default_tracking_uri(workspace) == f"sqlite:///{tmp_path.resolve()}/repo/mlflow.db"
+
+
+def test_parent_run_carries_each_stages_metrics_params_and_a_link(sqlite_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.ENV_PIPELINE_KEY, "exec-summary")
+    with tracking.stage_run("train", "exp", "d1", GIT, root=tmp_path) as t:
+        t.log_params({"train": {"beta": 0.1}})
+        t.log_metrics({"train_loss": 0.5})
+    with tracking.stage_run("evaluate", "exp", "d2", GIT, root=tmp_path) as e:
+        e.log_metrics({"pass_rate_policy": 0.36})
+    parent = MlflowClient(sqlite_uri).get_run(t.parent_run_id).data
+    assert parent.metrics == {"train/train_loss": 0.5, "evaluate/pass_rate_policy": 0.36}
+    assert parent.params == {"train/train.beta": "0.1"}
+    assert parent.tags["openrelease.stage_run.train"] == t.run_id
+    assert parent.tags["openrelease.stage_run.evaluate"] == e.run_id
+
+
+def test_a_local_path_is_never_logged_as_the_repository_url(sqlite_uri, tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "clone"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "remote", "add", "origin", "/home/someone/work/open-release"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@e.com", "-c", "user.name=t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.chdir(repo)
+    from mlflow.utils.git_utils import get_git_repo_url
+
+    assert get_git_repo_url(str(repo)) == "/home/someone/work/open-release"  # what MLflow would log
+    with tracking.stage_run("s", "exp", "d", GIT, root=tmp_path) as run:
+        pass
+    tags = MlflowClient(sqlite_uri).get_run(run.run_id).data.tags
+    assert all(not tags.get(k, "").startswith("/") for k in ("mlflow.source.git.repoURL", "mlflow.gitRepoURL"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,9 +236,43 @@ def stage_run(stage: str, experiment: str, params_digest: str, git: dict[str, An
         "mlflow.source.git.commit": str(git.get("commit")),
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
+        _drop_local_repo_url(client, run.info.run_id)
         yield StageRun(run.info.run_id, parent_id, uri, exp_id)
+    _summarize_on_parent(client, parent_id, stage, run.info.run_id)
     # The parent is "finished" as of its latest stage; the next stage simply extends it.
     client.set_terminated(parent_id, "FINISHED")
+
+
+# MLflow fills these from `git remote`; a clone of a local folder would publish a path on this machine.
+_REPO_URL_TAGS = ("mlflow.source.git.repoURL", "mlflow.gitRepoURL")
+_NETWORK_URL = re.compile(r"^(?:https?|ssh|git)://|^[\w.-]+@[\w.-]+:")
+
+
+def _drop_local_repo_url(client, run_id: str) -> None:
+    tags = client.get_run(run_id).data.tags
+    for key in _REPO_URL_TAGS:
+        if key in tags and not _NETWORK_URL.match(tags[key]):
+            client.delete_tag(run_id, key)
+
+
+def _summarize_on_parent(client, parent_id: str, stage: str, run_id: str) -> None:
+    """Copy a finished stage run's metrics and params onto the pipeline's parent run as `STAGE/KEY`, and
+    link the stage run by id, so the parent's row in the MLflow UI shows the headline numbers and the
+    key settings of the whole execution. Best effort: the stage's own run already holds all of it."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    try:
+        data = client.get_run(run_id).data
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"{stage}/{k}", v, now, 0) for k, v in data.metrics.items()]
+        have = client.get_run(parent_id).data.params
+        params = [Param(f"{stage}/{k}", v) for k, v in data.params.items() if f"{stage}/{k}" not in have]
+        client.log_batch(parent_id, metrics=metrics, params=params[:1000],
+                         tags=[RunTag(f"openrelease.stage_run.{stage}", run_id)])
+    except MlflowException as e:  # e.g. a stage re-run under one parent with a changed param value
+        log.warning("MLflow: could not copy stage %s's results onto the parent run: %s", stage,
+                    str(e).splitlines()[0])
 
 
 def register_logged_model(name: str, run: StageRun, params: dict[str, Any], tags: dict[str, str],
