@@ -315,7 +315,7 @@ def test_planted_mt_bench_questions_are_removed_and_reported(built):
     assert m["filtered.decontaminated.mt-bench"] == 2
     report = json.loads((tmp / "reports-dataset" / "decontamination.json").read_text())
     sets = report["sets"]
-    assert sets["mt-bench"]["prompts"] == 80 and sets["eval_prompts"]["removed"] == 0
+    assert sets["mt-bench"]["prompts"] == 80 and sets["test_prompts"]["removed"] == 0
     rows = {r["id"]: r for r in sets["mt-bench"]["rows"]}
     assert rows["planted:1"]["match"] == "exact" and rows["planted:1"]["eval_item"] == "81"
     assert rows["planted:2"]["eval_item"].endswith("#turn2") and rows["planted:2"]["source_row"].endswith(":2")
@@ -441,3 +441,16 @@ def test_truncate_mode_keeps_long_pairs_and_records_them(built, smollm_tokenizer
     quarantined = [json.loads(x) for x in (tmp / "trunc" / "quarantine.jsonl").read_text().splitlines()]
     assert not any("token_length" in q["rules"] for q in quarantined)  # no pair set aside for its length
     assert m["pairs_train"] + m["pairs_test"] >= first["pairs_train"] + first["pairs_test"]
+
+
+def test_length_matched_rejects_the_lowest_scored_answer_closest_in_length():
+    """Among completions sharing the lowest score, best_vs_worst takes the first; the length-matched rule
+    takes the one whose length is nearest the chosen's, so the pair does not teach brevity."""
+    from pipeline.data.binarization import pairs_for
+
+    scores, lengths = [1.0, 5.0, 1.0, 1.0], [400, 90, 120, 30]
+    assert pairs_for(scores, "best_vs_worst", 0.0, 0, "h", lengths)[0] == [(1, 0)]
+    assert pairs_for(scores, "best_vs_worst_length_matched", 0.0, 0, "h", lengths)[0] == [(1, 2)]
+    assert pairs_for([1.0, 1.0], "best_vs_worst_length_matched", 0.0, 0, "h", [5, 9])[0] == []  # a tie is no pair
+    with pytest.raises(ValueError, match="lengths"):
+        pairs_for(scores, "best_vs_worst_length_matched", 0.0, 0, "h")

@@ -3,6 +3,11 @@
 A completion's score is the mean of its available ratings (null / "N/A" ignored); a completion with no
 rating is left out. Methods:
 - best_vs_worst: the highest against the lowest score (one pair per prompt);
+- best_vs_worst_length_matched: as best_vs_worst, but among the completions sharing the lowest score
+  the one closest in length (characters) to the chosen one is rejected, so a pair differs in what
+  was followed rather than in how long it ran (with on-policy data, the lowest score is shared by
+  answers cut at max_new_tokens and short ones that broke an instruction; picking the cut, longer
+  one teaches brevity, a length shortcut DPO is known to take);
 - best_vs_random: the highest against a random one scoring lower by at least the margin, drawn with
   a generator seeded by (seed, prompt hash) (Zephyr's recipe; one pair per prompt);
 - all_pairs_above_margin: every pair of completions whose scores differ by at least the margin.
@@ -21,7 +26,7 @@ import numpy as np
 from pipeline.core.params import BuildParams
 from pipeline.data.filtering import unit
 
-METHODS = ("best_vs_worst", "best_vs_random", "all_pairs_above_margin")
+METHODS = ("best_vs_worst", "best_vs_worst_length_matched", "best_vs_random", "all_pairs_above_margin")
 
 
 def score(ratings: Iterable[float | None]) -> float | None:
@@ -38,11 +43,12 @@ def _judge(diff: float, min_margin: float) -> str | None:
     return None
 
 
-def pairs_for(scores: list[float | None], method: str, min_margin: float, seed: int, prompt_hash: str
-              ) -> tuple[list[tuple[int, int]], Counter]:
+def pairs_for(scores: list[float | None], method: str, min_margin: float, seed: int, prompt_hash: str,
+              lengths: list[int] | None = None) -> tuple[list[tuple[int, int]], Counter]:
     """Pairs (index chosen, index rejected) for one group, and a Counter of what was dropped:
     `unrated` completions, candidate pairs dropped as `tie` / `below_margin`, and `too_few_rated`
-    (fewer than two rated completions; no candidate pair at all)."""
+    (fewer than two rated completions; no candidate pair at all). `lengths`: each completion's length,
+    needed by best_vs_worst_length_matched."""
     dropped: Counter = Counter()
     rated = [(i, s) for i, s in enumerate(scores) if s is not None]
     dropped["unrated"] = len(scores) - len(rated)
@@ -50,8 +56,13 @@ def pairs_for(scores: list[float | None], method: str, min_margin: float, seed: 
         dropped["too_few_rated"] += 1
         return [], dropped
     best = max(rated, key=lambda t: (t[1], -t[0]))
-    if method == "best_vs_worst":
+    if method in ("best_vs_worst", "best_vs_worst_length_matched"):
         worst = min(rated, key=lambda t: (t[1], t[0]))
+        if method == "best_vs_worst_length_matched":
+            if lengths is None:
+                raise ValueError("best_vs_worst_length_matched needs the completions' lengths")
+            target = lengths[best[0]]
+            worst = min((t for t in rated if t[1] == worst[1]), key=lambda t: (abs(lengths[t[0]] - target), t[0]))
         why = _judge(best[1] - worst[1], min_margin)
         if why:
             dropped[why] += 1
@@ -102,15 +113,18 @@ def binarize_table(batch, prompt_hashes: list[str], method: str | list[str], min
     Returns the row, chosen and rejected completion (indices into the batch's flattened completions) of
     every pair, the completion scores, and per row its drop Counter (see `pairs_for`).
     """
+    import pyarrow.compute as pc
+
     comps = batch.column("completions").combine_chunks()
     scores, row_of = completion_scores(comps)
+    lengths = pc.utf8_length(comps.flatten().field("content")).to_numpy(zero_copy_only=False)
     bounds = np.searchsorted(row_of, np.arange(batch.num_rows + 1))
     methods = [method] * batch.num_rows if isinstance(method, str) else method
     rows, chosen, rejected, drops = [], [], [], []
     for r in range(batch.num_rows):
         lo, hi = int(bounds[r]), int(bounds[r + 1])
         s = [None if np.isnan(x) else float(x) for x in scores[lo:hi]]
-        pairs, dropped = pairs_for(s, methods[r], min_margin, seed, prompt_hashes[r])
+        pairs, dropped = pairs_for(s, methods[r], min_margin, seed, prompt_hashes[r], lengths[lo:hi].tolist())
         drops.append((r, dropped))
         for ci, ri in pairs:
             rows.append(r)

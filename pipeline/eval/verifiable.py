@@ -129,8 +129,8 @@ def headline_metrics(prefix: str, scores: dict[str, SetScore], ci: dict, min_clu
 def degeneration_metrics(prefix: str, verdicts: dict[str, Sequence[Verdict]], ci: dict,
                          min_clusters: int, per_rule: bool = False) -> dict[str, float]:
     """`{prefix}degenerate_rate_{base,policy,delta}` with intervals over responses (paired: the same
-    prompts), and with `per_rule` each rule's `{prefix}{rule}_rate_{model}` with its interval and the
-    mean n-gram repetition and prompt copy."""
+    prompts), and with `per_rule` each rule's `{prefix}{rule}_rate_{base,policy,delta}` with its interval
+    and the mean n-gram repetition and prompt copy."""
     m: dict[str, float] = {}
     few = len(verdicts["base"]) < min_clusters
     deg = {who: np.array([not v.valid for v in vs], dtype=float) for who, vs in verdicts.items()}
@@ -138,9 +138,10 @@ def degeneration_metrics(prefix: str, verdicts: dict[str, Sequence[Verdict]], ci
     series.append((f"{prefix}degenerate_rate_delta", (deg["policy"], deg["base"]), mean_diff))
     if per_rule:
         for rule in RULES:
+            flags = {who: np.array([rule in v.failed for v in verdicts[who]], dtype=float) for who in ("base", "policy")}
             for who in ("base", "policy"):
-                flags = np.array([rule in v.failed for v in verdicts[who]], dtype=float)
-                series.append((f"{prefix}{rule}_rate_{who}", (flags,), mean_stat))
+                series.append((f"{prefix}{rule}_rate_{who}", (flags[who],), mean_stat))
+            series.append((f"{prefix}{rule}_rate_delta", (flags["policy"], flags["base"]), mean_diff))
     for key, data, stat in series:
         if len(data[0]) == 0:
             continue

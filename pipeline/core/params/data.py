@@ -76,7 +76,7 @@ class DataParams(Section):
                                       "first occurrence of a prompt).")
     decontaminate_against: list[EvalPromptSet] = Field(
         default_factory=list, description="Evaluation prompt sets removed from training data; the project's own "
-                                          "paths.eval_prompts is always added.")
+                                          "paths.test_prompts is always added.")
 
     @field_validator("sources")
     @classmethod
@@ -135,15 +135,17 @@ class ValidateParams(Section):
 class BuildParams(Section):
     """Turning validated rows into DPO pairs: binarization, dedup, decontamination, split."""
 
-    binarize: Literal["best_vs_worst", "best_vs_random", "all_pairs_above_margin"] = Field(
-        description="best_vs_worst: highest vs lowest score; best_vs_random: highest vs a seeded random lower "
-                    "one (Zephyr); all_pairs_above_margin: every pair whose scores differ by >= min_margin.")
+    binarize: Literal["best_vs_worst", "best_vs_worst_length_matched", "best_vs_random", "all_pairs_above_margin"] = Field(
+        description="best_vs_worst: highest vs lowest score; best_vs_worst_length_matched: the same, the rejected one "
+                    "the lowest-scored completion closest in length to the chosen; best_vs_random: highest vs a "
+                    "seeded random lower one (Zephyr); all_pairs_above_margin: every pair whose scores differ by >= min_margin.")
     min_margin: float = Field(ge=0, description="Smallest score difference kept; equal scores (ties) are always "
                               "dropped. Scores are the mean of a completion's available ratings.")
     seed: int = Field(ge=0, description="Seed of best_vs_random, source weights and the train/test split.")
     test_fraction: float = Field(ge=0, lt=1, description="Share of the prompts that make a pair held out in test.parquet: "
                                  "exactly round(fraction x paired prompts), those with the lowest hash of (seed, prompt hash).")
-    test_binarize: Literal["best_vs_worst", "best_vs_random", "all_pairs_above_margin"] | None = Field(
+    test_binarize: Literal["best_vs_worst", "best_vs_worst_length_matched", "best_vs_random",
+                           "all_pairs_above_margin"] | None = Field(
         default=None, description="Binarization of the test split's prompts (null: as `binarize`). "
         "all_pairs_above_margin measures preference accuracy on every ranking the ratings make, several "
         "pairs per prompt; evaluate's interval resamples prompts, so their correlation is accounted for.")
