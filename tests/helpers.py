@@ -96,5 +96,6 @@ def configure_tiny(project: Path, tiny_model_dir: Path, pairs: Path) -> None:
                "per_device_batch_size": 2, "global_batch_size": 4, "checkpoint_every": 4},
         evaluate={"max_eval_prompts": 4, "pref_max_pairs": 8, "generation": {"max_new_tokens": 16, "batch_size": 8},
                   "general": {"max_prompts": 2}, "bootstrap": {"n_resamples": 199}},
-        publish={"thresholds": {}},  # a random tiny model answers with nothing: no length ratio to gate on
+        # a random tiny model answers with nothing: no length ratio to gate on, no trivial answer to beat
+        publish={"thresholds": {}, "beat_trivial_floor": False},
     )

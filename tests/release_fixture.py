@@ -27,7 +27,7 @@ GIT = ["git", "-c", "user.email=test@example.com", "-c", "user.name=test", "-c",
 VERSION = "v0.1.0"
 EVAL = {"pref_accuracy": 0.6875, "reward_margin": 0.4213, "pass_rate_base": 0.1944, "pass_rate_policy": 0.3611,
         "pass_rate_delta": 0.1667, "pass_rate_delta_ci_low": 0.0278, "pass_rate_delta_ci_high": 0.3056,
-        "win_rate": 0.5417, "lc_win_rate": 0.5102, "length_ratio": 1.12, "kl": 0.0831, "n_eval_prompts": 36,
+        "win_rate": 0.5417, "lc_win_rate": 0.5102, "length_ratio": 1.12, "kl": 0.0831, "n_test_prompts": 36,
         "judge_order_consistency": 0.75, "pass_rate_floor": 0.0556}  # the floor: gate trivial-floor needs it
 SOURCES = [{"name": "on_policy", "format": "ultrafeedback", "path": "data/sources/rated.jsonl", "license": "Apache-2.0"},
            {"name": "hh", "format": "hh-rlhf", "path": "data/sources/hh.jsonl", "license": "MIT"}]
@@ -112,7 +112,7 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
         f = root / s["path"]
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps({"instruction": "hello", "completions": []}) + "\n")
-    for rel, prompts in ((p.eval_prompts, EVAL_PROMPTS), (p.general_prompts, ["What is the capital of France?"])):
+    for rel, prompts in ((p.test_prompts, EVAL_PROMPTS), (p.general_prompts, ["What is the capital of France?"])):
         f = root / rel
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("".join(json.dumps({"id": f"e{i}", "prompt": t, "constraints": []}) + "\n"
@@ -151,7 +151,7 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     (reports / "validation" / "report.json").write_text(json.dumps({"status": "passed", "input_rows": 10, "kept": 9,
                                                                     "quarantined": 1}))
     (reports / "decontamination.json").write_text(json.dumps({"ngram": 13, "removed": 1,
-                                                              "sets": {"eval_prompts": {"removed": 1}}}))
+                                                              "sets": {"test_prompts": {"removed": 1}}}))
     (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         "build": {"cmd": "python -m pipeline.stages.build", "deps": [{"path": p.validated, "md5": "a" * 32 + ".dir"}],
                   "outs": [{"path": p.dataset, "md5": "b" * 32 + ".dir"}]},
@@ -172,12 +172,12 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     _record(root, "ingest", {"data": {"sources": sources}}, [(s["path"], 1) for s in sources], [(p.ingested, 10)],
             "2", commit)
     _record(root, "validate", {}, [(p.ingested, 10)], [(p.validated, 9)], "3", commit)
-    _record(root, "build", {}, [(p.validated, 9), (p.eval_prompts, 2)], [(p.dataset, 5)], "4", commit)
+    _record(root, "build", {}, [(p.validated, 9), (p.test_prompts, 2)], [(p.dataset, 5)], "4", commit)
     _record(root, "train", {"train": {"dpo": {"beta": 0.1, "learning_rate": 2e-4, "seed": 42}, "global_batch_size": 8}},
             [(p.base_model, None), (f"{p.dataset}/train.parquet", 4)], [(p.model, None)], "5", commit,
             extra={"train": {"plan": {"device": "cpu", "precision": "fp32", "packing": True}}})
     _record(root, "evaluate", {"evaluate": {"judge": {"kind": "local", "model": "models/base"}}},
-            [(p.model, None), (f"{p.dataset}/test.parquet", 1), (p.eval_prompts, 2)], [(f"{p.metrics}/eval.json", None)],
+            [(p.model, None), (f"{p.dataset}/test.parquet", 1), (p.test_prompts, 2)], [(f"{p.metrics}/eval.json", None)],
             "6", commit)
     git(root, "tag", VERSION)
     return root

@@ -286,7 +286,7 @@ def _pipeline(tmp: Path, tokenizer: Path, seed: int = 42, out: str = "dataset", 
                      tmp / "reports" / "validation")
     p = PARAMS.build.model_copy(update={"seed": seed, "test_fraction": 0.2, "batch_size": 16, **build_params})
     v = PARAMS.validate_.model_copy(update={"max_length": 1024, "max_quarantine_fraction": 0.5})
-    sets = build.eval_sets_for(data, str(tmp / "eval.jsonl"))
+    sets = build.eval_sets_for(data, {"test_prompts": str(tmp / "eval.jsonl")})
     return build.run(tmp / "validated", data, p, v, sets, tokenizer, tmp / out, tmp / f"reports-{out}", tmp)
 
 
@@ -335,7 +335,7 @@ def test_dataset_schema_and_provenance(built):
     assert train.column_names == list(COLUMNS)
     row = train.slice(0, 1).to_pylist()[0]
     assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
-    assert row["score_chosen"] > row["score_rejected"] and row["rule"] == "best_vs_worst"
+    assert row["score_chosen"] > row["score_rejected"] and row["rule"] == "best_vs_worst_length_matched"  # params.yaml build.binarize
     prov = pq.read_table(tmp / "dataset" / "provenance.parquet").to_pylist()
     uf = [p for p in prov if p["source"] == "uf"]
     assert uf and uf[0]["generator_chosen"] == "a" and uf[0]["license"] == "MIT"
@@ -396,7 +396,7 @@ def test_source_weights_and_near_dup_off(built, smollm_tokenizer_dir):
     p = PARAMS.build.model_copy(update={"near_dup_threshold": None, "test_fraction": 0.2, "batch_size": 16})
     v = PARAMS.validate_.model_copy(update={"max_length": 1024, "max_quarantine_fraction": 0.5})
     (tmp / "weighted").mkdir()
-    m = build.run(tmp / "validated", data, p, v, build.eval_sets_for(data, str(tmp / "eval.jsonl")),
+    m = build.run(tmp / "validated", data, p, v, build.eval_sets_for(data, {"test_prompts": str(tmp / "eval.jsonl")}),
                   smollm_tokenizer_dir, tmp / "weighted", tmp / "reports-weighted", tmp)
     assert 15 <= m["filtered.weight"] <= 45 and m["filtered.near_duplicate"] == 0 and m["rows_unaccounted"] == 0
     filtered = [json.loads(x) for x in (tmp / "weighted" / "filtered.jsonl").read_text().splitlines()]
@@ -433,7 +433,7 @@ def test_truncate_mode_keeps_long_pairs_and_records_them(built, smollm_tokenizer
     v = PARAMS.validate_.model_copy(update={"max_length": 256, "max_quarantine_fraction": 0.5, "pairs": rules})
     for d in ("trunc", "reports-trunc"):
         (tmp / d).mkdir(exist_ok=True)
-    m = build.run(tmp / "validated", data, p, v, build.eval_sets_for(data, str(tmp / "eval.jsonl")),
+    m = build.run(tmp / "validated", data, p, v, build.eval_sets_for(data, {"test_prompts": str(tmp / "eval.jsonl")}),
                   smollm_tokenizer_dir, tmp / "trunc", tmp / "reports-trunc", tmp)
     prov = pq.read_table(tmp / "trunc" / "provenance.parquet").to_pylist()
     flagged = [r for r in prov if r["truncated"]]

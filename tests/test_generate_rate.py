@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline.core.errors import DataError
+from pipeline.constraints.validity import Rules
 from pipeline.core.params import GenerateParams, RateParams
 from pipeline.stages import generate, rate
 
@@ -125,12 +126,17 @@ def _gen_rows(texts: dict[str, list[str]], finished: dict[tuple[str, int], bool 
             for pid, ts in texts.items() for i, t in enumerate(ts)]
 
 
+# The constraint-rating fixtures below use one-word answers on purpose; the degeneration rules (too_short
+# among them) have their own tests in tests/test_validity.py, so here they are relaxed to one word.
+ONE_WORD_OK = Rules(min_words=1)
+
+
 def test_rate_run_groups_and_metrics():
     rows, m = rate.run(RateParams(source="src", unfinished="fail"), _gen_rows({
         "p1": [SENTENCE, SENTENCE.title(), SENTENCE + " again"],  # pass, fail, pass -> pass-and-fail
         "p2": ["apple", "apple, pear", "one two three four five six"],  # 1, 1/2, 1/2 -> pass-and-fail
         "p3": ["nope", "still no"],                           # both fail -> not contrastive
-    }))
+    }), ONE_WORD_OK)
     assert [r["id"] for r in rows] == ["p1", "p2", "p3"]
     r = rows[1]
     assert (r["source"], r["instruction"], r["models"]) == ("src", "prompt p2", ["g", "g", "g"])
@@ -169,23 +175,28 @@ CUT = {("p2", 0): False, ("p2", 1): False, ("p1", 1): None}
 
 def test_rate_unfinished_fail_credits_no_whole_answer_instruction():
     """A cut completion passes no instruction that the rest of the answer could break (issue 11)."""
-    rows, m = rate.run(RateParams(source="s", unfinished="fail"), _gen_rows({"p1": [SENTENCE, SENTENCE], "p2": ["apple", "pear"]}, CUT))
+    rows, m = rate.run(RateParams(source="s", unfinished="fail"), _gen_rows({"p1": [SENTENCE, SENTENCE], "p2": ["apple", "pear"]}, CUT),
+                        ONE_WORD_OK)
     p2 = rows[1]["completions"]
     # "apple" has no comma and < 5 words, but both need the whole answer: not credited when cut
     assert [r["ok"] for r in p2[0]["constraint_results"]] == [False, False]
     assert p2[0]["constraint_results"][0]["detail"].startswith("not credited: cut at max_new_tokens")
     assert p2[0]["annotations"]["instruction_following"]["Rating"] == "1"
-    # finished unknown (None) is rated as it stands, and counted
+    # finished unknown (None): SENTENCE stops mid-sentence, so the validity text rule counts it as cut
+    assert rows[0]["completions"][1]["pass_fraction"] == 0.0 and rows[0]["completions"][1]["finished"] is False
+    assert (m["truncated_completions"], m["finish_unknown_completions"], m["excluded_unfinished_completions"]) == (3, 1, 0)
+    # ... and one that ends like a finished answer is rated as it stands
+    rows, _ = rate.run(RateParams(source="s", unfinished="fail"), _gen_rows({"p1": [SENTENCE, SENTENCE + "."]}, CUT),
+                       ONE_WORD_OK)
     assert rows[0]["completions"][1]["pass_fraction"] == 1.0
-    assert (m["truncated_completions"], m["finish_unknown_completions"], m["excluded_unfinished_completions"]) == (2, 1, 0)
     # the same texts finished would pass both
-    rows, _ = rate.run(RateParams(source="s", unfinished="fail"), _gen_rows({"p2": ["apple", "pear"]}))
+    rows, _ = rate.run(RateParams(source="s", unfinished="fail"), _gen_rows({"p2": ["apple", "pear"]}), ONE_WORD_OK)
     assert rows[0]["completions"][0]["pass_fraction"] == 1.0
 
 
 def test_rate_unfinished_exclude_drops_and_counts():
     rows, m = rate.run(RateParams(source="s", unfinished="exclude"),
-                       _gen_rows({"p1": [SENTENCE, SENTENCE, "x"], "p2": ["apple", "pear"]}, {**CUT, ("p1", 2): False}))
+                       _gen_rows({"p1": [SENTENCE, SENTENCE + ".", "x"], "p2": ["apple", "pear"]}, {**CUT, ("p1", 2): False}))
     assert [r["id"] for r in rows] == ["p1"]  # p2 had no finished completion left
     assert [c["completion_index"] for c in rows[0]["completions"]] == [0, 1]
     assert m["excluded_unfinished_completions"] == 3 and m["prompts_left_without_completions"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,9 +95,14 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     rated = tmp_path / raw["paths"]["rated"]
     rated.parent.mkdir(parents=True)
     rated.write_text("".join(json.dumps(uf_row(i, ("5", "3", "1"))) + "\n" for i in range(12)))
-    eval_prompts = tmp_path / raw["paths"]["eval_prompts"]
-    eval_prompts.parent.mkdir(parents=True)
-    eval_prompts.write_text(json.dumps({"id": "eval-1", "prompt": "Write a haiku about the number 3.",
+    # the project's other prompt files (train, dev, general) and the IFEval subset: build checks the roles
+    # and decontaminates against every own evaluation set
+    for key in ("train_prompts", "dev_prompts", "general_prompts", "ifeval_prompts"):
+        (tmp_path / raw["paths"][key]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / raw["paths"][key], tmp_path / raw["paths"][key])
+    test_prompts = tmp_path / raw["paths"]["test_prompts"]
+    test_prompts.parent.mkdir(parents=True, exist_ok=True)
+    test_prompts.write_text(json.dumps({"id": "eval-1", "prompt": "Write a haiku about the number 3.",
                                         "constraints": []}) + "\n")
     from pipeline.stages import decontam_set
 
@@ -113,7 +119,7 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
     p = raw["paths"]
     metrics = json.loads((tmp_path / p["metrics"] / "data.json").read_text())
     assert metrics["read"] == 42 and metrics["read.lf"] == 30 and metrics["rows_unaccounted"] == 0
-    assert metrics["filtered.decontaminated.eval_prompts"] == 1  # "...the number 3." is an eval prompt
+    assert metrics["filtered.decontaminated.test_prompts"] == 1  # "...the number 3." is an eval prompt
     # one LLaMA-Factory prompt holds mojibake C1 controls ("â\x80\x94" for an em dash): no_control_chars
     # 40 paired prompts; train has one pair each (best_vs_worst), a test prompt every strict ranking
     # (build.test_binarize): the 3-completion UltraFeedback rows give 3 test pairs, LLaMA-Factory's 1
@@ -145,6 +151,6 @@ def test_data_stages_through_run_stage(tmp_path, smollm_tokenizer_dir, monkeypat
         run_stage("ingest_source.on-policy", ingest.SOURCE_READS, ingest._source_body("on-policy"),
                   params_file=params_file, root=tmp_path)
     # the set file changed after its decontam_set stage recorded it: build refuses to read it
-    eval_prompts.write_text(eval_prompts.read_text() + json.dumps({"id": "eval-2", "prompt": "x", "constraints": []}) + "\n")
-    with pytest.raises(SourceError, match=r"decontamination set eval_prompts: .* its record in .* says"):
+    test_prompts.write_text(test_prompts.read_text() + json.dumps({"id": "eval-2", "prompt": "x", "constraints": []}) + "\n")
+    with pytest.raises(SourceError, match=r"decontamination set test_prompts: .* its record in .* says"):
         run_stage(build.STAGE, build.READS, build._body, params_file=params_file, root=tmp_path)

@@ -68,7 +68,7 @@ def test_manifest_lists_every_file_with_sha256(bundle):
                                      "revision": VERSION}
     gates = {g["name"]: g["status"] for g in m["gates"]}
     assert gates == {"git-clean": "pass", "git-version": "pass", "dvc-status": "pass", "validation": "pass",
-                     "lineage": "pass", "eval-thresholds": "pass", "regression": "skip", "contamination": "pass",
+                     "lineage": "pass", "eval-thresholds": "pass", "trivial-floor": "pass", "regression": "skip", "contamination": "pass",
                      "licenses": "pass", "signing-anchor": "warn", "secrets": "pass"}
 
 
@@ -84,8 +84,8 @@ def test_model_card_sections_and_numbers(bundle):
     assert {r.dataset_revision for r in results.values()} == {VERSION} and card.data.base_model_relation == "finetune"
     # this model's results only: the base model's figure and the difference to it are comparisons in the text
     assert not {EVAL["pass_rate_base"], EVAL["pass_rate_delta"]} & {r.metric_value for r in results.values()}
-    assert "n_eval_prompts" not in results and "judge_order_consistency" not in results  # counts, diagnostics
-    assert "| `n_eval_prompts` | held-out constraint prompts evaluated | 36 |" in text
+    assert "n_test_prompts" not in results and "judge_order_consistency" not in results  # counts, diagnostics
+    assert "| `n_test_prompts` | held-out constraint prompts evaluated | 36 |" in text
     for section in ("## Intended use", "## Out of scope", "## Training data", "### Decontamination",
                     "## Training procedure", "## Evaluation", "## Plots", "## Limitations", "## License",
                     "## Lineage", "## How to reproduce"):
@@ -156,7 +156,8 @@ def test_audit_catches_card_metadata_edited_with_consistent_hashes(copy, project
             f["sha256"], f["size"] = sha256_file(readme), readme.stat().st_size
     (copy / "model" / "manifest.json").write_text(json.dumps(m))
     problems = audit.check_bundle(copy).problems
-    assert "model card model-index: pref_accuracy = 0.9875 but eval/eval.json has 0.6875" in problems
+    assert ("model card model-index: Preference accuracy of the implicit DPO reward (chosen > rejected) = 0.9875 "
+            "but eval/eval.json has 0.6875") in problems
     assert any("changed since signing" in p and "manifest.json" in p for p in problems)
 
 

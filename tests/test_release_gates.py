@@ -150,12 +150,12 @@ def test_contamination_gate_catches_eval_prompts_in_training(inp, tmp_path, prom
     inp.split_files["train"] = f
     r = G.contamination(inp, 13)
     assert r.status == "fail"
-    assert "1 training prompt(s) overlap evaluation prompts; first: train id train-1 matches eval_prompts" in r.detail
+    assert "1 training prompt(s) overlap evaluation prompts; first: train id train-1 matches test_prompts" in r.detail
     assert f"({kind})" in r.detail
 
 
 def test_contamination_gate_needs_an_eval_set(inp, tmp_path):
-    inp.params.paths.eval_prompts = str(tmp_path / "none.jsonl")
+    inp.params.paths.test_prompts = str(tmp_path / "none.jsonl")
     inp.params.paths.general_prompts = str(tmp_path / "none2.jsonl")
     assert "no evaluation prompt file found" in G.contamination(inp, 13).detail
 

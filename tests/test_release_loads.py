@@ -51,8 +51,8 @@ CLIENT = textwrap.dedent('''
     out["configs"] = datasets.get_dataset_config_names(dataset_repo, revision=tag)
     prov = datasets.load_dataset(dataset_repo, "provenance", revision=tag)
     out["provenance"] = {s: prov[s].column_names for s in prov}
-    ev = datasets.load_dataset(dataset_repo, "eval_prompts", revision=tag)
-    out["eval_prompts"] = [r["prompt"] for r in ev["test"]]
+    ev = datasets.load_dataset(dataset_repo, "test_prompts", revision=tag)
+    out["test_prompts"] = [r["prompt"] for r in ev["test"]]
     card = ModelCard.load(model_repo)
     out["model_index"] = sorted({(r.dataset_type, r.dataset_config, r.dataset_split, r.dataset_revision)
                                  for r in card.data.eval_results}, key=str)
@@ -79,10 +79,10 @@ def test_load_dataset_and_from_pretrained_against_the_loopback_hub(bundle, serve
     assert out["splits"] == {"train": 4, "test": 1}
     assert {"prompt", "chosen", "rejected"} <= set(out["columns"])
     assert out["first_prompt"][0]["role"] == "user"                         # TRL's conversational format
-    assert set(out["configs"]) == {"default", "provenance", "eval_prompts"}
+    assert set(out["configs"]) == {"default", "provenance", "test_prompts"}
     assert out["provenance"] == {"train": ["id", "source", "split", "seed"]}
-    assert out["eval_prompts"] == EVAL_PROMPTS
-    assert (DATASET, "eval_prompts", "test", VERSION) in [tuple(x) for x in out["model_index"]]
+    assert out["test_prompts"] == EVAL_PROMPTS
+    assert (DATASET, "test_prompts", "test", VERSION) in [tuple(x) for x in out["model_index"]]
     assert all(x[0] == DATASET for x in out["model_index"])                # every result names this dataset
     assert out["chat_template"] and out["generated"] == 3
     puts = [p for m, p, _ in server.state.requests if m == "PUT"]

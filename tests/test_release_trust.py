@@ -309,14 +309,14 @@ def test_the_manifest_names_no_key_path_and_no_absolute_local_path(keyed, tiny_m
 def test_published_eval_prompts_are_what_evaluate_read(copy):
     from tests.release_fixture import EVAL_PROMPTS
 
-    ev = copy / "dataset" / "eval" / "eval_prompts" / "eval.jsonl"
+    ev = copy / "dataset" / "eval" / "test_prompts" / "test.jsonl"
     assert [json.loads(ln)["prompt"] for ln in ev.read_text().splitlines()] == EVAL_PROMPTS
     assert audit.check_bundle(copy).problems == []
     ev.write_text(ev.read_text().replace("sea", "moon"))
     m = json.loads((copy / "model" / "manifest.json").read_text())
     for f in m["files"]["dataset"]:   # even with the manifest's hash rewritten to match
-        if f["path"] == "eval/eval_prompts/eval.jsonl":
+        if f["path"] == "eval/test_prompts/test.jsonl":
             f["sha256"], f["size"] = sha256_file(ev), ev.stat().st_size
     (copy / "model" / "manifest.json").write_text(json.dumps(m))
-    assert "dataset/eval/eval_prompts/eval.jsonl: not the prompts the evaluate stage read" in \
+    assert "dataset/eval/test_prompts/test.jsonl: not the prompts the evaluate stage read" in \
         audit.check_bundle(copy).problems

@@ -217,7 +217,7 @@ def test_gx_data_docs_are_byte_stable(tmp_path):
 def test_eval_plots_are_byte_stable(tmp_path):
     from pipeline.eval.plots import write_plots
 
-    metrics = {"n_eval_prompts": 4, "n_general_prompts": 2, "length_ratio": 1.1, "judge_order_consistency": 0.5,
+    metrics = {"n_test_prompts": 4, "n_general_prompts": 2, "length_ratio": 1.1, "judge_order_consistency": 0.5,
                "constraint_pass_rate_base": 0.3, "constraint_pass_rate_policy": 0.4, "n_wins": 1, "n_ties": 0, "n_losses": 1}
     for key, v in (("pass_rate_base", 0.2), ("pass_rate_policy", 0.3), ("win_rate", 0.5), ("pass_rate_delta", 0.1),
                    ("lc_win_rate", 0.5), ("constraint_pass_rate_delta", 0.1)):

@@ -247,3 +247,13 @@ def test_score_equals_evaluate_headline_on_evaluate_answers(tmp_path):
     result, _ = score_file(resp, prompts, RULES, {"n_resamples": 200, "confidence_level": 0.95, "seed": 0})
     assert result["pass_rate"] == pytest.approx(float(s.passed.mean()))
     assert result["failures"] == s.rule_failures()
+
+
+def test_release_gate_refuses_a_headline_at_or_below_the_floor():
+    from pipeline.release.gates import trivial_floor
+
+    assert trivial_floor({"pass_rate_policy": 0.33, "pass_rate_floor": 0.02}).status == "pass"
+    low = trivial_floor({"pass_rate_policy": 0.02, "pass_rate_floor": 0.02})
+    assert low.status == "fail" and "does not exceed the trivial-answer floor" in low.detail
+    assert trivial_floor({"pass_rate_policy": 0.3}).status == "fail"  # no floor measured: nothing to trust
+    assert trivial_floor({}, required=False).status == "skip"

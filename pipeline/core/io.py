@@ -145,3 +145,10 @@ def write_parquet(table, rows: Any, columns, path: Path, chunk: int = 50_000) ->
             writer.write_table(table.take(pa.array(rows[s : s + chunk], pa.int64())))
         if len(rows) == 0:
             writer.write_table(table.schema.empty_table())
+
+
+def config_dtype_name(cfg: dict[str, Any]) -> str | None:
+    """The dtype a model's config.json names (transformers 5.x `dtype`, 4.x `torch_dtype`), without a
+    `torch.` prefix."""
+    d = cfg.get("dtype") or cfg.get("torch_dtype")
+    return str(d).removeprefix("torch.") if d else None

@@ -110,7 +110,7 @@ def git_state(root: str | Path = ".") -> dict[str, Any]:
         return {"commit": commit.strip() if commit else None, "dirty": None}
     changed = changed_paths(status)
     managed = dvc_managed_paths(Path(root))
-    dirty = [p for p in changed if not _is_managed(p, managed)]
+    dirty = [p for p in changed if not is_managed(p, managed)]
     return {"commit": commit.strip() if commit else None, "dirty": bool(dirty)}
 
 
@@ -150,7 +150,8 @@ def dvc_managed_paths(root: Path) -> set[str]:
     return managed
 
 
-def _is_managed(path: str, managed: set[str]) -> bool:
+def is_managed(path: str, managed: set[str]) -> bool:
+    """True for dvc.lock and the outputs DVC manages (a change there is a run's result, not a code change)."""
     return Path(path).name == "dvc.lock" or any(path == m or path.startswith(m + "/") for m in managed)
 
 

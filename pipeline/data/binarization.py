@@ -117,14 +117,18 @@ def binarize_table(batch, prompt_hashes: list[str], method: str | list[str], min
 
     comps = batch.column("completions").combine_chunks()
     scores, row_of = completion_scores(comps)
-    lengths = pc.utf8_length(comps.flatten().field("content")).to_numpy(zero_copy_only=False)
+    flat = comps.flatten()
+    # lengths serve best_vs_worst_length_matched only; a table of bare ratings has none to give
+    lengths = (pc.utf8_length(flat.field("content")).to_numpy(zero_copy_only=False)
+               if flat.type.get_field_index("content") >= 0 else None)
     bounds = np.searchsorted(row_of, np.arange(batch.num_rows + 1))
     methods = [method] * batch.num_rows if isinstance(method, str) else method
     rows, chosen, rejected, drops = [], [], [], []
     for r in range(batch.num_rows):
         lo, hi = int(bounds[r]), int(bounds[r + 1])
         s = [None if np.isnan(x) else float(x) for x in scores[lo:hi]]
-        pairs, dropped = pairs_for(s, methods[r], min_margin, seed, prompt_hashes[r], lengths[lo:hi].tolist())
+        pairs, dropped = pairs_for(s, methods[r], min_margin, seed, prompt_hashes[r],
+                                   None if lengths is None else lengths[lo:hi].tolist())
         drops.append((r, dropped))
         for ci, ri in pairs:
             rows.append(r)

@@ -13,7 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.io import atomic_write_json, read_json
+from pipeline.core.io import (
+    atomic_write_json,
+    config_dtype_name,  # noqa: F401 (re-exported; it lives in core so release can read it)
+    read_json,
+)
 
 # What `train.save_dtype` may name, and the torch dtype each means.
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -66,10 +70,6 @@ def resolve_save_dtype(save_dtype: str, base_dir: Path) -> str:
     return dtype if dtype in SAVE_DTYPES else "float32"
 
 
-def config_dtype_name(cfg: dict[str, Any]) -> str | None:
-    """The dtype a config.json names (5.x `dtype`, 4.x `torch_dtype`), without a `torch.` prefix."""
-    d = cfg.get("dtype") or cfg.get("torch_dtype")
-    return str(d).removeprefix("torch.") if d else None
 
 
 def name_hub_base(adapter_config: Path, base_dir: Path) -> None:

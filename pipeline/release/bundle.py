@@ -164,7 +164,7 @@ def run_gates(params: Params, root: Path, inp: ReleaseInputs, code: CodeState, l
         G.validation(inp),
         G.lineage(inp, _published_files(inp, model_files)),
         G.eval_thresholds(inp.metrics.get("eval"), pp.thresholds),
-        G.trivial_floor(inp.metrics.get("eval")),
+        G.trivial_floor(inp.metrics.get("eval"), pp.beat_trivial_floor),
         G.regression(inp.metrics.get("eval"), _previous_eval(pp.previous_release, params), pp.previous_release,
                      pp.regression_tolerance),
         G.contamination(inp, pp.contamination_ngram),

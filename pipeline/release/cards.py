@@ -378,7 +378,7 @@ def render_template(name: str, fields: dict[str, str]) -> str:
 
 def _saved_dtype(inp: ReleaseInputs) -> str | None:
     """The dtype the released weights are saved in, from their config.json (what users download)."""
-    from pipeline.lm.portable import config_dtype_name
+    from pipeline.core.io import config_dtype_name
 
     if inp.model_dir is None:
         return None

@@ -283,10 +283,12 @@ def eval_thresholds(metrics: dict[str, Any] | None, thresholds: dict[str, Any]) 
     return _result("eval-thresholds", problems, f"{len(keys)} threshold(s) hold{note}")
 
 
-def trivial_floor(metrics: dict[str, Any] | None) -> GateResult:
+def trivial_floor(metrics: dict[str, Any] | None, required: bool = True) -> GateResult:
     """The headline must beat the best trivial answer (evaluate's panel: empty, echo, one fixed answer,
     the base answer repeated or cut), scored by the same code: a model that does not has shown nothing
     a constant could not."""
+    if not required:
+        return GateResult("trivial-floor", "skip", "publish.beat_trivial_floor is false")
     m = metrics or {}
     head, floor = m.get("pass_rate_policy"), m.get("pass_rate_floor")
     if not isinstance(floor, (int, float)) or not isinstance(head, (int, float)):

@@ -65,7 +65,7 @@ def uncommitted(root: Path, porcelain_z: str) -> list[str]:
     (`pipeline.core.lineage.git_state`): dvc.lock and the outputs it lists do not count, since every
     `dvc repro` rewrites them. Untracked files do count here (the run records ignore them): a release
     must not leave a stray file beside the code it archives unnoticed."""
-    from pipeline.core.lineage import _is_managed, dvc_managed_paths
+    from pipeline.core.lineage import dvc_managed_paths, is_managed
 
     managed = dvc_managed_paths(root)
     out, entries, i = [], porcelain_z.split("\0"), 0
@@ -78,7 +78,7 @@ def uncommitted(root: Path, porcelain_z: str) -> list[str]:
         if entry[0] in "RC":  # a rename or copy: its source path follows as an entry of its own
             paths.append(entries[i])
             i += 1
-        if not all(_is_managed(p, managed) for p in paths):
+        if not all(is_managed(p, managed) for p in paths):
             out.append(entry)
     return out
 

@@ -75,13 +75,13 @@ class ReleaseInputs:
         return resolve_paths_ref(str(source.get("path", "")), self.params.section_dump("paths"))
 
     def eval_prompt_sets(self) -> dict[str, list[Path]]:
-        """The prompt sets the evaluate stage read, by the params.paths key naming each (eval_prompts,
-        general_prompts, ...): its lineage record's prompt-file inputs, else paths.eval_prompts."""
+        """The prompt sets the evaluate stage read, by the params.paths key naming each (test_prompts,
+        general_prompts, ...): its lineage record's prompt-file inputs, else paths.test_prompts."""
         paths = {str(v): k for k, v in self.params.section_dump("paths").items() if isinstance(v, str)}
         rec = self.record("evaluate")
         named = [a["path"] for a in (rec or {}).get("inputs", []) if isinstance(a, dict) and a.get("path") in paths]
         if rec is None:
-            named = [self.params.paths.eval_prompts]
+            named = [self.params.paths.test_prompts]
         out: dict[str, list[Path]] = {}
         for rel in named:
             key, f = paths.get(rel, Path(rel).stem), self.root / rel

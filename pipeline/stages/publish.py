@@ -1,6 +1,6 @@
 """Stage `publish`: the dry-run release bundle that `dvc repro` ends with.
 
-Reads:  everything the `card` stage reads, plus `paths.eval_prompts` (and the other evaluation prompt
+Reads:  everything the `card` stage reads, plus `paths.test_prompts` (and the other evaluation prompt
         files) for the contamination gate; params `publish`, `card`, `base_model`, `data`, `train`,
         `evaluate`, `paths`.
 Writes: `paths.release/model/` and `paths.release/dataset/`: exactly what `openrelease publish` would

@@ -190,7 +190,8 @@ def run(p: RateParams, generations: list[dict], rules: Rules | None = None) -> t
     groups: dict[str, list[dict]] = {}
     for i, g in enumerate(generations):
         degenerate, finished = verdict[i]
-        groups.setdefault(g["prompt_id"], []).append({**g, "finished": finished, "degenerate": degenerate})
+        groups.setdefault(g["prompt_id"], []).append({**g, "finished": finished, "degenerate": degenerate,
+                                                      "finished_reported": g.get("finished")})
     rows: list[dict] = []
     id_total: Counter[str] = Counter()
     id_ok: Counter[str] = Counter()
@@ -198,7 +199,8 @@ def run(p: RateParams, generations: list[dict], rules: Rules | None = None) -> t
     for pid, gs in groups.items():
         gs = sorted(gs, key=lambda g: g["completion_index"])
         counts["cut_completions"] += sum(g.get("finished") is False for g in gs)
-        counts["finish_unknown_completions"] += sum(g.get("finished") is None for g in gs)
+        # the generator did not say (the validity text rule then decided, counted among the cut ones if cut)
+        counts["finish_unknown_completions"] += sum(g["finished_reported"] is None for g in gs)
         first = gs[0]
         if p.unfinished == "exclude":
             kept = [g for g in gs if g.get("finished") is not False]

@@ -75,6 +75,9 @@ class PublishParams(Section):
     tag_pattern: str = Field(min_length=1, description="Regex a git tag must match to count as a release version.")
     allowed_licenses: list[str] = Field(min_length=1, description="SPDX ids this project may release under.")
     thresholds: dict[str, MetricBound] = Field(description="Bounds on metrics/eval.json values; a missing one fails.")
+    beat_trivial_floor: bool = Field(default=True, description="Gate `trivial-floor`: the headline pass rate must "
+                                     "exceed the best trivial answer's (pass_rate_floor). Off only for smoke "
+                                     "configs whose model is random and can pass nothing.")
     previous_release: str | None = Field(
         default=None, description="A previous release to compare with: a bundle folder or `repo_id@revision` "
                                   "on the endpoint; null: no regression gate.")
