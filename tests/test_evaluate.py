@@ -36,12 +36,17 @@ TEMPLATES = ("The {} by the {} was quiet, and we watched the {} until evening.",
 
 
 def varied_answer(prompt: str) -> str:
-    """A different plain English sentence per prompt (one template for every prompt is a reused answer,
-    and langdetect must read it as English for the case checkers)."""
+    """A different plain English sentence per prompt that names the prompt's topic (one template for
+    every prompt is a reused answer, one sharing no topic word is off topic; langdetect must read it as
+    English for the case checkers)."""
     import random
+    import re
 
+    from pipeline.constraints.validity import INSTRUCTION_WORDS
+
+    topic = next((w for w in re.findall(r"[a-z]{3,}", prompt.lower()) if w not in INSTRUCTION_WORDS), "garden")
     r = random.Random(prompt)
-    return r.choice(TEMPLATES).format(*r.sample(WORDS, 3))
+    return r.choice(TEMPLATES).format(topic, *r.sample(WORDS, 2))
 
 
 # ---------------------------------------------------------------- readers

@@ -127,8 +127,9 @@ def _gen_rows(texts: dict[str, list[str]], finished: dict[tuple[str, int], bool 
 
 
 # The constraint-rating fixtures below use one-word answers on purpose; the degeneration rules (too_short
-# among them) have their own tests in tests/test_validity.py, so here they are relaxed to one word.
-ONE_WORD_OK = Rules(min_words=1)
+# and off_topic among them: "apple" to "prompt p2") have their own tests in tests/test_validity.py, so
+# here they are relaxed.
+ONE_WORD_OK = Rules(min_words=1, off_topic_max_words=0)
 
 
 def test_rate_run_groups_and_metrics():

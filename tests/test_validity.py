@@ -61,7 +61,7 @@ def test_reuse_counts_prompts_not_samples():
     # six identical samples of one prompt are one prompt's answers, not a canned answer
     same_prompt = assess(["Name a fruit."] * 6, ["An apple is a fruit."] * 6, None, RULES, groups=["p1"] * 6)
     assert not any("reused" in v.failed for v in same_prompt)
-    assert assess(prompts[:2], fixed[:2], None, RULES)[0].failed == []  # two prompts: below min_reuse_prompts
+    assert "reused" not in assess(prompts[:2], fixed[:2], None, RULES)[0].failed  # two prompts: below min_reuse_prompts
 
 
 def test_cut_answers_by_flag_and_by_text():
@@ -113,7 +113,8 @@ def _hh_chosen(limit=None):
 @pytest.mark.skipif(not (SHARED / "hh-rlhf").is_dir(), reason="../shared/data/hh-rlhf is absent (README: test data)")
 def test_rules_rarely_flag_human_answers():
     """The rules' false-positive rates on people's answers stay where params.yaml's comments say.
-    hh-rlhf's turns are often cut mid-sentence in the dataset itself, so `unfinished` is left out here."""
+    hh-rlhf's turns are often cut mid-sentence in the dataset itself, and its last turns are often
+    chit-chat ("What do you mean?"), so `unfinished` and `off_topic` are checked on llama-factory only."""
     prompts, answers = _hh_chosen()
     rates = rule_rates(assess(prompts, answers, None, RULES))
     for rule in ("too_short", "repetition", "repeated_sentence", "prompt_copy", "reused"):
@@ -121,7 +122,7 @@ def test_rules_rarely_flag_human_answers():
     lf = json.loads((SHARED / "llama-factory" / "dpo_en_demo.json").read_text(encoding="utf-8"))
     rates = rule_rates(assess([r["conversations"][-1]["value"] for r in lf], [r["chosen"]["value"] for r in lf],
                               None, RULES))
-    assert rates["degenerate"] <= 0.08, rates
+    assert rates["degenerate"] <= 0.12 and rates["off_topic"] <= 0.04, rates
 
 
 # ---------------------------------------------------------------- the panel
@@ -257,3 +258,17 @@ def test_release_gate_refuses_a_headline_at_or_below_the_floor():
     assert low.status == "fail" and "does not exceed the trivial-answer floor" in low.detail
     assert trivial_floor({"pass_rate_policy": 0.3}).status == "fail"  # no floor measured: nothing to trust
     assert trivial_floor({}, required=False).status == "skip"
+
+
+def test_off_topic_and_reshuffled_prompt_words():
+    prompt = "Explain why ice floats on water. Use fewer than 45 words."
+    assert "off_topic" in failed(prompt, "apple river stone cloud.")
+    assert "off_topic" in failed(prompt, "the lamp is near the garden and the bridge.")
+    assert "off_topic" not in failed(prompt, "Frozen water is lighter than liquid water, so ice floats.")
+    # a long answer may stay on topic in other words: only short ones are judged
+    long_other = "Solid H2O has an open lattice, lower density than the liquid around it, " * 2
+    assert "off_topic" not in failed(prompt, long_other.strip())
+    assert "prompt_copy" in failed(prompt, "water ice why floats explain.")  # the prompt's own words, reshuffled
+    ask = "Write a haiku about rain."
+    assert failed(f"Repeat the request first, then answer. {ask}", f"{ask} Rain taps the tin roof.",
+                  asked_to_repeat=[ask]) == []

@@ -22,6 +22,14 @@ The measures, per response (words are lowercased `\\w+` runs, as IFEval counts w
   responses) that occur in the prompt, case-insensitive (text the prompt asks to repeat, IFEval's
   `combination:repeat_prompt`, is not counted). Rule `prompt_copy`: at or above
   `max_prompt_copy` (the prompt echoed, in any case, scores 1.0).
+- `prompt_words`: the share of the response's words that occur anywhere in the prompt. Rule
+  `prompt_copy` also fires when a response of at least `copy_ngram` words uses nothing but the
+  prompt's words (`max_prompt_words`: the prompt's keywords shuffled into a "reply").
+- `topic_words`: how many of the prompt's topic words the response shares (words of 3+ letters
+  outside `INSTRUCTION_WORDS`, the same word up to its ending: "floats" meets "float", "sun" meets "sunny"). Rule
+  `off_topic`: a response of at most `off_topic_max_words` words that shares none, such as a few
+  words unrelated to the question ("apple river stone." to "Explain why ice floats"). Short, because a
+  long answer can stay on topic in other words; a short one that shares nothing rarely does.
 - `reused`: how many *other* prompts of the same set got a near-identical response (rapidfuzz's
   normalised Indel similarity of the normalised texts at or above `reuse_similarity`; identical texts
   score 1.0). Rule `reused`: the answer is shared by at least `min_reuse_prompts` prompts in all,
@@ -51,7 +59,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-RULES = ("empty", "too_short", "repetition", "repeated_sentence", "prompt_copy", "reused", "unfinished")
+RULES = ("empty", "too_short", "repetition", "repeated_sentence", "prompt_copy", "off_topic", "reused", "unfinished")
+# Words that say how to answer, not what about: a reply need not repeat them to be on topic.
+INSTRUCTION_WORDS = frozenset("""
+a an the and or but if of to in on at for with by from as is are was were be been being it its this that these
+those i you he she we they me my your our their his her them us do does did not no so than then there here
+what which who whom how why when where can could will would shall should may might must have has had just also
+very into about over under up down out all any some each more most such only own same too use using write give
+make tell explain describe list name answer reply response respond word words sentence sentences letter letters
+lowercase uppercase capital capitals paragraph paragraphs bullet bullets point points exactly least fewer less
+without include including end ending start starting title short brief please one two three four five six
+""".split())
 
 _WORD = re.compile(r"\w+")
 # What a finished answer ends with: sentence punctuation, closing brackets and quotes, a code fence
@@ -71,6 +89,8 @@ class Rules:
     max_sentence_repeats: int = 3
     copy_ngram: int = 3
     max_prompt_copy: float = 0.6
+    max_prompt_words: float = 1.0
+    off_topic_max_words: int = 12
     short_line_words: int = 4
     reuse_similarity: float = 0.9
     min_reuse_prompts: int = 3
@@ -93,6 +113,8 @@ class Verdict:
     whole_repeats: int
     repeated_sentence: int
     prompt_copy: float
+    prompt_words: float
+    topic_words: int
     reused: int
     ends_finished: bool
     finished: bool | None
@@ -162,6 +184,34 @@ def prompt_copy(ws: Sequence[str], prompt: str, n: int, asked_to_repeat: str | N
     return sum(g in theirs for g in mine) / len(mine)
 
 
+def prompt_words(ws: Sequence[str], prompt: str) -> float:
+    """Share of the response's words found anywhere in the prompt."""
+    if not ws:
+        return 0.0
+    pw = set(words(prompt))
+    return sum(w in pw for w in ws) / len(ws)
+
+
+def _topic(ws: Sequence[str]) -> set[str]:
+    return {w for w in ws if len(w) > 2 and not w.isdigit() and w not in INSTRUCTION_WORDS}
+
+
+def _related(a: str, b: str) -> bool:
+    """Same word up to its ending: equal first letters over the shorter word's length, at most 5
+    ("sun"/"sunny", "floats"/"float", "plants"/"plant")."""
+    k = min(len(a), len(b), 5)
+    return a[:k] == b[:k]
+
+
+def topic_words(ws: Sequence[str], prompt: str) -> int | None:
+    """How many of the prompt's topic words the response shares (None: the prompt has none)."""
+    mine = _topic(words(prompt))
+    if not mine:
+        return None
+    theirs = _topic(ws)
+    return sum(any(_related(m, t) for t in theirs) for m in mine)
+
+
 def ends_finished(text: str, short_line_words: int = 4) -> bool:
     """True when the stripped text ends like a finished answer: terminal punctuation, a closing
     bracket, quote or fence, a symbol (emoji), a digit or %, or a word ending a short last line (a
@@ -223,7 +273,8 @@ def assess(prompts: Sequence[str], responses: Sequence[str], finished: Sequence[
         v = Verdict(words=len(ws), repetition=round(repetition(ws, rules.repetition_ngram), 4),
                     whole_repeats=whole_repeats(ws),
                     repeated_sentence=repeated_sentence(text),
-                    prompt_copy=round(prompt_copy(ws, prompt, rules.copy_ngram, rep), 4), reused=shared,
+                    prompt_copy=round(prompt_copy(ws, prompt, rules.copy_ngram, rep), 4),
+                    prompt_words=round(prompt_words(ws, prompt), 4), topic_words=topic_words(ws, prompt), reused=shared,
                     ends_finished=ends_finished(text, rules.short_line_words), finished=fin)
         if not text.strip():
             v.failed.append("empty")
@@ -234,8 +285,11 @@ def assess(prompts: Sequence[str], responses: Sequence[str], finished: Sequence[
                 v.failed.append("repetition")
             if v.repeated_sentence >= rules.max_sentence_repeats:
                 v.failed.append("repeated_sentence")
-            if v.prompt_copy >= rules.max_prompt_copy:
+            if v.prompt_copy >= rules.max_prompt_copy or (
+                    v.words >= rules.copy_ngram and rep is None and v.prompt_words >= rules.max_prompt_words):
                 v.failed.append("prompt_copy")
+            if v.topic_words == 0 and v.words <= rules.off_topic_max_words:
+                v.failed.append("off_topic")
             if shared + 1 >= rules.min_reuse_prompts:
                 v.failed.append("reused")
         if fin is False or (fin is None and text.strip() and not v.ends_finished):

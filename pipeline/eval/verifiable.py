@@ -158,7 +158,7 @@ def verdict_columns(who: str, verdicts: Sequence[Verdict]) -> dict[str, list]:
     """Per-response measure columns for a table, suffixed by model."""
     rows = [v.as_row() for v in verdicts]
     keys = ("finished", "valid", "failed", "words", "repetition", "whole_repeats", "repeated_sentence",
-            "prompt_copy", "reused", "ends_finished")
+            "prompt_copy", "prompt_words", "topic_words", "reused", "ends_finished")
     return {f"{k}_{who}": [r[k] for r in rows] for k in keys}
 
 

@@ -115,7 +115,8 @@ def eval_ids_section(m: dict) -> str:
 RULE_LABELS = {
     "empty": "empty", "too_short": "too short (fewer than `validity.min_words` words)",
     "repetition": "looping (repeated word n-grams, or the whole answer said again)",
-    "repeated_sentence": "one sentence said again and again", "prompt_copy": "copies the prompt",
+    "repeated_sentence": "one sentence said again and again", "prompt_copy": "copies the prompt (or only its words)",
+    "off_topic": "a short answer sharing no topic word with the prompt",
     "reused": "one answer given to several prompts", "unfinished": "cut at max_new_tokens",
 }
 

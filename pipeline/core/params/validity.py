@@ -20,6 +20,10 @@ class ValidityParams(Section):
     copy_ngram: int = Field(ge=1, le=10, description="n of the word n-grams compared with the prompt.")
     max_prompt_copy: float = Field(gt=0, le=1, description="At or above this share of the response's n-grams "
                                    "found in the prompt, the response copies the prompt (rule prompt_copy).")
+    max_prompt_words: float = Field(gt=0, le=1, description="At or above this share of a response's words found "
+                                    "in the prompt (3+ words), it is the prompt's words reshuffled (rule prompt_copy).")
+    off_topic_max_words: int = Field(ge=0, le=1000, description="A response of at most this many words that shares "
+                                     "no topic word with the prompt is off topic (rule off_topic); 0: off.")
     short_line_words: int = Field(ge=0, le=100, description="Without a generator's `finished` flag, a response "
                                   "ending in a word is cut unless its last line has at most this many words "
                                   "(rule unfinished).")
