@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.errors import DataError
 from pipeline.constraints.validity import Rules
+from pipeline.core.errors import DataError
 from pipeline.core.params import GenerateParams, RateParams
 from pipeline.stages import generate, rate
 

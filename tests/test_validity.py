@@ -49,7 +49,7 @@ def test_repeating_the_request_as_asked_is_not_a_copy():
     prompt = f"First repeat the request word for word without change, then give your answer. {ask}"
     answer = f"{ask}\nRain taps the tin roof, slow."
     assert "prompt_copy" in failed(prompt, answer)
-    assert failed(prompt, answer, asked_to_repeat=[ask]) == []
+    assert failed(prompt, answer, required=[[ask]]) == []
 
 
 def test_reuse_counts_prompts_not_samples():
@@ -271,4 +271,17 @@ def test_off_topic_and_reshuffled_prompt_words():
     assert "prompt_copy" in failed(prompt, "water ice why floats explain.")  # the prompt's own words, reshuffled
     ask = "Write a haiku about rain."
     assert failed(f"Repeat the request first, then answer. {ask}", f"{ask} Rain taps the tin roof.",
-                  asked_to_repeat=[ask]) == []
+                  required=[[ask]]) == []
+
+
+def test_phrases_the_instructions_require_are_not_copying():
+    from pipeline.constraints.validity import required_texts
+
+    prompt = ("Is the Pacific the largest ocean? Answer with one of the following options: "
+              "My answer is yes., My answer is no., My answer is maybe.")
+    req = required_texts(["detectable_format:constrained_response"], [{}])
+    assert "prompt_copy" in failed(prompt, "My answer is yes.")
+    assert failed(prompt, "My answer is yes.", required=[req]) == []
+    assert required_texts(["startend:end_checker", "keywords:existence"],
+                          [{"end_phrase": "Hope you can join!"}, {"keywords": ["lake", "brave"]}]) == \
+        ["Hope you can join!", "lake", "brave"]

@@ -19,8 +19,9 @@ The measures, per response (words are lowercased `\\w+` runs, as IFEval counts w
   words, code blocks left out; a one-word sentence such as "Cheers." counts). Rule `repeated_sentence`: at least `max_sentence_repeats` times; it
   catches a short answer said twice, where the n-gram rate stays low.
 - `prompt_copy`: the share of the response's word n-grams (n = `copy_ngram`; 0 for shorter
-  responses) that occur in the prompt, case-insensitive (text the prompt asks to repeat, IFEval's
-  `combination:repeat_prompt`, is not counted). Rule `prompt_copy`: at or above
+  responses) that occur in the prompt, case-insensitive. Phrases the prompt's instructions make the
+  answer contain (the request to repeat, "My answer is yes.", an end phrase, keywords: `required_texts`)
+  are taken out first. Rule `prompt_copy`: at or above
   `max_prompt_copy` (the prompt echoed, in any case, scores 1.0).
 - `prompt_words`: the share of the response's words that occur anywhere in the prompt. Rule
   `prompt_copy` also fires when a response of at least `copy_ngram` words uses nothing but the
@@ -164,19 +165,47 @@ def repeated_sentence(text: str) -> int:
     return max(counts.values(), default=0)
 
 
-def prompt_copy(ws: Sequence[str], prompt: str, n: int, asked_to_repeat: str | None = None) -> float:
-    """Share of the response's word n-grams found in the prompt; 0 for responses shorter than n words
-    (a one- or two-word reply naming a word of the question is a short answer, not a copy).
+def required_texts(instruction_ids: Sequence[str], kwargs: Sequence[dict]) -> list[str]:
+    """Phrases the prompt's own instructions make the answer contain (IFEval ids): the request to
+    repeat, the fixed answers of `constrained_response`, an end phrase, a postscript marker, keywords,
+    a first word. Copying them from the prompt is following the instruction, not copying."""
+    from pipeline.constraints.instructions import CONSTRAINED_RESPONSES
 
-    `asked_to_repeat`: text the prompt asks to be repeated first (IFEval's `combination:repeat_prompt`);
-    a response that starts with it is measured on the rest.
-    """
+    out: list[str] = []
+    for iid, kw in zip(instruction_ids, kwargs, strict=True):
+        kw = kw or {}
+        if iid == "detectable_format:constrained_response":
+            out += list(CONSTRAINED_RESPONSES)
+        for key in ("prompt_to_repeat", "end_phrase", "postscript_marker", "keyword", "first_word"):
+            if isinstance(kw.get(key), str):
+                out.append(kw[key])
+        out += [k for k in kw.get("keywords") or [] if isinstance(k, str)]
+    return out
+
+
+def without_phrases(ws: Sequence[str], phrases: Sequence[str]) -> list[str]:
+    """The word list with every occurrence of each phrase's words taken out."""
+    out = list(ws)
+    for phrase in sorted(phrases, key=len, reverse=True):
+        pw = words(phrase)
+        if not pw:
+            continue
+        i, kept = 0, []
+        while i < len(out):
+            if out[i: i + len(pw)] == pw:
+                i += len(pw)
+            else:
+                kept.append(out[i])
+                i += 1
+        out = kept
+    return out
+
+
+def prompt_copy(ws: Sequence[str], prompt: str, n: int) -> float:
+    """Share of the response's word n-grams found in the prompt; 0 for responses shorter than n words
+    (a one- or two-word reply naming a word of the question is a short answer, not a copy)."""
     from nltk.util import ngrams
 
-    if asked_to_repeat:
-        head = words(asked_to_repeat)
-        if ws[: len(head)] == head:
-            ws = ws[len(head):]
     if len(ws) < n:
         return 0.0
     mine = list(ngrams(ws, n))
@@ -251,30 +280,32 @@ def reuse_counts(responses: Sequence[str], groups: Sequence[str], similarity: fl
 
 def assess(prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool | None] | None = None,
            rules: Rules | None = None, groups: Sequence[str] | None = None,
-           asked_to_repeat: Sequence[str | None] | None = None) -> list[Verdict]:
+           required: Sequence[Sequence[str]] | None = None) -> list[Verdict]:
     """Measure every response of one set and apply the rules.
 
     `prompts[i]` is the user request `responses[i]` answers; `groups[i]` names the prompt (defaults to
     the prompt text), so several samples of one prompt are not counted as reuse across prompts.
     `finished[i]` is the generator's own word on being cut (None: unknown, judge by the text).
-    `asked_to_repeat[i]`: text prompt i asks the answer to repeat (not counted as copying).
+    `required[i]`: phrases prompt i's instructions make the answer contain (`required_texts`): taken
+    out before the copy measures, since copying them is following the instruction.
     """
     rules = rules or Rules()
     n = len(responses)
     finished = list(finished) if finished is not None else [None] * n
     groups = list(groups) if groups is not None else list(prompts)
-    repeat = list(asked_to_repeat) if asked_to_repeat is not None else [None] * n
+    repeat = [list(r) for r in required] if required is not None else [[] for _ in range(n)]
     if not (len(prompts) == len(finished) == len(groups) == len(repeat) == n):
         raise ValueError("prompts, responses, finished and groups must have one entry per response")
     reuse = reuse_counts(responses, groups, rules.reuse_similarity)
     out = []
     for prompt, text, fin, shared, rep in zip(prompts, responses, finished, reuse, repeat, strict=True):
         ws = words(text)
+        own = without_phrases(ws, rep) if rep else ws  # what the answer says beyond the required phrases
         v = Verdict(words=len(ws), repetition=round(repetition(ws, rules.repetition_ngram), 4),
                     whole_repeats=whole_repeats(ws),
                     repeated_sentence=repeated_sentence(text),
-                    prompt_copy=round(prompt_copy(ws, prompt, rules.copy_ngram, rep), 4),
-                    prompt_words=round(prompt_words(ws, prompt), 4), topic_words=topic_words(ws, prompt), reused=shared,
+                    prompt_copy=round(prompt_copy(own, prompt, rules.copy_ngram), 4),
+                    prompt_words=round(prompt_words(own, prompt), 4), topic_words=topic_words(ws, prompt), reused=shared,
                     ends_finished=ends_finished(text, rules.short_line_words), finished=fin)
         if not text.strip():
             v.failed.append("empty")
@@ -286,7 +317,7 @@ def assess(prompts: Sequence[str], responses: Sequence[str], finished: Sequence[
             if v.repeated_sentence >= rules.max_sentence_repeats:
                 v.failed.append("repeated_sentence")
             if v.prompt_copy >= rules.max_prompt_copy or (
-                    v.words >= rules.copy_ngram and rep is None and v.prompt_words >= rules.max_prompt_words):
+                    len(own) >= rules.copy_ngram and v.prompt_words >= rules.max_prompt_words):
                 v.failed.append("prompt_copy")
             if v.topic_words == 0 and v.words <= rules.off_topic_max_words:
                 v.failed.append("off_topic")

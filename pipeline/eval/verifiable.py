@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.constraints.validity import RULES, Rules, Verdict, assess
+from pipeline.constraints.validity import RULES, Rules, Verdict, assess, required_texts
 from pipeline.eval.stats import mean_diff, mean_stat, paired_bootstrap_ci, pooled_rate_diff
 
 
@@ -40,14 +40,6 @@ def read_prompt_set(path: Path, limit: int | None = None) -> list[dict]:
     from pipeline.eval.ifeval_eval import is_ifeval_file
 
     return (read_ifeval(path) if is_ifeval_file(path) else read_prompts(path))[:limit]
-
-
-def repeat_text(row: dict) -> str | None:
-    """The text IFEval's `combination:repeat_prompt` asks the answer to start with (not a copy)."""
-    for iid, kw in zip(row["instruction_id_list"], row["kwargs"], strict=True):
-        if iid == "combination:repeat_prompt":
-            return kw.get("prompt_to_repeat")
-    return None
 
 
 def row_id(row: dict) -> str:
@@ -102,7 +94,7 @@ def score_set(rows: Sequence[dict], responses: Sequence[str], finished: Sequence
     rows, responses = list(rows), list(responses)
     finished = list(finished) if finished is not None else [None] * len(rows)
     verdicts = assess([r["prompt"] for r in rows], responses, finished, rules, [row_id(r) for r in rows],
-                      [repeat_text(r) for r in rows])
+                      [required_texts(r["instruction_id_list"], r["kwargs"]) for r in rows])
     follow = [follow_list(r["instruction_id_list"], r["kwargs"], r["prompt"], t) for r, t in zip(rows, responses, strict=True)]
     return SetScore(rows, responses, finished, verdicts, follow)
 

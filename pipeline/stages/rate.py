@@ -56,7 +56,7 @@ from typing import Any
 from pipeline.constraints.ifeval import follow_list
 from pipeline.constraints.prompts import instructions_problem
 from pipeline.constraints.truncation import needs_whole_answer
-from pipeline.constraints.validity import RULES, Rules, assess
+from pipeline.constraints.validity import RULES, Rules, assess, required_texts
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from pipeline.core.params import RateParams
@@ -162,21 +162,13 @@ def read_generations(path: str | Path) -> list[dict]:
     return rows
 
 
-def _repeat_text(ids: list[str], kwargs: list[dict]) -> str | None:
-    """The text IFEval's `combination:repeat_prompt` asks the answer to start with (not a copy)."""
-    for iid, kw in zip(ids, kwargs, strict=True):
-        if iid == "combination:repeat_prompt":
-            return kw.get("prompt_to_repeat")
-    return None
-
-
 def degeneration(generations: list[dict], rules: Rules) -> dict[int, tuple[list[str], bool | None]]:
     """Per generation (by position): the degeneration rules it breaks and whether it is cut (the
     generator's flag, or the validity text rule when the generator did not say). Reuse is counted
     across prompts of the whole file, never among one prompt's samples."""
     verdicts = assess([g["messages"][-1]["content"] for g in generations], [g["text"] for g in generations],
                       [g.get("finished") for g in generations], rules, [g["prompt_id"] for g in generations],
-                      [_repeat_text(g["instruction_id_list"], g["kwargs"]) for g in generations])
+                      [required_texts(g["instruction_id_list"], g["kwargs"]) for g in generations])
     out = {}
     for i, (g, v) in enumerate(zip(generations, verdicts, strict=True)):
         cut = g.get("finished") is False or (g.get("finished") is None and "unfinished" in v.failed)
