@@ -188,7 +188,7 @@ def _members(effect: dict[int, float], betas=(0.05, 0.1), degenerate: frozenset[
                                      "dev_pass_rate_delta_ci_high": hi,
                                      "pass_rate_delta": d - 0.02, "pass_rate_delta_ci_low": d - 0.08,
                                      "pass_rate_delta_ci_high": d + 0.04, "length_ratio": 1.1, "kl": 0.1 + ci,
-                                     "pref_accuracy": 0.6, "win_rate": 0.5},
+                                     "pref_accuracy": 0.6, "win_rate": 0.5, "dev_degenerate_rate_delta": -0.1},
                          "train": {"ref_logps_cache_hit": 0.0 if not rows else 1.0}})
     return rows
 

@@ -41,7 +41,7 @@ def _rows(sweep: SweepParams, effect=(0.05, 0.2)) -> list[dict]:
                                  "dev_pass_rate_delta_ci_high": d + 0.05, "pass_rate_delta": d - 0.02,
                                  "pass_rate_delta_ci_low": d - 0.08, "pass_rate_delta_ci_high": d + 0.04,
                                  "length_ratio": 1.1, "kl": 0.1 + m.config_index, "pref_accuracy": 0.6,
-                                 "win_rate": 0.5},
+                                 "win_rate": 0.5, "dev_degenerate_rate_delta": -0.1},
                      "train": {"ref_logps_cache_hit": 0.0 if m.index == 0 else 1.0}})
     return rows
 
@@ -203,7 +203,7 @@ def test_audit_holds_the_rule_to_params_yaml_at_the_release_tag(tmp_path):
     manifest["code"] = {"commit": _tagged_repo(tmp_path / "changed", changed)}
     problems, _ = audit._with_sweep(manifest, model, [], [], tmp_path / "changed")
     assert len(problems) == 1 and problems[0].startswith(
-        "sweep: the table's rule has constraints = ['length_ratio >= 0.75', 'length_ratio <= 2.0'], "
+        f"sweep: the table's rule has constraints = {RAW['sweep']['selection']['constraints']}, "
         "params.yaml at tag v1.0.0 (commit "), problems
     # no clone holding the commit: said, not silently skipped
     problems, notes = audit._with_sweep(manifest, model, [], [], None)
