@@ -19,6 +19,8 @@ _STEMS = {
     "too_short_rate": "share of too-short answers", "repetition_rate": "share of looping answers",
     "repeated_sentence_rate": "share of answers repeating one sentence", "prompt_copy_rate": "share copying the prompt",
     "reused_rate": "share of answers reused across prompts", "repetition_mean": "mean word 4-gram repetition",
+    "off_topic_rate": "share of short answers sharing no topic word with the prompt",
+    "prompt_copy_mean": "mean share of the answer's word 3-grams found in the prompt",
     "prompt_strict": "prompt-level strict accuracy", "prompt_loose": "prompt-level loose accuracy",
     "inst_strict": "instruction-level strict accuracy", "inst_loose": "instruction-level loose accuracy",
     "prompt_strict_valid": "prompt-level strict accuracy, degenerate answers fail",
