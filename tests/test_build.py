@@ -171,6 +171,19 @@ def test_pairs_suite_each_rule_fails_with_file_line(rule, counter, tmp_path):
     assert re.match(rf"f\.jsonl:\d: \[s\] {rule}: .+\(\d pair\(s\) break this rule", str(outcome.error))
 
 
+def test_pairs_suite_refuses_a_cut_flag_that_is_not_a_boolean(counter):
+    rows, Dataset = _pairs()
+    for r in rows:
+        r["chosen_cut"], r["rejected_cut"] = False, None   # null: the source does not say, allowed
+    rows[2]["rejected_cut"] = "yes"
+    v = PARAMS.validate_.model_copy(update={"pairs": PairRules(**{r: "fail" for r in PairRules.model_fields})})
+    outcome, _, _ = build.check_pairs(Dataset.from_list(rows), counter, v, None, "report.json", 4)
+    assert "f.jsonl:3: [s] required_columns" in str(outcome.error)
+    rows[2]["rejected_cut"] = True
+    outcome, _, _ = build.check_pairs(Dataset.from_list(rows), counter, v, None, "report.json", 4)
+    assert outcome.error is None
+
+
 def test_pairs_suite_required_columns(counter):
     rows, Dataset = _pairs()
     for r in rows:
@@ -248,8 +261,10 @@ def test_pretoken_counts_equal_the_tokenizer(counter):
 # --- ingest -> validate -> build ---------------------------------------------------------------------
 
 UF = {"instruction": "Name a colour of the sky.", "completions": [
-    {"model": "a", "response": "Blue.", "annotations": {"helpfulness": {"Rating": "5"}, "honesty": {"Rating": "N/A"}}},
-    {"model": "b", "response": "Purple.", "annotations": {"helpfulness": {"Rating": "2"}, "honesty": {"Rating": "3"}}},
+    {"model": "a", "response": "Blue.", "annotations": {"helpfulness": {"Rating": "5"}, "honesty": {"Rating": "N/A"}},
+     "finished": True},   # rate's flag: the generator ended it
+    {"model": "b", "response": "Purple.", "annotations": {"helpfulness": {"Rating": "2"}, "honesty": {"Rating": "3"}},
+     "finished": False},  # cut at max_new_tokens
     {"model": "c", "response": "Sky.", "annotations": {"helpfulness": {"Rating": "N/A"}}}]}
 
 
@@ -328,11 +343,19 @@ def test_planted_mt_bench_questions_are_removed_and_reported(built):
 def test_dataset_schema_and_provenance(built):
     import pyarrow.parquet as pq
 
-    from pipeline.data.pair_checks import COLUMNS
+    from pipeline.data.pair_checks import COLUMNS, SPLIT_COLUMNS
 
-    tmp, _ = built
+    tmp, m = built
     train = pq.read_table(tmp / "dataset" / "train.parquet")
-    assert train.column_names == list(COLUMNS)
+    assert train.column_names == list(SPLIT_COLUMNS) and set(COLUMNS) < set(SPLIT_COLUMNS)
+    # the generator's finished flag, carried rate -> ingest -> validate -> build; null where a source does not say
+    pairs = [r for t in ("train", "test") for r in pq.read_table(tmp / "dataset" / f"{t}.parquet").to_pylist()]
+    uf_pairs = [r for r in pairs if r["source"] == "uf"]
+    assert uf_pairs and all((r["chosen_cut"], r["rejected_cut"]) == (False, True) for r in uf_pairs)
+    assert all(r["chosen_cut"] is None and r["rejected_cut"] is None for r in pairs if r["source"] != "uf")
+    assert sum(m[f"cut.rejected_{t}"] for t in ("train", "test")) == len(uf_pairs)
+    assert sum(m[f"cut.unknown_{t}"] for t in ("train", "test")) == len(pairs) - len(uf_pairs)
+    assert m["cut.chosen_train"] == m["cut.chosen_test"] == 0
     row = train.slice(0, 1).to_pylist()[0]
     assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
     assert row["score_chosen"] > row["score_rejected"] and row["rule"] == "best_vs_worst_length_matched"  # params.yaml build.binarize

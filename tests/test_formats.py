@@ -54,6 +54,18 @@ def test_ultrafeedback_layout_with_extra_keys(tmp_path):
     assert rating_range(src("ultrafeedback")) == (1.0, 5.0)
 
 
+def test_ultrafeedback_carries_rates_finished_flag_and_refuses_a_bad_one(tmp_path):
+    row = json.loads(json.dumps(UF_ROW))
+    row["completions"][0]["finished"] = False   # rate: cut at max_new_tokens
+    (got,) = read("ultrafeedback", write_jsonl(tmp_path / "uf.jsonl", [row]))
+    assert [c["finished"] for c in got["completions"]] == [False, None]   # absent: unknown, never guessed
+    (pair,) = read("pairs", write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}]))
+    assert [c["finished"] for c in pair["completions"]] == [None, None]   # an external format never says
+    row["completions"][1]["finished"] = "no"
+    with pytest.raises(DataError, match=r"uf2\.jsonl:1: .*value type.*completions\[1\]\.finished must be true, false or null"):
+        read("ultrafeedback", write_jsonl(tmp_path / "uf2.jsonl", [row]))
+
+
 def test_ultrafeedback_id_and_bad_rating(tmp_path):
     rows = read("ultrafeedback", write_jsonl(tmp_path / "a.jsonl", [{**UF_ROW, "id": "p-7"}]))
     assert rows[0]["id"] == "s:p-7"

@@ -13,6 +13,10 @@ rating is left out. Methods:
 - all_pairs_above_margin: every pair of completions whose scores differ by at least the margin.
 Ties (equal scores) are never pairs; differences below `min_margin` are dropped; both are counted.
 Among equal scores the earlier completion wins, so results depend only on the data and the seed.
+
+Each pair says whether its chosen and its rejected reply was cut at the generator's max_new_tokens
+(`chosen_cut`, `rejected_cut`): the negation of the completion's `finished` flag, null where the source
+does not say (every external source; see pipeline.data.formats.common).
 """
 
 from __future__ import annotations
@@ -176,12 +180,16 @@ def binarize_batch(batch, indices: list[int], p: BuildParams, hashes: list[str],
         return pa.ListArray.from_arrays(pa.array(np.arange(n + 1), pa.int32()), msg)
 
     splits = [row_split[r] for r in rows]
+    cut = (pc.invert(flat.field("finished")) if flat.type.get_field_index("finished") >= 0
+           else pa.nulls(len(flat), pa.bool_()))  # rows validated before the flag existed: unknown
     cols = {
         "id": pa.array([f"{ids[r]}#{c - offsets[r]}>{j - offsets[r]}" for r, c, j in zip(rows, ci, ri, strict=True)],
                        pa.string()),
         "prompt": batch.column("prompt").combine_chunks().take(take_r),
         "chosen": assistant(flat.field("content").take(take_c)),
         "rejected": assistant(flat.field("content").take(take_j)),
+        "chosen_cut": cut.take(take_c),
+        "rejected_cut": cut.take(take_j),
         "score_chosen": pa.array(scores[ci] if n else [], pa.float64()),
         "score_rejected": pa.array(scores[ri] if n else [], pa.float64()),
         "source": batch.column("source").combine_chunks().take(take_r),
@@ -208,7 +216,7 @@ def pair_features():
     s = Value("string")
     rating = List({"aspect": Value("string"), "value": Value("float64")})
     return Features({"id": s, "prompt": List(msg), "chosen": List(msg), "rejected": List(msg),
-                     "score_chosen": Value("float64"), "score_rejected": Value("float64"), "source": s,
+                     "chosen_cut": Value("bool"), "rejected_cut": Value("bool"), "score_chosen": Value("float64"), "score_rejected": Value("float64"), "source": s,
                      "source_row": s, "rule": s, "prompt_hash": s, "license": s, "generator_chosen": s,
                      "generator_rejected": s, "ratings_chosen": rating, "ratings_rejected": rating,
                      "seed": Value("int64"), "split": s, "record_sha256": List(Value("string"))})

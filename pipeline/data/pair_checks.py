@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "source", "source_row",
            "rule", "prompt_hash")
+# Whether a reply was cut at max_new_tokens: true / false, or null where the source does not say (so
+# not among the not-null contract columns above). Written beside them into every split.
+CUT_COLUMNS = ("chosen_cut", "rejected_cut")
+SPLIT_COLUMNS = (*COLUMNS[:4], *CUT_COLUMNS, *COLUMNS[4:])
 MARGIN_PER_MESSAGE, MARGIN = 2, 8
 BAND_PER_MESSAGE, BAND = 4, 32
 
@@ -242,7 +246,7 @@ def pair_facts(batch, counter: TokenCounter | None) -> dict[str, list]:
     becomes its length), so a missing or null column shows under its own name in the Data Docs."""
     n = batch.num_rows
     facts: dict[str, list] = {}
-    for c in COLUMNS:
+    for c in (*COLUMNS, *CUT_COLUMNS):
         if c in batch.column_names:
             col = batch.column(c).combine_chunks()
             facts[c] = (pc.list_value_length(col) if pa.types.is_list(col.type) else col).to_pylist()
@@ -298,8 +302,11 @@ def expectations(frame_columns: list[str], max_length: int) -> dict[str, list]:
 
     present = [c for c in COLUMNS if c in frame_columns]
     return {
-        "required_columns": [gxe.ExpectColumnToExist(column=c) for c in COLUMNS]
-        + [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in present],
+        "required_columns": [gxe.ExpectColumnToExist(column=c) for c in (*COLUMNS, *CUT_COLUMNS)]
+        + [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in present]
+        # a cut flag is true, false or null (unknown); GX leaves nulls out of this check
+        + [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[True, False]) for c in CUT_COLUMNS
+           if c in frame_columns],
         "text_not_blank": [gxe.ExpectColumnValuesToBeBetween(column="text_min_chars", min_value=1)],
         "chosen_differs": [gxe.ExpectColumnValuesToBeInSet(column="chosen_differs", value_set=[True])],
         "token_length": [gxe.ExpectColumnValuesToBeBetween(column="tokens_max", max_value=max_length)],
@@ -344,7 +351,7 @@ def check_pairs(pairs, counter: TokenCounter | None, v: ValidateParams, report_d
         for k, vals in facts.items():
             cols.setdefault(k, []).extend(vals)
     if not cols:
-        cols = {c: [] for c in (*COLUMNS, "text_min_chars", "chosen_differs", "tokens_max", "split")}
+        cols = {c: [] for c in (*COLUMNS, *CUT_COLUMNS, "text_min_chars", "chosen_differs", "tokens_max", "split")}
     cols["in_both_splits"] = split_overlap(cols.get("prompt_hash", []), cols["split"])
     frame = pd.DataFrame(cols)
     actions = v.pairs.model_dump()

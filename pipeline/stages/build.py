@@ -6,7 +6,8 @@ Reads:  `paths.validated/rows.parquet` and `summary.json`; evaluation prompts to
         from dev and test (the three prompt roles; an overlap stops the build); the chat template of
         `paths.base_model` (token lengths); params `build`, `data`, `validate.pairs`,
         `validate.max_length`, `validate.max_quarantine_fraction`.
-Writes: `paths.dataset/` train.parquet and test.parquet (columns: pipeline.data.pair_checks.COLUMNS),
+Writes: `paths.dataset/` train.parquet and test.parquet (columns: pipeline.data.pair_checks.SPLIT_COLUMNS:
+        the contract columns and `chosen_cut` / `rejected_cut`, whether a reply was cut at max_new_tokens),
         provenance.parquet (per pair: source row, license, generators, the ratings behind the choice,
         rule, seed, split, and `record_sha256`: the raw records it derives from, see pipeline.data.takedowns), filtered.jsonl (every row that made no pair, with the filter's name),
         quarantine.jsonl (pairs set aside by the pairs suite); `paths.reports/decontamination.json`;
@@ -24,7 +25,9 @@ data/takedowns.yaml, not part of `read`), read, read.<source>, quarantined, quar
 validate); filtered.decontaminated, filtered.decontaminated.<eval set>, filtered.weight,
 filtered.exact_duplicate, filtered.near_duplicate, filtered.no_pair (prompt groups); groups_binarized;
 binarize.too_few_rated (groups), binarize.tie and binarize.below_margin (candidate pairs dropped),
-binarize.unrated (completions without any rating); pairs_built, pairs_quarantined, pairs_train,
+binarize.unrated (completions without any rating); cut.chosen_<split> and cut.rejected_<split> (pairs
+whose chosen / rejected reply was cut at max_new_tokens), cut.unknown_<split> (pairs from a source that does
+not say); pairs_built, pairs_quarantined, pairs_train,
 pairs_test, prompts_train, prompts_test; rows_unaccounted (always 0: the build stops otherwise).
 """
 
@@ -123,7 +126,8 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
         split = np.array(frame["split"], dtype=object) if len(frame) else np.zeros(0, dtype=object)
         table = pairs.with_format("arrow")[:]  # a zero-copy slice of the memory-mapped pairs
         for name in ("train", "test"):
-            write_parquet(table, np.flatnonzero((split == name) & ~q), pair_checks.COLUMNS, out_dir / f"{name}.parquet")
+            write_parquet(table, np.flatnonzero((split == name) & ~q), pair_checks.SPLIT_COLUMNS,
+                          out_dir / f"{name}.parquet")
         import pyarrow as pa
 
         over = np.zeros(len(frame), dtype=bool)
@@ -147,7 +151,22 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
     atomic_write_json(reports_dir / DECONTAM_FILE, decon)
     metrics = _metrics(summary, counts, bin_counts, len(kept), len(no_pair), len(frame), outcome,
                        int(((split == "train") & ~q).sum()), int(((split == "test") & ~q).sum()), prompts_by_split)
+    metrics.update(cut_counts(frame, split, q))
     return metrics
+
+
+def cut_counts(frame, split, quarantined) -> dict[str, int]:
+    """Per split, the written pairs whose chosen / rejected reply was cut at max_new_tokens, and those whose
+    source does not say (null flags), so the dataset card can quote them."""
+    out = {}
+    for name in ("train", "test"):
+        keep = (split == name) & ~quarantined
+        for side in ("chosen", "rejected"):
+            flags = frame[f"{side}_cut"] if f"{side}_cut" in frame else [None] * len(frame)
+            out[f"cut.{side}_{name}"] = int(sum(f is True for f, k in zip(flags, keep, strict=True) if k))
+        unknown = frame["chosen_cut"].isna() if "chosen_cut" in frame else np.ones(len(frame), dtype=bool)
+        out[f"cut.unknown_{name}"] = int((np.asarray(unknown, dtype=bool) & keep).sum())
+    return out
 
 
 def _metrics(summary, counts, bin_counts, n_kept, n_no_pair, n_pairs, outcome, n_train, n_test, prompts) -> dict:

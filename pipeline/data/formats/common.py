@@ -7,8 +7,12 @@ datasets. Every problem is a DataError naming the file, the position, the rule a
 
 A normalised row (one prompt group) is:
 `{"id", "source", "source_file", "source_line", "license", "record_sha256": [sha256, ...],
-  "prompt": [{"role", "content"}, ...], "completions": [{"content", "generator", "ratings": {aspect: float | None}}, ...]}`;
+  "prompt": [{"role", "content"}, ...],
+  "completions": [{"content", "generator", "ratings": {aspect: float | None}, "finished": bool | None}, ...]}`;
 `record_sha256` names the raw records the row was made from (pipeline.data.takedowns.record_sha256).
+`finished` says whether the generator ended the completion itself (false: cut at its max_new_tokens);
+it is null where the source does not say, which is every external format: their records carry no such
+flag (UltraFeedback's own export included), and guessing a cut from the text would be a rule, not a fact.
 A reader given a TakedownFilter (`exclude`) never sees the records it drops.
 Readers check structure and types only; content rules (blank text, role order, rating range) are
 the `validate` stage's, so a reader never judges what a row says, only whether it can be read.
@@ -182,8 +186,9 @@ def make_row(source_cfg: Any, path: str, where: int, record: dict, prompt: list[
             "completions": completions}
 
 
-def completion(content: str, generator: str | None, ratings: dict[str, float | None]) -> dict:
-    return {"content": content, "generator": generator or UNKNOWN_GENERATOR, "ratings": ratings}
+def completion(content: str, generator: str | None, ratings: dict[str, float | None],
+               finished: bool | None = None) -> dict:
+    return {"content": content, "generator": generator or UNKNOWN_GENERATOR, "ratings": ratings, "finished": finished}
 
 
 def require(record: dict, key: str, kinds: type | tuple[type, ...], path: str, where: int, source: str) -> Any:
@@ -244,7 +249,7 @@ def arrow_schema():
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     rating_t = pa.struct([("aspect", pa.string()), ("value", pa.float64())])
     completion_t = pa.struct([("content", pa.string()), ("generator", pa.string()),
-                              ("ratings", pa.list_(rating_t))])
+                              ("ratings", pa.list_(rating_t)), ("finished", pa.bool_())])
     return pa.schema([("id", pa.string()), ("source", pa.string()), ("source_file", pa.string()),
                       ("source_line", pa.int64()), ("license", pa.string()), ("prompt", pa.list_(message)),
                       ("completions", pa.list_(completion_t)), ("record_sha256", pa.list_(pa.string()))])
@@ -258,7 +263,7 @@ def rows_to_arrow(rows: list[dict]):
 
     ids, sources, files, lines, licenses, shas = [], [], [], [], [], []
     p_off, p_role, p_content = [0], [], []
-    c_off, c_content, c_gen = [0], [], []
+    c_off, c_content, c_gen, c_fin = [0], [], [], []
     r_off, r_aspect, r_value = [0], [], []
     for row in rows:
         ids.append(row["id"])
@@ -276,6 +281,10 @@ def rows_to_arrow(rows: list[dict]):
         for c in row["completions"]:
             c_content.append(c["content"])
             c_gen.append(c["generator"])
+            fin = c.get("finished")  # rows written before the flag existed carry none: unknown
+            if fin is not None and not isinstance(fin, bool):
+                raise TypeError(f"finished is {type(fin).__name__}, not a boolean or null")
+            c_fin.append(fin)
             for a, v in sorted(c["ratings"].items()):
                 if isinstance(v, bool):
                     raise TypeError(f"rating {a} is a boolean")
@@ -289,7 +298,8 @@ def rows_to_arrow(rows: list[dict]):
     ratings = pa.ListArray.from_arrays(pa.array(r_off, i32), pa.StructArray.from_arrays(
         [pa.array(r_aspect, string), pa.array(r_value, pa.float64())], names=["aspect", "value"]))
     completions = pa.ListArray.from_arrays(pa.array(c_off, i32), pa.StructArray.from_arrays(
-        [pa.array(c_content, string), pa.array(c_gen, string), ratings], names=["content", "generator", "ratings"]))
+        [pa.array(c_content, string), pa.array(c_gen, string), ratings, pa.array(c_fin, pa.bool_())],
+        names=["content", "generator", "ratings", "finished"]))
     cols = [pa.array(ids, string), pa.array(sources, string), pa.array(files, string), pa.array(lines, pa.int64()),
             pa.array(licenses, string), prompt, completions, pa.array(shas, pa.list_(string))]
     return pa.Table.from_arrays(cols, schema=arrow_schema())

@@ -5,7 +5,9 @@ Record: `{"instruction": str, "completions": [{"model": str, "response": str, "a
 (`source`, `correct_answers`, `custom_system_prompt`, `fine-grained_score`, `overall_score`, ...) are
 ignored; in particular the recorded `overall_score` is not used (it is wrong for some rows), the score
 is later the mean of the aspect ratings. An aspect may also be a list of such objects (some exports do
-that): its rating is then the mean of the list's ratings. The on-policy `rate` stage writes this layout.
+that): its rating is then the mean of the list's ratings. The on-policy `rate` stage writes this layout,
+with one extra per completion that is read here: `finished` (false: cut at max_new_tokens; absent or
+null: unknown, as in UltraFeedback's own records).
 Ratings scale: 1..5.
 """
 
@@ -57,5 +59,9 @@ def read(path: str, source_cfg: Any, exclude: Any = None) -> Iterator[dict]:
             model = c.get("model") if isinstance(c.get("model"), str) else None
             if model is None and i < len(models) and isinstance(models[i], str):
                 model = models[i]
-            completions.append(completion(response, model, ratings))
+            finished = c.get("finished")
+            if finished is not None and not isinstance(finished, bool):
+                raise bad(path, where, "value type", f"completions[{i}].finished must be true, false or null: "
+                          f"{excerpt(finished)}", name)
+            completions.append(completion(response, model, ratings, finished))
         yield make_row(source_cfg, path, where, rec, [{"role": "user", "content": instruction}], completions)
