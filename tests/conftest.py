@@ -24,6 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Before torch is imported: OpenMP threads sleep while waiting (the 2-process DDP test and other
 # jobs on a 2-core machine otherwise spin against each other).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Each tmp project's stages start an MLflow tracking worker (pipeline.core.tracking_worker, ~230 MB):
+# let it go soon after the test, not after the 120 s a `dvc repro` between stages needs.
+os.environ.setdefault("OPENRELEASE_TRACKING_WORKER_IDLE_S", "10")
 
 
 def shared_data(*parts: str) -> Path:

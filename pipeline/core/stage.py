@@ -35,7 +35,7 @@ class StageContext:
     params: Params
     root: Path
     record: LineageRecord
-    run: Any = None  # pipeline.core.tracking.StageRun
+    run: Any = None  # pipeline.core.tracking.StageRun, or the worker's RemoteStageRun
     metrics: dict[str, float] = field(default_factory=dict)
     # Facts of this execution only (durations, resource use, cache hits, commit, run ids): they go to
     # MLflow and the run record (pipeline.core.runs), never into a DVC output.
@@ -100,7 +100,7 @@ def _telemetry_off() -> None:
 def run_stage(stage: str, reads: list[str], body: Callable[[StageContext], None],
               params_file: str | Path = "params.yaml", root: str | Path = ".") -> StageContext:
     """Load params, open the tracking run, call `body`, then write the lineage record. Raises on error."""
-    from pipeline.core import runtime, tracking
+    from pipeline.core import runtime, tracking_worker
 
     _telemetry_off()
     root = Path(root).resolve()
@@ -112,7 +112,7 @@ def run_stage(stage: str, reads: list[str], body: Callable[[StageContext], None]
     record = LineageRecord(stage=stage, params=read_values, params_digest=digest, code=_code(stage))
     started = _now()
     t0 = time.monotonic()
-    with tracking.stage_run(stage, params.tracking.experiment, digest, git, root=root,
+    with tracking_worker.stage_run(stage, params.tracking.experiment, digest, git, root=root,
                             timeout_s=params.tracking.connect_timeout_s) as run:
         ctx = StageContext(stage=stage, params=params, root=root, record=record, run=run)
         run.log_params(read_values)

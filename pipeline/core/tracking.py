@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,7 +106,10 @@ def pipeline_key() -> str:
 
 
 class StageRun:
-    """A child MLflow run for one stage, under its pipeline execution's parent run."""
+    """A child MLflow run for one stage, under its pipeline execution's parent run.
+
+    Every call names its run id instead of relying on MLflow's active-run stack, so one tracking worker
+    (pipeline.core.tracking_worker) can hold the runs of several stage processes at once."""
 
     def __init__(self, run_id: str, parent_run_id: str, uri: str, experiment_id: str):
         self.run_id = run_id
@@ -123,41 +125,90 @@ class StageRun:
         items = {k: (str(v)[:6000] if v is not None else "None") for k, v in flat.items()}
         keys = list(items)
         for i in range(0, len(keys), 100):
-            mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
+            mlflow.log_params({k: items[k] for k in keys[i : i + 100]}, run_id=self.run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
 
         clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         if clean:
-            mlflow.log_metrics(clean, step=step)
+            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        import mlflow
+        from mlflow.entities import RunTag
+        from mlflow.tracking import MlflowClient
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        MlflowClient(self.uri).log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
 
         p = Path(path)
         if p.is_dir():
-            mlflow.log_artifacts(str(p), artifact_path=artifact_path or p.name)
+            mlflow.log_artifacts(str(p), artifact_path=artifact_path or p.name, run_id=self.run_id)
         else:
-            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+            mlflow.log_artifact(str(p), artifact_path=artifact_path, run_id=self.run_id)
 
     def log_input(self, path: str | Path, sha256: str, name: str | None = None, context: str = "input",
                   rows: int | None = None) -> None:
         """Log a dataset input with an explicit, audit-grade sha256 digest (not MLflow's row sample)."""
-        import mlflow
-        from mlflow.data.meta_dataset import MetaDataset
-
-        source = _local_source(path)
-        ds = MetaDataset(source=source, name=name or Path(path).name, digest=sha256[:36])
         tags = {"sha256": sha256}
         if rows is not None:
             tags["rows"] = str(rows)
-        mlflow.log_input(ds, context=context, tags=tags)
+        self._log_inputs(datasets=[_dataset_input(path, sha256, name, context, tags)])
+
+    def _log_inputs(self, datasets=None, models=None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(self.uri).log_inputs(self.run_id, datasets=datasets, models=models)
+
+    def register_logged_model(self, name: str, params: dict[str, Any], tags: dict[str, str],
+                              inputs: list[tuple[str | Path, str]]) -> str:
+        """Record an external model (weights live in the DVC cache, not in MLflow) as a LoggedModel
+        linked to this run and its dataset inputs. Returns the model id."""
+        import mlflow
+        from mlflow.entities import LoggedModelInput
+
+        model = mlflow.create_external_model(name=name, source_run_id=self.run_id, experiment_id=self.experiment_id,
+                                             params={k: str(v) for k, v in _flatten(params).items()}, tags=tags)
+        for path, sha in inputs:
+            self._log_inputs(datasets=[_dataset_input(path, sha, Path(path).name, "training", {"sha256": sha})],
+                             models=[LoggedModelInput(model.model_id)])
+        return model.model_id
+
+    def log_model_metrics(self, model_id: str, metrics: dict[str, float],
+                          dataset: tuple[str | Path, str] | None = None) -> bool:
+        """Attach metrics, from this run, to an existing LoggedModel (they show on the model's page),
+        optionally tagged with the dataset (path, sha256) they were computed on. Returns False, with a
+        warning, when the model id is not in this tracking store (e.g. trained against another URI)."""
+        import mlflow
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow.get_logged_model(model_id)
+        except MlflowException as e:
+            log.warning("LoggedModel %s not found in this tracking store (%s); metrics stay on the run only",
+                        model_id, str(e).splitlines()[0])
+            return False
+        ds = None
+        if dataset is not None:
+            path, sha = dataset
+            ds = MetaDataset(source=_local_source(path), name=Path(path).name, digest=sha[:36])
+        clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        mlflow.log_metrics(clean, model_id=model_id, dataset=ds, run_id=self.run_id)
+        self.set_tags({"openrelease.evaluated_model_id": model_id})
+        return True
+
+
+def _dataset_input(path: str | Path, sha256: str, name: str | None, context: str, tags: dict[str, str]):
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    ds = MetaDataset(source=_local_source(path), name=name or Path(path).name, digest=sha256[:36])
+    return DatasetInput(dataset=ds._to_mlflow_entity(),
+                        tags=[*(InputTag(k, v) for k, v in tags.items()), InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def _local_source(path: str | Path):
@@ -189,70 +240,92 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, experiment: str, params_digest: str, git: dict[str, Any],
-              root: str | Path = ".", timeout_s: float = 5.0) -> Iterator[StageRun]:
-    """Open the stage's child run (creating the pipeline's parent run on first use).
+def stage_run_request(stage: str, experiment: str, params_digest: str, git: dict[str, Any]) -> dict[str, Any]:
+    """What `open_stage_run` needs to know about the stage process: computed in that process (its parent
+    `dvc`, its environment), so a tracking worker can open the run on its behalf."""
+    import getpass
 
-    Fails with TrackingError before any work is done if the backend cannot be reached.
-    """
-    uri = default_tracking_uri(root)
-    _quiet_mlflow_env(timeout_s)
-    t0 = time.monotonic()
-    check_reachable(uri, timeout_s)
+    return {"stage": stage, "experiment": experiment, "params_digest": params_digest,
+            "git": {"commit": str(git.get("commit")), "dirty": str(git.get("dirty"))},
+            "pipeline_key": pipeline_key(), "sweep_tags": _sweep_tags(), "user": getpass.getuser(),
+            "parent_name": os.environ.get("DVC_EXP_NAME") or f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}"}
+
+
+def open_stage_run(uri: str, request: dict[str, Any]) -> StageRun:
+    """Create the stage's child run, and the pipeline's parent run on first use."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    stage, git, key = request["stage"], request["git"], request["pipeline_key"]
     try:
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        key = pipeline_key()
+        exp = client.get_experiment_by_name(request["experiment"])
+        exp_id = exp.experiment_id if exp else client.create_experiment(request["experiment"])
         found = client.search_runs([exp_id], filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{key}'", max_results=1)
         if found:
             parent_id = found[0].info.run_id
         else:
-            parent = client.create_run(exp_id, run_name=os.environ.get("DVC_EXP_NAME")
-                                       or f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                       tags={TAG_PIPELINE_KEY: key, TAG_COMMIT: str(git.get("commit")),
-                                             TAG_DIRTY: str(git.get("dirty")), **_sweep_tags()})
+            parent = client.create_run(exp_id, run_name=request["parent_name"],
+                                       tags={TAG_PIPELINE_KEY: key, TAG_COMMIT: git["commit"], TAG_DIRTY: git["dirty"],
+                                             "mlflow.user": request["user"], **request["sweep_tags"]})
             parent_id = parent.info.run_id
+        # The tags `mlflow.start_run` would add from its own process, named for the stage process. No
+        # repository URL: MLflow takes it from `git remote`, which for a clone of a folder is a local path.
+        tags = {
+            "mlflow.parentRunId": parent_id,
+            "mlflow.user": request["user"],
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": f"python -m pipeline.stages.{stage}",
+            "mlflow.source.git.commit": git["commit"],
+            TAG_STAGE: stage,
+            TAG_COMMIT: git["commit"],
+            TAG_DIRTY: git["dirty"],
+            TAG_PARAMS_DIGEST: request["params_digest"],
+            TAG_PIPELINE_KEY: key + "/" + stage,
+        }
+        run = client.create_run(exp_id, run_name=stage, tags=tags)
     except MlflowException as e:
         raise TrackingError(f"MLflow tracking URI {uri}: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise TrackingError(f"MLflow tracking URI {uri} cannot be reached: {e}") from None
-    log.info("tracking at %s (ready in %.1fs)", uri, time.monotonic() - t0)
-
-    tags = {
-        "mlflow.parentRunId": parent_id,
-        TAG_STAGE: stage,
-        TAG_COMMIT: str(git.get("commit")),
-        TAG_DIRTY: str(git.get("dirty")),
-        TAG_PARAMS_DIGEST: params_digest,
-        TAG_PIPELINE_KEY: key + "/" + stage,
-        "mlflow.source.git.commit": str(git.get("commit")),
-    }
-    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
-        _drop_local_repo_url(client, run.info.run_id)
-        yield StageRun(run.info.run_id, parent_id, uri, exp_id)
-    _summarize_on_parent(client, parent_id, stage, run.info.run_id)
-    # The parent is "finished" as of its latest stage; the next stage simply extends it.
-    client.set_terminated(parent_id, "FINISHED")
+    return StageRun(run.info.run_id, parent_id, uri, exp_id)
 
 
-# MLflow fills these from `git remote`; a clone of a local folder would publish a path on this machine.
-_REPO_URL_TAGS = ("mlflow.source.git.repoURL", "mlflow.gitRepoURL")
-_NETWORK_URL = re.compile(r"^(?:https?|ssh|git)://|^[\w.-]+@[\w.-]+:")
+def close_stage_run(run: StageRun, status: str) -> None:
+    """End the stage's run. A finished one is summarized on its parent, which is "finished" as of its
+    latest stage: the next stage simply extends it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(run.uri)
+    client.set_terminated(run.run_id, status)
+    if status == "FINISHED":
+        stage = client.get_run(run.run_id).data.tags[TAG_STAGE]
+        _summarize_on_parent(client, run.parent_run_id, stage, run.run_id)
+        client.set_terminated(run.parent_run_id, "FINISHED")
 
 
-def _drop_local_repo_url(client, run_id: str) -> None:
-    tags = client.get_run(run_id).data.tags
-    for key in _REPO_URL_TAGS:
-        if key in tags and not _NETWORK_URL.match(tags[key]):
-            client.delete_tag(run_id, key)
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str, params_digest: str, git: dict[str, Any],
+              root: str | Path = ".", timeout_s: float = 5.0) -> Iterator[StageRun]:
+    """Open the stage's child run in this process (creating the pipeline's parent run on first use).
+
+    Fails with TrackingError before any work is done if the backend cannot be reached. Stages normally
+    go through pipeline.core.tracking_worker, which runs this same code in a long-lived process."""
+    uri = default_tracking_uri(root)
+    _quiet_mlflow_env(timeout_s)
+    t0 = time.monotonic()
+    check_reachable(uri, timeout_s)
+    run = open_stage_run(uri, stage_run_request(stage, experiment, params_digest, git))
+    log.info("tracking at %s in this process (ready in %.1fs)", uri, time.monotonic() - t0)
+    try:
+        yield run
+    except BaseException:
+        close_stage_run(run, "FAILED")
+        raise
+    close_stage_run(run, "FINISHED")
 
 
 def _summarize_on_parent(client, parent_id: str, stage: str, run_id: str) -> None:
@@ -273,22 +346,6 @@ def _summarize_on_parent(client, parent_id: str, stage: str, run_id: str) -> Non
     except MlflowException as e:  # e.g. a stage re-run under one parent with a changed param value
         log.warning("MLflow: could not copy stage %s's results onto the parent run: %s", stage,
                     str(e).splitlines()[0])
-
-
-def register_logged_model(name: str, run: StageRun, params: dict[str, Any], tags: dict[str, str],
-                          inputs: list[tuple[str | Path, str]]) -> str:
-    """Record an external model (weights live in the DVC cache, not in MLflow) as a LoggedModel
-    linked to its run and its dataset inputs. Returns the model id."""
-    import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import LoggedModelInput
-
-    model = mlflow.create_external_model(name=name, source_run_id=run.run_id,
-                                         params={k: str(v) for k, v in _flatten(params).items()}, tags=tags)
-    for path, sha in inputs:
-        ds = MetaDataset(source=_local_source(path), name=Path(path).name, digest=sha[:36])
-        mlflow.log_input(ds, context="training", tags={"sha256": sha}, model=LoggedModelInput(model.model_id))
-    return model.model_id
 
 
 def run_metrics_logger(run_id: str, root: str | Path = ".") -> Any:
@@ -317,32 +374,6 @@ def find_runs(experiment: str, filter_string: str = "", root: str | Path = ".") 
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
-
-
-def log_model_metrics(model_id: str, metrics: dict[str, float],
-                      dataset: tuple[str | Path, str] | None = None) -> bool:
-    """Attach metrics, from the active run, to an existing LoggedModel (they show on the model's page),
-    optionally tagged with the dataset (path, sha256) they were computed on. Returns False, with a
-    warning, when the model id is not in this tracking store (e.g. trained against another URI)."""
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.get_logged_model(model_id)
-    except MlflowException as e:
-        log.warning("LoggedModel %s not found in this tracking store (%s); metrics stay on the run only",
-                    model_id, str(e).splitlines()[0])
-        return False
-    ds = None
-    if dataset is not None:
-        path, sha = dataset
-        ds = MetaDataset(source=resolve_dataset_source(str(Path(path).resolve())), name=Path(path).name, digest=sha[:36])
-    clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-    mlflow.log_metrics(clean, model_id=model_id, dataset=ds)
-    mlflow.set_tag("openrelease.evaluated_model_id", model_id)
-    return True
 
 
 def _sweep_tags() -> dict[str, str]:

@@ -284,7 +284,6 @@ def _logged_model_id(runs_dir: Path, lineage_dir: Path) -> str | None:
 
 
 def _body(ctx: StageContext) -> None:
-    from pipeline.core import tracking
     from pipeline.eval.plots import write_plots
 
     P = ctx.params
@@ -337,13 +336,23 @@ def _body(ctx: StageContext) -> None:
     ctx.run.log_artifact(out, artifact_path="eval")
     ctx.run_facts["cache"] = cache.stats()   # hits depend on what earlier runs left: not a DVC output
     model_id = _logged_model_id(ctx.path("runs"), ctx.path("lineage"))
-    if model_id and tracking.log_model_metrics(model_id, result.metrics, dataset=(test, test_art.sha256)):
+    if model_id and ctx.run.log_model_metrics(model_id, result.metrics, dataset=(test, test_art.sha256)):
         ctx.run_facts["logged_model_id"] = model_id
     elif not model_id:
         log.info("no LoggedModel id in %s/train.json: metrics are on the evaluate run only", P.paths.runs)
 
 
+# Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage evaluate_round@<rk> runs this
+# module with `--round rk`, the same body on the round's paths.
+DVC_STAGES = {STAGE: READS, "evaluate_round": [*READS, "rounds"]}
+
+
 def main() -> None:
+    from pipeline.core.rounds import round_arg, wrap
+
+    if name := round_arg():
+        stage_main(f"{STAGE}.{name}", DVC_STAGES["evaluate_round"], wrap(name, STAGE, _body))
+        return
     stage_main(STAGE, READS, _body)
 
 

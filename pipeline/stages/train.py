@@ -316,7 +316,6 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _body(ctx: StageContext) -> None:
-    from pipeline.core import tracking
 
     p = ctx.params.train
     base_dir, dataset_dir = ctx.path("base_model"), ctx.path("dataset")
@@ -369,8 +368,8 @@ def _body(ctx: StageContext) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config_file = atomic_write_json(Path(tmp) / "dpo_config.json", result["dpo_config"])
         ctx.run.log_artifact(config_file, artifact_path="config")
-    model_id = tracking.register_logged_model(
-        "dpo-model", ctx.run, params={"plan": result["plan"], "lora": p.lora.model_dump(mode="json")},
+    model_id = ctx.run.register_logged_model(
+        "dpo-model", params={"plan": result["plan"], "lora": p.lora.model_dump(mode="json")},
         tags={"openrelease.model_dir": ctx.params.paths.model, "openrelease.base_model_sha256": base_art.sha256},
         inputs=[(train_file, data_art.sha256)])
     ctx.run_facts["mlflow_model_id"] = model_id
@@ -411,7 +410,17 @@ def _secondary() -> None:
         sys.exit(e.exit_code)
 
 
+# Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage train_round@<rk> runs this
+# module with `--round rk`, the same body on the round's paths.
+DVC_STAGES = {STAGE: READS, "train_round": [*READS, "rounds"]}
+
+
 def main() -> None:
+    from pipeline.core.rounds import round_arg, wrap
+
+    if name := round_arg():
+        stage_main(f"{STAGE}.{name}", DVC_STAGES["train_round"], wrap(name, STAGE, _body))
+        return
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2])
         return
