@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # OMP_WAIT_POLICY here or in the environment to force one; tests/conftest.py sets PASSIVE.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install dev repro sweep test lint clean venv-tf4
+.PHONY: install dev repro sweep rounds-2 test lint clean venv-tf4
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,3 +65,9 @@ lint: dev
 
 clean:
 	rm -rf $(VENV)
+
+# Two iterative DPO rounds on the default data (docs/rounds.md): sets rounds.count 2 and rounds.later in
+# params.yaml (commit it with the run), then reproduces; round 1's stages rerun only if their inputs changed.
+rounds-2: install
+	$(BIN)/openrelease rounds --count 2 --write
+	$(BIN)/dvc repro publish

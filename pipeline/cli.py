@@ -29,6 +29,27 @@ def _cmd_check_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rounds(args: argparse.Namespace) -> int:
+    """Print (or write into params.yaml) the rounds section for N DPO rounds (pipeline/core/rounds.py)."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.core import rounds
+    from pipeline.core.params import load_params, parse_params
+
+    params = load_params(args.file)
+    text = rounds.with_count(Path(args.file).read_text(encoding="utf-8"), params, args.count)
+    parse_params(yaml.safe_load(text), args.file)  # the result must validate before it is written
+    if args.write:
+        Path(args.file).write_text(text, encoding="utf-8")
+        print(f"{args.file}: rounds.count = {args.count}")
+    else:
+        print(yaml.safe_dump({"rounds": {"count": args.count, "later": rounds.later_block(params, args.count)}},
+                             sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import __version__
 
@@ -44,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-params", help="validate params.yaml and exit")
     p.add_argument("file", nargs="?", default="params.yaml")
     p.set_defaults(func=_cmd_check_params)
+    p = sub.add_parser("rounds", help="the rounds.count / rounds.later params for N iterative DPO rounds")
+    p.add_argument("--count", type=int, required=True, help="rounds in all (1: the single pass)")
+    p.add_argument("--write", action="store_true", help="set them in the params file (comments kept) instead of printing")
+    p.add_argument("--file", default="params.yaml")
+    p.set_defaults(func=_cmd_rounds)
     for register in _extensions():
         register(sub)
     return parser

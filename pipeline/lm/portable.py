@@ -67,6 +67,9 @@ def resolve_save_dtype(save_dtype: str, base_dir: Path) -> str:
         return save_dtype
     source = base_dir / "SOURCE.json"
     dtype = (read_json(source) if source.is_file() else {}).get("original_dtype")
+    if dtype is None and not source.is_file() and (base_dir / "config.json").is_file():
+        # a trained model (a later DPO round starts from the previous round's): it was saved in the base's dtype
+        dtype = config_dtype_name(read_json(base_dir / "config.json"))
     return dtype if dtype in SAVE_DTYPES else "float32"
 
 

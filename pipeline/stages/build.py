@@ -67,8 +67,10 @@ log = logging.getLogger(__name__)
 
 
 def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams, eval_sets: list[EvalPromptSet],
-        tokenizer_dir: Path | None, out_dir: Path, reports_dir: Path, root: Path) -> dict[str, Any]:
+        tokenizer_dir: Path | None, out_dir: Path, reports_dir: Path, root: Path,
+        held_out: set[str] | None = None) -> dict[str, Any]:
     """Build the dataset into `out_dir` and the reports into `reports_dir`; return the flat counts.
+    `held_out` (prompt hashes) replaces the seeded split: a later DPO round holds out round 1's test prompts.
 
     The pairs suite's report (`reports_dir/pairs_validation/`) is written before a failing rule stops the
     build, so its Data Docs show what failed."""
@@ -109,7 +111,8 @@ def run(validated_dir: Path, data: DataParams, p: BuildParams, v: ValidateParams
         # The split is drawn among the prompts that make a pair (whether a group makes one does not depend
         # on the method), so test_fraction is the share of paired prompts, not of ties.
         paired = set(binarize(p.model_copy(update={"test_binarize": None}), set(), [], Counter(), "pairable")["prompt_hash"])
-        pairs = binarize(p, held_out_prompts(sorted(paired), p.seed, p.test_fraction), no_pair, bin_counts, "binarize")
+        test = held_out_prompts(sorted(paired), p.seed, p.test_fraction) if held_out is None else held_out
+        pairs = binarize(p, test, no_pair, bin_counts, "binarize")
         step(f"binarized: {len(pairs)} pairs")
         counter = pair_checks.TokenCounter(tokenizer_dir, v.max_length) if tokenizer_dir else None
         pairs_report = reports_dir / PAIRS_REPORT_DIR  # kept when the suite fails, so not an atomic dir
@@ -200,6 +203,37 @@ def _metrics(summary, counts, bin_counts, n_kept, n_no_pair, n_pairs, outcome, n
     return m
 
 
+def test_prompt_hashes(dataset_dir: Path) -> set[str]:
+    """Prompt hashes of a dataset's held-out (test) pairs, from its provenance table."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(dataset_dir / "provenance.parquet", columns=["prompt_hash", "split"]).to_pydict()
+    return {h for h, sp in zip(t["prompt_hash"], t["split"], strict=True) if sp == "test"}
+
+
+def round_dataset(out_dir: Path, name: str, previous: Path | None) -> dict[str, int]:
+    """A later round's pair ids named by the round (`r2/<id>`: the same prompt pairs again in every round);
+    with `previous` (rounds.data accumulate) its train pairs and their provenance come first."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts = {}
+    for split in ("train", "test", "provenance"):
+        f = out_dir / f"{split}.parquet"
+        t = pq.read_table(f)
+        t = t.set_column(t.schema.get_field_index("id"), "id", pc.binary_join_element_wise(name, t["id"], "/"))
+        if previous is not None and split != "test":
+            old = pq.read_table(previous / f"{split}.parquet")
+            if split == "provenance":
+                old = old.filter(pc.equal(old["split"], "train"))
+            t = pa.concat_tables([old.cast(t.schema), t])
+            if split == "train":
+                counts["pairs_train_accumulated"] = t.num_rows
+        pq.write_table(t, f)
+    return counts
+
+
 def eval_sets_for(data: DataParams, own: dict[str, str], general_field: str = "prompt") -> list[EvalPromptSet]:
     """The project's own evaluation sets (`own`: paths key -> file) first, then data.decontaminate_against
     (a set already among the own ones is not read twice)."""
@@ -257,9 +291,13 @@ def _body(ctx: StageContext) -> None:
     ctx.record.extra["chat_template_sha256"] = check_template_dir(base, base, "build")  # token_length counts with it
     reports = ctx.path("reports")
     out = ctx.path("dataset")
+    rnd = ctx.record.extra.get("round")  # a later DPO round (pipeline.core.rounds): round 1's test prompts held out
     with atomic_dir(out) as tmp:
         metrics = run(validated, pr.data, pr.build, pr.validate_, sets, ctx.path("base_model"), tmp, reports,
-                      ctx.root)
+                      ctx.root, held_out=test_prompt_hashes(ctx.root / rnd["first_dataset"]) if rnd else None)
+        if rnd:
+            metrics.update(round_dataset(tmp, rnd["name"], ctx.root / rnd["dataset_in"] if rnd["data"] == "accumulate"
+                                         else None))
     atomic_write_json(ctx.path("metrics") / METRICS_FILE, metrics)
     ctx.add_output(out, rows=metrics["pairs_train"] + metrics["pairs_test"])
     ctx.add_output(reports / DECONTAM_FILE)
@@ -273,7 +311,17 @@ def _body(ctx: StageContext) -> None:
         ctx.run.log_artifact(f, artifact_path="build")
 
 
+# Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage build_round@<rk> runs this
+# module with `--round rk`, the same body on the round's paths.
+DVC_STAGES = {STAGE: READS, "build_round": [*READS, "rounds"]}
+
+
 def main() -> None:
+    from pipeline.core.rounds import round_arg, wrap
+
+    if name := round_arg():
+        stage_main(f"{STAGE}.{name}", DVC_STAGES["build_round"], wrap(name, STAGE, _body))
+        return
     stage_main(STAGE, READS, _body)
 
 

@@ -153,7 +153,17 @@ def _body(ctx: StageContext) -> None:
     log.info("generate: %d completions for %d prompts, %.0f new tokens/s", len(rows), stats["prompts"], stats["tokens_per_s"])
 
 
+# Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage generate_round@<rk> runs this
+# module with `--round rk`, the same body on the round's paths.
+DVC_STAGES = {STAGE: READS, "generate_round": [*READS, "rounds"]}
+
+
 def main() -> None:
+    from pipeline.core.rounds import round_arg, wrap
+
+    if name := round_arg():
+        stage_main(f"{STAGE}.{name}", DVC_STAGES["generate_round"], wrap(name, STAGE, _body))
+        return
     stage_main(STAGE, READS, _body)
 
 

@@ -46,7 +46,8 @@ STAGE = "ingest"
 READS = ["data.sources", "paths.ingested_sources", "paths.ingested", "paths.takedowns"]
 SOURCE_STAGE = "ingest_source"
 SOURCE_READS = ["data.sources", "paths.ingested_sources", "paths.takedowns"]
-DVC_STAGES = {STAGE: READS, SOURCE_STAGE: SOURCE_READS}  # dvc.yaml stage -> the params it reads
+ROUND_STAGE = "ingest_round"  # round k >= 2 of iterative DPO: its on-policy source, read and merged in one stage
+DVC_STAGES = {STAGE: READS, SOURCE_STAGE: SOURCE_READS, ROUND_STAGE: [*READS, "rounds"]}  # dvc.yaml stage -> params read
 COUNTS_FILE = "counts.json"
 
 log = logging.getLogger(__name__)
@@ -239,9 +240,32 @@ def _body(ctx: StageContext) -> None:
                      **{f"rows.{k}": v["rows"] for k, v in counts["sources"].items()}})
 
 
+def _round_body(ctx: StageContext) -> None:
+    """A later round (pipeline.core.rounds): data.sources is the round's own on-policy source, read and
+    merged here in one process (`run`), under the same takedowns."""
+    out = ctx.path("ingested")
+    with atomic_dir(out) as tmp:
+        counts = run(ctx.params.data, ctx.params.paths, tmp, ctx.root)
+    takedowns, shown = takedowns_of(ctx.params.paths, ctx.root)
+    if (ctx.root / shown).is_file():
+        ctx.add_input(ctx.root / shown, rows=len(takedowns), name="takedowns")
+    ctx.record.extra["takedowns"] = counts["takedowns"]
+    for name, s in counts["sources"].items():
+        ctx.add_input(resolve_path(s["path"], ctx.root), rows=s["rows"], name=name)
+    ctx.add_output(out, rows=counts["rows"])
+    ctx.record.extra["counts"] = counts
+    ctx.log_metrics({"rows": counts["rows"], "completions": counts["completions"],
+                     "excluded.takedown": counts["excluded"]["takedown"]})
+
+
 def main() -> None:
     import sys
 
+    from pipeline.core.rounds import round_arg, wrap
+
+    if name := round_arg():
+        stage_main(f"{STAGE}.{name}", DVC_STAGES[ROUND_STAGE], wrap(name, STAGE, _round_body))
+        return
     if len(sys.argv) == 3 and sys.argv[1] == "--source":
         stage_main(f"{SOURCE_STAGE}.{sys.argv[2]}", SOURCE_READS, _source_body(sys.argv[2]))
         return

@@ -271,7 +271,17 @@ def _body(ctx: StageContext) -> None:
              metrics["contrastive_prompts"], metrics["prompts_pass_and_fail"], metrics["degenerate_completions"])
 
 
+# Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage rate_round@<rk> runs this
+# module with `--round rk`, the same body on the round's paths.
+DVC_STAGES = {STAGE: READS, "rate_round": [*READS, "rounds"]}
+
+
 def main() -> None:
+    from pipeline.core.rounds import round_arg, wrap
+
+    if name := round_arg():
+        stage_main(f"{STAGE}.{name}", DVC_STAGES["rate_round"], wrap(name, STAGE, _body))
+        return
     stage_main(STAGE, READS, _body)
 
 

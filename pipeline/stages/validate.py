@@ -403,7 +403,17 @@ def _body(ctx: StageContext) -> None:
              summary["quarantined"])
 
 
+# Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage validate_round@<rk> runs this
+# module with `--round rk`, the same body on the round's paths.
+DVC_STAGES = {STAGE: READS, "validate_round": [*READS, "rounds"]}
+
+
 def main() -> None:
+    from pipeline.core.rounds import round_arg, wrap
+
+    if name := round_arg():
+        stage_main(f"{STAGE}.{name}", DVC_STAGES["validate_round"], wrap(name, STAGE, _body))
+        return
     stage_main(STAGE, READS, _body)
 
 

@@ -36,6 +36,7 @@ from pipeline.core.params.eval import (  # noqa: F401 (re-exported)
     LocalJudgeParams,
     OpenAIJudgeParams,
 )
+from pipeline.core.params.rounds import LaterRound, RoundsParams  # noqa: F401 (re-exported)
 from pipeline.core.params.release import HUB_REPO_ID, CardParams, LicenseOverride, MetricBound, PublishParams  # noqa: F401 (re-exported)
 from pipeline.core.params.sources import BaseModelParams, GenerateParams, HubSource, RateParams, WheelSource  # noqa: F401 (re-exported)
 from pipeline.core.params.sweep import SelectionRule, SweepParams, check_sweep_keys  # noqa: F401 (re-exported)
@@ -60,6 +61,7 @@ class Params(Section):
     card: CardParams
     publish: PublishParams
     sweep: SweepParams | None = Field(default=None, description="`openrelease sweep`: null when no sweep is configured.")
+    rounds: RoundsParams = Field(default_factory=RoundsParams, description="Iterative DPO rounds (count 1: one pass).")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -71,6 +73,15 @@ class Params(Section):
         if dpo_max is not None and self.validate_.max_length != dpo_max:
             raise ValueError(f"validate.max_length = {self.validate_.max_length} must equal "
                              f"train.dpo.max_length = {dpo_max}")
+        return self
+
+    @model_validator(mode="after")
+    def _rounds_chain(self) -> Params:
+        # DVC reads each later round's input folders from params; they must be the ones the layout gives
+        from pipeline.core.rounds import later_problems
+
+        if problems := later_problems(self):
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")
