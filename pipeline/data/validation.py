@@ -25,7 +25,8 @@ from pipeline.core.errors import DataError
 
 log = logging.getLogger(__name__)
 # The run time GX shows in the Data Docs: a fixed one, since the docs are a content-hashed DVC output
-# (the stage's real start time is in its run record, pipeline.core.runs).
+# (the stage's real start time is in its run record, pipeline.core.runs; the release's copy of the docs
+# shows that time instead: pipeline.release.datadocs).
 DOCS_RUN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 # GX stamps the logo URL of every page with the render time (`?d=<timestamp>`), shows the batch load
 # time, and gives collapsible blocks random uuid4 ids: none of it describes the data.
@@ -59,10 +60,11 @@ class RuleResult:
 
 
 def run_suite(name: str, frame, expectations: dict[str, list], actions: dict[str, str],
-              docs_dir: Path | None = None) -> dict[str, RuleResult]:
+              docs_dir: Path | None = None, asset: str | None = None) -> dict[str, RuleResult]:
     """Validate `frame` against `expectations` (rule -> GX expectations); return each rule's failing indices.
 
-    With `docs_dir`, a Data Docs site (index.html) for this suite is built there.
+    With `docs_dir`, a Data Docs site (index.html) for this suite is built there, naming the data asset
+    `asset` (default: `name`), and made to render offline (pipeline.data.datadocs).
     """
     # GX logs its plugin registration at INFO, hundreds of lines per run.
     logging.getLogger("great_expectations").setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -72,14 +74,12 @@ def run_suite(name: str, frame, expectations: dict[str, list], actions: dict[str
     t0 = time.monotonic()
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    actions_list = []
     if docs_dir is not None:
         context.add_data_docs_site(site_name="local", site_config={
             "class_name": "SiteBuilder",
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         })
-        actions_list.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"]))
     batch_def = (context.data_sources.add_pandas(name).add_dataframe_asset(name)
                  .add_batch_definition_whole_dataframe(name))
     suite = context.suites.add(gx.ExpectationSuite(name=name))
@@ -89,7 +89,7 @@ def run_suite(name: str, frame, expectations: dict[str, list], actions: dict[str
             suite.add_expectation(exp)
     vd = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=suite))
     checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name=name, validation_definitions=[vd], actions=actions_list,
+        name=name, validation_definitions=[vd], actions=[],
         result_format={"result_format": "COMPLETE"}))
     # A fixed run identity: GX otherwise names folders and pages after the wall-clock time, and the
     # Data Docs are a DVC output whose hash must not change between two runs of the same data.
@@ -98,7 +98,7 @@ def run_suite(name: str, frame, expectations: dict[str, list], actions: dict[str
     outcome = checkpoint.run(batch_parameters={"dataframe": frame},
                              run_id=RunIdentifier(run_name=name, run_time=DOCS_RUN_TIME))
     if docs_dir is not None:
-        _unstamp(docs_dir)
+        _write_docs(context, outcome, docs_dir, asset or name)
     results = {rule: RuleResult(rule, actions[rule], []) for rule in expectations}
     failed: dict[str, set[int]] = {rule: set() for rule in expectations}
     for run_result in outcome.run_results.values():
@@ -121,6 +121,22 @@ def run_suite(name: str, frame, expectations: dict[str, list], actions: dict[str
     log.info("GX suite %s: %d rules over %d rows in %.1fs", name, len(expectations), len(frame),
              time.monotonic() - t0)
     return results
+
+
+def _write_docs(context, outcome, docs_dir: Path, asset: str) -> None:
+    """Build the Data Docs after the run: a dataframe batch carries no data asset name (the pages would
+    say "Data asset: None"), so the stored results get one first. Then pages are made reproducible and
+    offline."""
+    import great_expectations as gx
+
+    from pipeline.data.datadocs import make_offline
+
+    for key, result in outcome.run_results.items():
+        result.meta.setdefault("batch_spec", {})["data_asset_name"] = asset
+        context.validation_results_store.set(key, result)
+    gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"]).run(outcome)
+    _unstamp(docs_dir)
+    make_offline(docs_dir)
 
 
 def _unstamp(docs_dir: Path) -> None:

@@ -4,7 +4,8 @@ For a bundle folder (what `publish --dry-run` wrote) or a Hub model repo id: the
 every file's sha256 and size match the manifest and nothing unlisted is present; the dataset is the
 repo and revision the manifest names and holds the very Parquet files the train stage read; the
 weights are those the train stage wrote; the source archive is the manifest's commit; the card's
-numbers match the evaluation results in the bundle; no released pair derives from a record the
+numbers match the evaluation results in the bundle; no HTML page (report.html, Data Docs) loads anything
+from the network; no released pair derives from a record the
 manifest lists as taken down, and both cards' "Data removals" sections say what the manifest says
 (pipeline.release.takedowns). Then it prints the lineage as a tree. Exit 0 when
 all holds, 1 with every mismatch listed otherwise.
@@ -270,6 +271,20 @@ def _check_eval_results(folder: Path, expected: list[float]) -> list[str]:
     return []
 
 
+def _check_offline_pages(folders: dict[str, Path | None]) -> tuple[int, list[str]]:
+    """(HTML pages found, one problem per page that would load something remote) over the repo folders."""
+    from pipeline.core.offline import folder_external_loads
+
+    n, problems = 0, []
+    for repo, folder in folders.items():
+        if folder is None or not folder.is_dir():
+            continue
+        n += sum(1 for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in (".html", ".htm"))
+        for rel, urls in folder_external_loads(folder).items():
+            problems.append(f"{repo}/{rel} loads {len(urls)} remote file(s), e.g. {urls[0]}: it does not open offline")
+    return n, problems
+
+
 def _check_cards(model: Path, dataset: Path | None) -> list[str]:
     from huggingface_hub import ModelCard
 
@@ -423,6 +438,13 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
     with report.check("dataset card", "its split sizes are the Parquet files' row counts") as step:
         if ds is None:
             step.skip(no_ds)
+    with report.check("offline pages", "") as step:
+        n_pages, page_problems = _check_offline_pages({MODEL_DIR: model, DATASET_DIR: ds})
+        report.problems += page_problems
+        if not n_pages:
+            step.skip("the release has no HTML pages (report.html, Data Docs)")
+        elif not page_problems:
+            report.checked.append(f"{n_pages} HTML page(s) (report.html, Data Docs) load nothing from the network")
     with report.check("takedowns", "no released pair derives from a taken-down record") as step:
         if ds is None:
             step.skip(no_ds)

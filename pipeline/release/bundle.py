@@ -4,7 +4,9 @@
 <out>/model/    merged safetensors weights, tokenizer, config (+ adapter/), README.md (the model card),
                 plots/, eval/ (metrics), source/<name>-<version>.tar.gz (git archive), bom.cdx.json,
                 signing-key.pub, manifest.json, model.sig
-<out>/dataset/  README.md (the dataset card), data/<split>.parquet, reports/ (validation, decontamination)
+                report.html (`openrelease report`'s page for this bundle, written before it is signed)
+<out>/dataset/  README.md (the dataset card), data/<split>.parquet, reports/ (validation, decontamination,
+                data_docs/<kind>/: Great Expectations Data Docs that render offline, pipeline.release.datadocs)
 ```
 The manifest lists every other file of both folders with sha256 and size; `model.sig` signs every
 file of model/ (the manifest included). The bundle is built in a temporary folder and renamed into
@@ -203,6 +205,29 @@ def _previous_eval(name: str | None, params: Params) -> dict[str, Any] | None:
     return None
 
 
+def _add_report(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Write model/report.html (pipeline.release.report) and list it in the manifest, before signing.
+
+    The page shows the audit of the finished but unsigned bundle: every check but the signature, which
+    is made afterwards and covers the page too; the verdict is therefore never "passed" (no anchor).
+    """
+    from pipeline.release import audit, report
+
+    result = audit.check_bundle(bundle)
+    sig = next((c for c in result.checks if c.name == "signature"), None)
+    if sig is not None and sig.status == audit.FAILED:
+        result.problems = [p for p in result.problems if p not in sig.detail]
+        sig.status, sig.detail = audit.SKIPPED, ("the signature is made after this page is written (it covers "
+                                                 "the page); run openrelease audit or report to check it")
+    page = bundle / MODEL_DIR / report.REPORT_FILE
+    atomic_write_text(page, report.render(result, "this release, as built", bundle / MODEL_DIR,
+                                          note=report.BUILT_NOTE))
+    manifest["files"]["model"] = sorted([*manifest["files"]["model"], {
+        "path": report.REPORT_FILE, "sha256": sha256_file(page), "size": page.stat().st_size}],
+        key=lambda f: f["path"])
+    atomic_write_json(bundle / MODEL_DIR / MANIFEST_FILE, manifest)
+
+
 def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict: bool = False,
                  version: str | None = None, model_repo: str | None = None, dataset_repo: str | None = None,
                  endpoint: str | None = None, check_dvc: bool = True, require_reproduced_lock: bool = False) -> Bundle:
@@ -210,7 +235,7 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
 
     Raises GateError listing every failed gate; then nothing is written to `out`.
     """
-    from pipeline.release import audit, secretscan, signing, sweep_release
+    from pipeline.release import audit, datadocs, secretscan, signing, sweep_release
     from pipeline.release.bom import build_bom
     from pipeline.release.cards import write_cards
 
@@ -235,6 +260,9 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         _copy_dataset(inp, dataset)
         _copy_metrics(inp, model)
         sweep_entry = sweep_release.copy_into(root, params.paths.reports, model)  # None: no sweep ran
+        runs, runs_missing = read_run_records(root / params.paths.runs, root / params.paths.lineage, inp.stages(),
+                                              shown=params.paths.runs)
+        datadocs.copy_into(root / params.paths.reports, dataset, runs)
         write_cards(inp, info, lic, model, dataset)
         archive = source_archive(root, code.commit, f"{PROJECT}-{info.version}",
                                  model / "source" / f"{PROJECT}-{info.version}.tar.gz")
@@ -245,8 +273,6 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         lock_sha = sha256_file(inp.dvc_lock_path) if inp.dvc_lock_path and inp.dvc_lock_path.is_file() else None
         manifest_params = {k: params.section_dump(k) for k in MANIFEST_PARAMS}
         manifest_params["publish"].pop("signing_key", None)  # a local path to a private key: never published
-        runs, runs_missing = read_run_records(root / params.paths.runs, root / params.paths.lineage, inp.stages(),
-                                              shown=params.paths.runs)
         for note in runs_missing:
             log.warning("run facts: %s; the manifest says so under runs_missing", note)
         manifest = scrub_local_paths(build_manifest(
@@ -264,6 +290,7 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         manifest["files"]["model"] = sorted([*manifest["files"]["model"], {
             "path": BOM_FILE, "sha256": sha256_file(bom), "size": bom.stat().st_size}], key=lambda f: f["path"])
         atomic_write_json(model / MANIFEST_FILE, manifest)
+        _add_report(tmp, manifest)
 
         scan = G.secrets(*secretscan.scan_folder(tmp))
         log.info("gate %s", scan.line())

@@ -22,6 +22,13 @@ from typing import Any
 from pipeline.core.errors import AuditError
 from pipeline.release.manifest import DATASET_DIR, MANIFEST_FILE, MODEL_DIR
 
+# The page the release carries in its model repo (pipeline.release.bundle writes it)
+REPORT_FILE = "report.html"
+BUILT_NOTE = ("This copy of the page was written by the publish step while it built the release, before signing: "
+              "it shows every check of the finished bundle except the signature, and no trust anchor. It is "
+              "what the builder saw, not proof for you: to check what you downloaded, run "
+              "<code>openrelease report RELEASE --public-key KEY --out report.html</code> (or --repo-key) yourself.")
+
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 main{max-width:1100px;margin:0 auto;padding:24px}
@@ -197,8 +204,9 @@ def sweep_html(manifest: dict[str, Any], model: Path) -> str:
             + _table(["#", "configuration", f"mean {metric}", "seed std", "p vs base (Holm)", ""], rows))
 
 
-def render(report, target: str, model: Path) -> str:
-    """The whole page for an AuditReport (pipeline.release.audit) of the release whose model folder is `model`."""
+def render(report, target: str, model: Path, note: str | None = None) -> str:
+    """The whole page for an AuditReport (pipeline.release.audit) of the release whose model folder is `model`;
+    `note` (trusted HTML) is shown above the verdict."""
     from pipeline.core.io import read_json
     from pipeline.release.audit import to_json
 
@@ -223,6 +231,7 @@ def render(report, target: str, model: Path) -> str:
         f'<p class="note">model {escape(str(rel.get("model_repo")))} · dataset {escape(str(rel.get("dataset_repo")))}'
         f' · code commit <code>{escape(str(rel.get("commit")))}</code>{" (dirty tree)" if rel.get("dirty") else ""}'
         f' · built {escape(str(rel.get("created_at")))} · audited target {escape(target)}</p>',
+        f'<p class="verdict unanchored">{note}</p>' if note else "",
         f'<div class="verdict {j["verdict"]}">{head}: {len(j["problems"])} problem(s).{scope}<br>'
         f'signer: {anchor}</div>',
         "<h2>Checks</h2>", _table(["status", "check", "detail"], checks, raw=True),

@@ -278,16 +278,18 @@ def _describer(cols: dict[str, list], fetch: RowFetcher, rows_path: Path, source
 
 
 def check(cols: dict[str, list], rows_path: Path, sources: list[DataSource], rules: RowRules,
-          max_fraction: float, report_dir: Path | None, report_name: str = REPORT_FILE):
-    """Run the rows suite over the facts; write report.json (+ Data Docs) into `report_dir`. Bad rows
+          max_fraction: float, report_dir: Path | None, report_name: str = REPORT_FILE, asset: str | None = None):
+    """Run the rows suite over the facts; write report.json (+ Data Docs naming the data asset `asset`,
+    default the rows file's name) into `report_dir`. Bad rows
     raise nothing here: the Outcome carries the error, so the report is written before the stage stops.
     Returns the Outcome, its `describe(i, rule)` and the RowFetcher behind it."""
     import pandas as pd
 
     frame = pd.DataFrame(cols)
+    asset = asset or rows_path.name
     actions = rules.model_dump()
     results = run_suite("rows", frame, expectations(sources), actions,
-                        docs_dir=report_dir / DOCS_DIR if report_dir else None)
+                        docs_dir=report_dir / DOCS_DIR if report_dir else None, asset=asset)
     fetch = RowFetcher(rows_path, cols["line"])
     describe = _describer(cols, fetch, rows_path, sources)
     outcome = decide(results, len(frame), max_fraction, describe, report_name)
@@ -359,7 +361,7 @@ def ingest_exclusions(rows_path: Path) -> dict[str, int]:
 
 
 def run(rows_path: Path, sources: list[DataSource], rules: RowRules, max_fraction: float, out_dir: Path,
-        report_dir: Path | None = None, report_name: str = REPORT_FILE) -> dict:
+        report_dir: Path | None = None, report_name: str = REPORT_FILE, asset: str | None = None) -> dict:
     """Validate rows.jsonl into `out_dir` (kept, quarantined, summary); the report goes to `report_dir`
     (replaced, and kept when validation fails). Raises DataError on failure, after the report."""
     step = stepper("validate")
@@ -369,7 +371,7 @@ def run(rows_path: Path, sources: list[DataSource], rules: RowRules, max_fractio
     if report_dir is not None:
         shutil.rmtree(report_dir, ignore_errors=True)
         report_dir.mkdir(parents=True)
-    outcome, describe, fetch = check(cols, rows_path, sources, rules, max_fraction, report_dir, report_name)
+    outcome, describe, fetch = check(cols, rows_path, sources, rules, max_fraction, report_dir, report_name, asset)
     step(f"rows suite done: {outcome.report['quarantined']} quarantined")
     if outcome.error is not None:
         staging.unlink(missing_ok=True)
@@ -391,7 +393,8 @@ def _body(ctx: StageContext) -> None:
     try:
         with atomic_dir(out) as tmp:
             summary = run(rows_path, p.data.sources, p.validate_.rows, p.validate_.max_quarantine_fraction, tmp,
-                          report_dir, f"{p.paths.reports}/{REPORT_DIR}/{REPORT_FILE}")
+                          report_dir, f"{p.paths.reports}/{REPORT_DIR}/{REPORT_FILE}",
+                          asset=f"{p.paths.ingested}/{ROWS_FILE}")
     finally:
         if (report_dir / REPORT_FILE).exists():
             ctx.run.log_artifact(report_dir / REPORT_FILE, artifact_path="validation")
