@@ -134,7 +134,8 @@ def test_dvc_yaml_lists_exactly_the_params_a_stage_reads(stage):
     assert sorted(declared) == sorted(set(reads) | set(COMMON_READS))
     params = load_params(ROOT / "params.yaml")
     for key in declared:  # every listed key resolves in the typed params
-        params.section(key)
+        if "${key}" not in key:  # a round's own entry (rounds.later.<rk>): tests/test_rounds.py resolves it
+            params.section(key)
 
 
 @pytest.mark.parametrize("stage", list(_dvc_stages()))

@@ -41,6 +41,14 @@ OWN = {"generations": "generations.jsonl", "rated": "rated.jsonl", "ingested_sou
        "ref_logps": "ref_logps", "model": "model", "eval_dir": "eval", "eval_cache": "eval_cache",
        "metrics": "metrics", "runs": "runs"}
 SUMMARY = "summary.json"
+# The rounds keys a later round's stages read besides their own, as dvc.yaml lists them: the round's own
+# entry only, so a change to round 3's entry reruns round 3 and not round 2.
+ROUND_READS = ["rounds.start_from", "rounds.data", "rounds.dir", "rounds.later.${key}"]
+
+
+def reads(stage_reads: list[str], name: str) -> list[str]:
+    """A round stage's params keys for round `name` (what its lineage record lists)."""
+    return [*stage_reads, *(k.replace("${key}", name) for k in ROUND_READS)]
 
 
 def names(params: Any) -> list[str]:
@@ -229,3 +237,42 @@ def with_count(text: str, params: Any, count: int) -> str:
     if seen != {"count", "later"}:
         raise ParamsError(f"params.yaml: rounds needs `count:` and `later:` lines to set (found {sorted(seen)})")
     return "".join(lines[:start] + out + lines[end:])
+
+
+# -- the release: the round it ships (rounds.publish, applied by rounds_report) ---------------------------
+RELEASED = ("model", "dataset", "metrics", "eval_dir")  # paths keys a release reads from the shipped round
+
+
+def published(root: Path, params: Any) -> str | None:
+    """The round the last rounds summary says to ship; None with one round (or before the summary)."""
+    summary = read_summary(root, params)
+    return summary["published"] if summary else None
+
+
+def release_view(params: Any, root: Path) -> Any:
+    """Params as the card and the release bundle must see them: paths.model, dataset, metrics and eval_dir
+    of the round that ships (unchanged when that is round 1 or there is one round)."""
+    name = published(root, params)
+    if name in (None, FIRST):
+        return params
+    p = paths_of(params, name)
+    return params.model_copy(update={"paths": params.paths.model_copy(update={k: p[k] for k in RELEASED})})
+
+
+def release_lineage(lineage: dict[str, Any], params: Any) -> dict[str, Any]:
+    """Lineage records keyed for a release of a later round: the shipped round's records under the bare
+    stage names (`train`: the stage that wrote the released weights, what the audit and gates look up), every
+    other round's under `<stage>.<round>` (round 1's as `train.r1`, ...). Unchanged for round 1."""
+    name = next((n for n in params.rounds.later if params.paths.model == paths_of(params, n)["model"]), None)
+    if name is None:
+        return lineage
+    staged = {s.rsplit(".", 1)[0] for s in lineage if s.endswith(f".{name}")}
+    out = {}
+    for key, rec in lineage.items():
+        if key.endswith(f".{name}"):
+            out[key.rsplit(".", 1)[0]] = rec
+        elif key in staged:
+            out[f"{key}.{FIRST}"] = rec
+        else:
+            out[key] = rec
+    return out

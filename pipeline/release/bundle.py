@@ -235,11 +235,13 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
 
     Raises GateError listing every failed gate; then nothing is written to `out`.
     """
+    from pipeline.core import rounds
     from pipeline.release import audit, datadocs, secretscan, signing, sweep_release
     from pipeline.release.bom import build_bom
     from pipeline.release.cards import write_cards
 
     root = root.resolve()
+    params = rounds.release_view(params, root)  # iterative DPO: the model, data and metrics of the round that ships
     pp = params.publish
     inp = gather(params, root)
     code = code_state(root, version or pp.version, pp.tag_pattern)
@@ -283,6 +285,8 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
             runs=runs, runs_missing=runs_missing), root)
         if sweep_entry:
             manifest["sweep"] = sweep_entry
+        if summary := rounds.read_summary(root, params):  # every round: its model and the model that sampled its data
+            manifest["rounds"] = summary
         # signed with the rest: the takedowns applied (hashes and reasons, never content), which earlier
         # releases' weights saw a removed record, and the release this one supersedes
         manifest.update(removals(inp))

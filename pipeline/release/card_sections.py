@@ -125,3 +125,42 @@ CITATIONS = """```bibtex
   howpublished = {\\url{https://github.com/huggingface/trl}}
 }
 ```"""
+
+
+def rounds_section(inp: Any) -> str:
+    """Iterative DPO (params `rounds`): one row per round, against the base model and the round before, the
+    shipped round and why; empty with one round, so a single-pass card is unchanged. The plot of the
+    headline and degeneration across rounds is among the card's plots (rounds/<rk>/rounds.png)."""
+    from pipeline.core.rounds import read_summary
+
+    summary = read_summary(inp.root, inp.params)
+    if not summary:
+        return ""
+
+    def ci(m: dict[str, Any] | None, key: str) -> str:
+        m = m or {}
+        v, lo, hi = m.get(key), m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "–"
+        if lo is None or hi is None or any(isinstance(x, float) and math.isnan(x) for x in (lo, hi)):
+            return f"{v:.3f}"
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    head = ["round", "sampled by", "pass rate (test)", "vs base", "vs previous round", "degenerate (test)",
+            "degenerate vs previous", "KL to base", "length (tokens)", "length ratio", "dev pass-rate delta"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rounds"]:
+        m, vp = r.get("metrics") or {}, r.get("vs_previous")
+        sampler = f"`{r['sampled_by']}` ({str(r.get('sampled_by_sha256'))[:12]})"
+        cells = [r["round"] + (" (released)" if r["round"] == summary["published"] else ""), sampler,
+                 ci(m, "pass_rate_policy"), ci(m, "pass_rate_delta"), ci(vp, "pass_rate_vs_previous") if vp else "–",
+                 ci(m, "test_degenerate_rate_policy"), ci(vp, "degenerate_rate_vs_previous") if vp else "–",
+                 ci(m, "kl"), ci(m, "length_policy"), ci(m, "length_ratio"), ci(m, "dev_pass_rate_delta")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\n\n## DPO rounds\n\n"
+            f"{len(summary['rounds'])} rounds of on-policy DPO: each round after the first sampled its preference data "
+            f"with the previous round's model (same decoding and validity rules), trained from "
+            f"{'the previous round' if summary['start_from'] == 'previous' else 'the base model'} on "
+            f"{'its own pairs' if summary['data'] == 'replace' else 'every round so far'}. Test prompts, 95% intervals "
+            "over prompts; against the previous round the two models' answers are paired by prompt. "
+            f"This release is {summary['published']} ({summary['why']}).\n\n" + "\n".join(lines))

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.release.card_sections import CITATIONS, describe, quick_start, results_summary
+from pipeline.release.card_sections import CITATIONS, describe, quick_start, results_summary, rounds_section
 from pipeline.release.eval_card import evaluation_notes
 from pipeline.release.inputs import RELEASE_STAGES, ReleaseInputs, flat_numbers
 from pipeline.release.licenses import LicenseDecision, hub_metadata
@@ -420,7 +420,7 @@ def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "judge": _judge(inp),
         "judge_weaknesses": _bullets(cp.judge_weaknesses), "plots": _plots(inp), "limitations": _bullets(cp.limitations),
         "license": _license_section(lic, "model"), "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
-        "sweep": _sweep_section(inp), "removals": model_section(removals(inp)),
+        "sweep": _sweep_section(inp) + rounds_section(inp), "removals": model_section(removals(inp)),
     })
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 

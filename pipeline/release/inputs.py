@@ -170,6 +170,9 @@ def gather(params: Params, root: str | Path = ".", require_model: bool = True) -
         # The release's own stages are not part of what it releases (and would make cards differ between them).
         if isinstance(rec, dict) and "stage" in rec and rec["stage"] not in RELEASE_STAGES:
             inp.lineage[rec["stage"]] = rec
+    from pipeline.core.rounds import release_lineage
+
+    inp.lineage = release_lineage(inp.lineage, params)  # a later DPO round ships: its records are train, evaluate, ...
     inp.dvc_lock_path = root / "dvc.lock"
     inp.dvc_lock = read_dvc_lock(inp.dvc_lock_path)
     for name in METRIC_FILES:

@@ -46,6 +46,7 @@ import numpy as np
 from pipeline.core.errors import DataError, SourceError
 from pipeline.core.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, write_parquet
 from pipeline.core.params import BuildParams, DataParams, EvalPromptSet, ValidateParams
+from pipeline.core.rounds import ROUND_READS
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.data import dedup, pair_checks
 from pipeline.data.binarization import binarize_batch, held_out_prompts, pair_features
@@ -313,14 +314,14 @@ def _body(ctx: StageContext) -> None:
 
 # Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage build_round@<rk> runs this
 # module with `--round rk`, the same body on the round's paths.
-DVC_STAGES = {STAGE: READS, "build_round": [*READS, "rounds"]}
+DVC_STAGES = {STAGE: READS, "build_round": [*READS, *ROUND_READS]}
 
 
 def main() -> None:
-    from pipeline.core.rounds import round_arg, wrap
+    from pipeline.core.rounds import reads, round_arg, wrap
 
     if name := round_arg():
-        stage_main(f"{STAGE}.{name}", DVC_STAGES["build_round"], wrap(name, STAGE, _body))
+        stage_main(f"{STAGE}.{name}", reads(READS, name), wrap(name, STAGE, _body))
         return
     stage_main(STAGE, READS, _body)
 

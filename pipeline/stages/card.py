@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, root: Path, out_dir: Path) -> dict[str, Any]:
     """Write both cards into `out_dir/model` and `out_dir/dataset`; return the release summary."""
+    from pipeline.core.rounds import release_view
+
+    params = release_view(params, root)  # iterative DPO: the round that ships (pipeline.core.rounds)
     inp = gather(params, root)
     code = code_state(root, params.publish.version, params.publish.tag_pattern)
     info = release_info(params, code)

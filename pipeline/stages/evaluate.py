@@ -81,6 +81,7 @@ from pipeline.constraints.validity import Rules
 from pipeline.core.errors import SourceError
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.params import EvaluateParams
+from pipeline.core.rounds import ROUND_READS
 from pipeline.core.shared import ENV_EVAL_CACHE_DIR, shared_cache_dir
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.eval.cache import EvalCache
@@ -344,14 +345,14 @@ def _body(ctx: StageContext) -> None:
 
 # Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage evaluate_round@<rk> runs this
 # module with `--round rk`, the same body on the round's paths.
-DVC_STAGES = {STAGE: READS, "evaluate_round": [*READS, "rounds"]}
+DVC_STAGES = {STAGE: READS, "evaluate_round": [*READS, *ROUND_READS]}
 
 
 def main() -> None:
-    from pipeline.core.rounds import round_arg, wrap
+    from pipeline.core.rounds import reads, round_arg, wrap
 
     if name := round_arg():
-        stage_main(f"{STAGE}.{name}", DVC_STAGES["evaluate_round"], wrap(name, STAGE, _body))
+        stage_main(f"{STAGE}.{name}", reads(READS, name), wrap(name, STAGE, _body))
         return
     stage_main(STAGE, READS, _body)
 

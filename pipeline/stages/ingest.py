@@ -37,6 +37,7 @@ from pipeline.core.errors import DataError, ParamsError, SourceError
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.lineage import sha256_file
 from pipeline.core.params import DataParams, DataSource, Paths
+from pipeline.core.rounds import ROUND_READS
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.data.formats import READERS
 from pipeline.data.formats.common import ROWS_FILE
@@ -47,7 +48,7 @@ READS = ["data.sources", "paths.ingested_sources", "paths.ingested", "paths.take
 SOURCE_STAGE = "ingest_source"
 SOURCE_READS = ["data.sources", "paths.ingested_sources", "paths.takedowns"]
 ROUND_STAGE = "ingest_round"  # round k >= 2 of iterative DPO: its on-policy source, read and merged in one stage
-DVC_STAGES = {STAGE: READS, SOURCE_STAGE: SOURCE_READS, ROUND_STAGE: [*READS, "rounds"]}  # dvc.yaml stage -> params read
+DVC_STAGES = {STAGE: READS, SOURCE_STAGE: SOURCE_READS, ROUND_STAGE: [*READS, *ROUND_READS]}  # dvc.yaml stage -> params read
 COUNTS_FILE = "counts.json"
 
 log = logging.getLogger(__name__)
@@ -261,10 +262,10 @@ def _round_body(ctx: StageContext) -> None:
 def main() -> None:
     import sys
 
-    from pipeline.core.rounds import round_arg, wrap
+    from pipeline.core.rounds import reads, round_arg, wrap
 
     if name := round_arg():
-        stage_main(f"{STAGE}.{name}", DVC_STAGES[ROUND_STAGE], wrap(name, STAGE, _round_body))
+        stage_main(f"{STAGE}.{name}", reads(READS, name), wrap(name, STAGE, _round_body))
         return
     if len(sys.argv) == 3 and sys.argv[1] == "--source":
         stage_main(f"{SOURCE_STAGE}.{sys.argv[2]}", SOURCE_READS, _source_body(sys.argv[2]))

@@ -60,6 +60,7 @@ from pipeline.constraints.validity import RULES, Rules, assess, required_texts
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from pipeline.core.params import RateParams
+from pipeline.core.rounds import ROUND_READS
 from pipeline.core.stage import StageContext, stage_main
 
 STAGE = "rate"
@@ -273,14 +274,14 @@ def _body(ctx: StageContext) -> None:
 
 # Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage rate_round@<rk> runs this
 # module with `--round rk`, the same body on the round's paths.
-DVC_STAGES = {STAGE: READS, "rate_round": [*READS, "rounds"]}
+DVC_STAGES = {STAGE: READS, "rate_round": [*READS, *ROUND_READS]}
 
 
 def main() -> None:
-    from pipeline.core.rounds import round_arg, wrap
+    from pipeline.core.rounds import reads, round_arg, wrap
 
     if name := round_arg():
-        stage_main(f"{STAGE}.{name}", DVC_STAGES["rate_round"], wrap(name, STAGE, _body))
+        stage_main(f"{STAGE}.{name}", reads(READS, name), wrap(name, STAGE, _body))
         return
     stage_main(STAGE, READS, _body)
 

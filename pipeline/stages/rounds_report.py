@@ -23,12 +23,12 @@ from typing import Any
 from pipeline.core import rounds
 from pipeline.core.errors import OpenReleaseError
 from pipeline.core.io import atomic_write_json, read_json
-from pipeline.core.lineage import read_record
+from pipeline.core.lineage import read_record, sha256_path
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.eval.rounds import pick, row_metrics, versus_previous, write_plot
 
 STAGE = "rounds_report"
-READS = ["rounds", "evaluate.bootstrap", "paths.metrics", "paths.model", "paths.dataset", "paths.eval_dir",
+READS = ["rounds.publish", "rounds.selection", *rounds.ROUND_READS, "evaluate.bootstrap", "paths.metrics", "paths.model", "paths.dataset", "paths.eval_dir",
          "paths.reports", "paths.plots", "paths.base_model"]
 PLOT = "rounds.png"
 DVC_STAGES = {STAGE: READS}  # a foreach over rounds.later: rounds_report@<rk>
@@ -71,9 +71,14 @@ def run(params: Any, name: str, root: Path) -> dict[str, Any]:
                  "sampled_by": entry.model_in, "sampled_by_sha256": _output_sha(lineage, f"generate.{name}", entry.model_in),
                  "trained_from": trained_from, "data": params.rounds.data,
                  "metrics": row_metrics(read_json(root / mine["metrics"] / "eval.json")),
-                 "vs_previous": versus_previous(root / entry.eval_in, root / mine["eval_dir"], ci, b.min_clusters)})
+                 "vs_previous": versus_previous(root / entry.eval_in, root / mine["eval_dir"], ci, b.min_clusters),
+                 # what a release of this round reads besides the weights: the card and publish stages see
+                 # these files only through this summary (their folder deps), so a change to one shows here
+                 "files_sha256": {k: sha256_path(root / mine[k2] / f) if f else sha256_path(root / mine[k2])
+                                  for k, k2, f in (("eval.json", "metrics", "eval.json"), ("train.json", "metrics", "train.json"),
+                                                   ("data.json", "metrics", "data.json"), ("dataset", "dataset", ""))}})
     published, why = pick(rows, params.rounds.publish, params.rounds.selection)
-    return {"rounds": rows, "published": published, "why": why, "count": params.rounds.count,
+    return {"rounds": rows, "published": published, "why": why,
             "start_from": params.rounds.start_from, "data": params.rounds.data,
             "selection": params.rounds.selection.model_dump(mode="json") if params.rounds.selection else None}
 
@@ -105,7 +110,7 @@ def _body_for(name: str):
 
 def main() -> None:
     name = rounds.round_arg()
-    stage_main(f"{STAGE}.{name}", READS, _body_for(name or ""))
+    stage_main(f"{STAGE}.{name}", [k.replace("${key}", name or "") for k in READS], _body_for(name or ""))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Any
 from pipeline.core.errors import DataError, OpenReleaseError
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.params import TrainParams
+from pipeline.core.rounds import ROUND_READS
 from pipeline.core.shared import shared_cache_dir
 from pipeline.core.stage import StageContext, stage_main
 
@@ -412,14 +413,14 @@ def _secondary() -> None:
 
 # Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage train_round@<rk> runs this
 # module with `--round rk`, the same body on the round's paths.
-DVC_STAGES = {STAGE: READS, "train_round": [*READS, "rounds"]}
+DVC_STAGES = {STAGE: READS, "train_round": [*READS, *ROUND_READS]}
 
 
 def main() -> None:
-    from pipeline.core.rounds import round_arg, wrap
+    from pipeline.core.rounds import reads, round_arg, wrap
 
     if name := round_arg():
-        stage_main(f"{STAGE}.{name}", DVC_STAGES["train_round"], wrap(name, STAGE, _body))
+        stage_main(f"{STAGE}.{name}", reads(READS, name), wrap(name, STAGE, _body))
         return
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2])

@@ -32,6 +32,7 @@ from typing import Any
 from pipeline.core.errors import DataError
 from pipeline.core.io import atomic_dir, atomic_write_json, iter_jsonl
 from pipeline.core.params import DataSource, RowRules
+from pipeline.core.rounds import ROUND_READS
 from pipeline.core.stage import StageContext, stage_main
 from pipeline.data.formats import rating_range
 from pipeline.data.formats.common import arrow_schema, excerpt, rows_to_arrow
@@ -408,14 +409,14 @@ def _body(ctx: StageContext) -> None:
 
 # Round k >= 2 of iterative DPO (pipeline.core.rounds): the dvc.yaml foreach stage validate_round@<rk> runs this
 # module with `--round rk`, the same body on the round's paths.
-DVC_STAGES = {STAGE: READS, "validate_round": [*READS, "rounds"]}
+DVC_STAGES = {STAGE: READS, "validate_round": [*READS, *ROUND_READS]}
 
 
 def main() -> None:
-    from pipeline.core.rounds import round_arg, wrap
+    from pipeline.core.rounds import reads, round_arg, wrap
 
     if name := round_arg():
-        stage_main(f"{STAGE}.{name}", DVC_STAGES["validate_round"], wrap(name, STAGE, _body))
+        stage_main(f"{STAGE}.{name}", reads(READS, name), wrap(name, STAGE, _body))
         return
     stage_main(STAGE, READS, _body)
 

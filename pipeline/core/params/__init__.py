@@ -36,8 +36,8 @@ from pipeline.core.params.eval import (  # noqa: F401 (re-exported)
     LocalJudgeParams,
     OpenAIJudgeParams,
 )
-from pipeline.core.params.rounds import LaterRound, RoundsParams  # noqa: F401 (re-exported)
 from pipeline.core.params.release import HUB_REPO_ID, CardParams, LicenseOverride, MetricBound, PublishParams  # noqa: F401 (re-exported)
+from pipeline.core.params.rounds import LaterRound, RoundsParams  # noqa: F401 (re-exported)
 from pipeline.core.params.sources import BaseModelParams, GenerateParams, HubSource, RateParams, WheelSource  # noqa: F401 (re-exported)
 from pipeline.core.params.sweep import SelectionRule, SweepParams, check_sweep_keys  # noqa: F401 (re-exported)
 from pipeline.core.params.train import LauncherParams, LoraParams, TrainParams  # noqa: F401 (re-exported)
@@ -100,7 +100,8 @@ class Params(Section):
         """The params value at a dotted key path such as `paths.model` or `train`."""
         obj: Any = self
         for part in dotted.split("."):
-            obj = getattr(obj, "validate_" if part == "validate" else part)
+            # a mapping of sections (rounds.later.r2): its key
+            obj = obj[part] if isinstance(obj, dict) else getattr(obj, "validate_" if part == "validate" else part)
         return obj
 
     def section_dump(self, dotted: str) -> Any:
