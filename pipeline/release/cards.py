@@ -267,17 +267,50 @@ def _lineage_section(inp: ReleaseInputs, info: ReleaseInfo) -> str:
     return "\n".join(lines)
 
 
-def _reproduce(info: ReleaseInfo) -> str:
+def _reproduce(info: ReleaseInfo, public_key: str | None = None) -> str:
+    """How to rebuild the release, install `openrelease` at its tag and audit it with a trust anchor.
+
+    `public_key` is `publish.public_key`: the repo path of the release key committed at the tag (then the
+    audit anchors on it with --repo-key), or None (then the reader must bring the publisher's key).
+    """
     if info.remote:
         steps = [f"git clone {info.remote} open-release && cd open-release",
                  f"git checkout {info.version}   # the release tag"]
     else:  # no known remote: the code is in this repo, as the git archive of the release commit
         steps = [f"tar xzf source/open-release-{info.version}.tar.gz && cd open-release-{info.version}",
                  "git init -q && git add -A && git commit -qm source   # DVC works inside a git repo"]
+    target = f"{info.model_repo} --revision {info.version}"
+    if info.remote and public_key:
+        verify = [
+            "```bash",
+            f"git clone {info.remote} open-release && cd open-release && git checkout {info.version}",
+            "python -m venv .venv && . .venv/bin/activate && pip install .   # openrelease, as of the release tag",
+            f"openrelease audit {target} --repo-key",
+            "```", "",
+            f"`--repo-key` checks the signature against `{public_key}` as committed in the code repository at tag "
+            f"`{info.version}` (read from the clone with git), not against the `signing-key.pub` inside the download.",
+        ]
+    else:
+        install = (f'pip install "git+{info.remote}@{info.version}"   # openrelease, as of the release tag'
+                   if info.remote else
+                   f"tar xzf source/open-release-{info.version}.tar.gz && pip install ./open-release-{info.version}"
+                   "   # openrelease, from this release's source archive")
+        verify = [
+            "```bash", install,
+            f"openrelease audit {target} --public-key publisher.pub",
+            "```", "",
+            "`publisher.pub` is the publisher's public key, obtained from a channel you trust, not from this "
+            "download: the copy inside it (`signing-key.pub`) cannot vouch for itself. Its sha256 must equal "
+            "`signing.public_key_sha256` in `manifest.json`. No key is committed in the code repository for "
+            "this release (`publish.public_key` unset), so `--repo-key` does not apply. Without an anchor the "
+            "audit still checks every file and exits 3: consistent, signer not verified.",
+        ]
     return "\n".join([
         "```bash", *steps, "make repro     # = dvc repro: the same stages, params and seeds", "```", "",
         "Verify what you downloaded against the signed manifest (weights, card, dataset, source archive):", "",
-        "```bash", f"openrelease audit {info.model_repo} --revision {info.version}", "```"])
+        *verify, "", "A downloaded folder is audited the same way: `openrelease audit FOLDER` with the same anchor "
+        "(`--dataset FOLDER` for the dataset beside a model download); `openrelease report` writes the result as "
+        "one offline HTML page."])
 
 
 def _micro_batches(packing: bool | None) -> str:
@@ -419,7 +452,7 @@ def model_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "citations": CITATIONS,
         "judge": _judge(inp),
         "judge_weaknesses": _bullets(cp.judge_weaknesses), "plots": _plots(inp), "limitations": _bullets(cp.limitations),
-        "license": _license_section(lic, "model"), "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
+        "license": _license_section(lic, "model"), "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info, inp.params.publish.public_key),
         "sweep": _sweep_section(inp) + rounds_section(inp), "removals": model_section(removals(inp)),
     })
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
@@ -437,6 +470,7 @@ def dataset_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         configs=dataset_configs(inp),
         **hub_metadata(lic.dataset),
     )
+
     validation = inp.report("validation")
     body = render_template("dataset_card.md", {
         "name": info.dataset_repo.split("/")[-1], "model_repo": info.model_repo, "endpoint": info.endpoint,
@@ -446,7 +480,7 @@ def dataset_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "build_counts": _numbers_table(inp.metrics.get("data"), "build counts"),
         "decontamination": _numbers_table(inp.report("decontamination"), "decontamination report"),
         "validation": _numbers_table(validation, "validation report"), "license": _license_section(lic, "dataset"),
-        "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info),
+        "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info, inp.params.publish.public_key),
         "removals": dataset_section(removals(inp)),
     })
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
