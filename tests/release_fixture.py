@@ -51,8 +51,18 @@ def _pair(i: int, prompt: str, split: str) -> dict:
     return {"id": f"{split}-{i}", "prompt": [{"role": "user", "content": prompt}],
             "chosen": [{"role": "assistant", "content": f"a good answer {i}"}],
             "rejected": [{"role": "assistant", "content": f"A Bad, Answer {i}"}],
+            "chosen_cut": False, "rejected_cut": i % 2 == 0,
             "score_chosen": 1.0, "score_rejected": 0.25, "source": "on_policy", "source_row": f"rated.jsonl:{i + 1}",
             "rule": "best_vs_worst", "prompt_hash": f"{i:064x}"}
+
+
+def _eval_row(i: int, prompt: str) -> dict:
+    """A row of evaluate's per-prompt table (pipeline.eval.verifiable.set_table), both models."""
+    row = {"id": f"e{i}", "prompt": prompt, "instruction_id_list": '["punctuation:no_comma"]', "kwargs": "[{}]"}
+    for who, text, ok in (("base", "a, b", False), ("policy", f"an answer without commas {i}", True)):
+        row.update({f"response_{who}": text, f"finished_{who}": True, f"valid_{who}": True, f"failed_{who}": "",
+                    f"follow_strict_{who}": json.dumps([ok]), f"strict_{who}": ok, f"pass_{who}": ok})
+    return {**row, "kl": 0.1}
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
@@ -131,6 +141,7 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     # build also writes a per-pair provenance side table; it sorts before the splits
     write_parquet(root / p.dataset / "provenance.parquet",
                   [{"id": f"p{i}", "source": "on-policy", "split": "train", "seed": 42} for i in range(len(prompts))])
+    write_parquet(root / p.eval_dir / "test.parquet", [_eval_row(i, t) for i, t in enumerate(EVAL_PROMPTS)])
     model = root / p.model
     shutil.copytree(tiny_model_dir, model)
     (model / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Model Card for Model ID\n(TRL template)\n")
@@ -142,7 +153,14 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     metrics.mkdir(parents=True, exist_ok=True)
     (metrics / "eval.json").write_text(json.dumps(EVAL, indent=2))
     (metrics / "data.json").write_text(json.dumps({"read": 10, "quarantined": 1, "validated": 9,
-                                                   "filtered.decontaminated": 1, "pairs_train": 4, "pairs_test": 1}))
+                                                   "filtered.decontaminated": 1, "pairs_train": 4, "pairs_test": 1,
+                                                   "prompts_train": 4, "prompts_test": 1, "groups_binarized": 8,
+                                                   "filtered.no_pair": 3, "binarize.tie": 5, "cut.chosen_train": 0,
+                                                   "cut.rejected_train": 2, "cut.unknown_train": 0,
+                                                   "cut.chosen_test": 0, "cut.rejected_test": 0, "cut.unknown_test": 0}))
+    (metrics / "generate.json").write_text(json.dumps({"prompts": 10, "completions": 60, "truncated_completions": 21}))
+    (metrics / "rate.json").write_text(json.dumps({"prompts": 10, "completions": 60, "contrastive_prompts": 5,
+                                                   "degenerate_completions": 4}))
     (metrics / "train.json").write_text(json.dumps({"train_loss": 0.52, "effective_batch_size": 8,
                                                     "wall_time_s": 301.2}))
     _png(root / p.plots / "train" / "loss.png")
@@ -172,7 +190,12 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     _record(root, "ingest", {"data": {"sources": sources}}, [(s["path"], 1) for s in sources], [(p.ingested, 10)],
             "2", commit)
     _record(root, "validate", {}, [(p.ingested, 10)], [(p.validated, 9)], "3", commit)
-    _record(root, "build", {}, [(p.validated, 9), (p.test_prompts, 2)], [(p.dataset, 5)], "4", commit)
+    _record(root, "generate", {"generate": params.section_dump("generate")}, [(p.test_prompts, 2)],
+            [(f"{p.metrics}/generate.json", None)], "7", commit)
+    _record(root, "rate", {"rate": params.section_dump("rate"), "validity": params.section_dump("validity")},
+            [(f"{p.metrics}/generate.json", None)], [(f"{p.metrics}/rate.json", None)], "8", commit)
+    _record(root, "build", {"build": params.section_dump("build")}, [(p.validated, 9), (p.test_prompts, 2)],
+            [(p.dataset, 5)], "4", commit)
     _record(root, "train", {"train": {"dpo": {"beta": 0.1, "learning_rate": 2e-4, "seed": 42}, "global_batch_size": 8}},
             [(p.base_model, None), (f"{p.dataset}/train.parquet", 4)], [(p.model, None)], "5", commit,
             extra={"train": {"plan": {"device": "cpu", "precision": "fp32", "packing": True}}})

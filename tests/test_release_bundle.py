@@ -57,7 +57,7 @@ def test_manifest_lists_every_file_with_sha256(bundle):
         assert set(on_disk) - set(listed) <= {"manifest.json", "model.sig"}
         for rel, f in listed.items():
             assert f["sha256"] == sha256_file(on_disk[rel]) and f["size"] == on_disk[rel].stat().st_size
-    assert set(m["lineage"]) == {"base_model", "ingest", "validate", "build", "train", "evaluate"}
+    assert set(m["lineage"]) == {"base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate"}
     assert m["mlflow"]["train"]["run_id"].endswith("5") and m["runs"]["train"]["git"]["dirty"] is True
     assert m["lineage"]["train"]["mlflow"]["run_id"].endswith("5") and m["runs_missing"] == []
     assert set(m["dvc"]["stages"]) == {"build", "train"} and m["dvc"]["lock_sha256"]

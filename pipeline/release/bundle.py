@@ -26,6 +26,8 @@ from pipeline.core.lineage import sha256_file
 from pipeline.core.params import Params
 from pipeline.core.runs import read_run_records
 from pipeline.release import gates as G
+from pipeline.release.croissant import write_croissant
+from pipeline.release.dataset_repo import prompt_set_split, write_eval_answers
 from pipeline.release.gitinfo import CodeState, code_state, public_url, source_archive
 from pipeline.release.inputs import ReleaseInputs, dvc_stage_hashes, gather
 from pipeline.release.licenses import LicenseDecision, derive
@@ -103,7 +105,9 @@ def _copy_dataset(inp: ReleaseInputs, dest: Path) -> None:
         (dest / "eval" / name).mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copyfile(f, dest / "eval" / name / f.name)
-        eval_set_parquet(files, dest / "data" / name / "test.parquet")
+        split = prompt_set_split(name)
+        eval_set_parquet(files, dest / "data" / name / f"{split}.parquet")
+    write_eval_answers(inp.eval_tables, dest)   # config eval_answers: both models' answers and verdicts
     (dest / "reports").mkdir(parents=True, exist_ok=True)
     for kind, f in inp.reports.items():
         shutil.copyfile(f, dest / "reports" / f"{kind}.json")
@@ -266,6 +270,7 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
                                               shown=params.paths.runs)
         datadocs.copy_into(root / params.paths.reports, dataset, runs)
         write_cards(inp, info, lic, model, dataset)
+        write_croissant(inp, info, lic, dataset)   # last in dataset/: it lists every other file's sha256
         archive = source_archive(root, code.commit, f"{PROJECT}-{info.version}",
                                  model / "source" / f"{PROJECT}-{info.version}.tar.gz")
         if key is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.release.card_sections import CITATIONS, describe, quick_start, results_summary, rounds_section
+from pipeline.release.dataset_repo import EVAL_ANSWERS, prompt_set_split
 from pipeline.release.eval_card import evaluation_notes
 from pipeline.release.inputs import RELEASE_STAGES, ReleaseInputs, flat_numbers
 from pipeline.release.licenses import LicenseDecision, hub_metadata
@@ -147,7 +148,11 @@ def dataset_configs(inp: ReleaseInputs) -> list[dict[str, Any]]:
     configs += [{"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}.parquet"}]}
                 for name in inp.side_tables]
     for name in inp.eval_prompt_sets():   # the rows of eval/<name>/ as Parquet (see bundle.eval_set_parquet)
-        configs.append({"config_name": name, "data_files": [{"split": "test", "path": f"data/{name}/test.parquet"}]})
+        split = prompt_set_split(name)      # named by the prompts' role: train, validation (dev) or test
+        configs.append({"config_name": name, "data_files": [{"split": split, "path": f"data/{name}/{split}.parquet"}]})
+    if inp.eval_tables:  # both models' answers and verdicts, one split per evaluated prompt set
+        configs.append({"config_name": EVAL_ANSWERS, "data_files": [
+            {"split": unit, "path": f"data/{EVAL_ANSWERS}/{unit}.parquet"} for unit in inp.eval_tables]})
     return configs
 
 
@@ -209,7 +214,10 @@ def _sources_table(inp: ReleaseInputs) -> str:
         path = inp.source_path(s)
         revision = path.rsplit("@", 1)[1] if path.startswith("hf://") and "@" in path else None
         art = rows_by_path.get(path)
-        rows.append([str(s.get("name")), str(s.get("format", MISSING)), f"`{path}`",
+        # the on-policy samples are rate's rows in UltraFeedback's layout, not UltraFeedback data
+        kind = ("on-policy samples rated by `rate` (UltraFeedback layout)" if path == str(inp.params.paths.rated)
+                else str(s.get("format", MISSING)))
+        rows.append([str(s.get("name")), kind, f"`{path}`",
                      revision or (f"sha256 `{art['sha256'][:12]}`" if art else MISSING),
                      str(s.get("license") or MISSING), art.get("rows") if art else None])
     return _table(["source", "format", "path", "revision", "license", "rows read"], rows)
@@ -470,13 +478,17 @@ def dataset_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         configs=dataset_configs(inp),
         **hub_metadata(lic.dataset),
     )
+    from pipeline.release import dataset_card as dc
 
     validation = inp.report("validation")
     body = render_template("dataset_card.md", {
         "name": info.dataset_repo.split("/")[-1], "model_repo": info.model_repo, "endpoint": info.endpoint,
-        "version": info.version,
+        "version": info.version, "dataset_repo": info.dataset_repo, "origin": dc.origin(inp),
+        "configs": dc.configs_section(inp, data.configs), "split_rules": dc.splits_section(inp),
+        "cuts": dc.cut_section(inp), "eval_answers": dc.eval_answers_section(inp, info.dataset_repo, info.version),
+        # audit re-renders this table from the Parquet files: keep its shape
         "splits": _table(["split", "pairs"], [[s, n] for s, n in inp.splits.items()]) if inp.splits else MISSING,
-        "columns": ", ".join(f"`{c}`" for c in inp.dataset_columns) or MISSING, "sources": _sources_table(inp),
+        "columns": ", ".join(f"`{c}`" for c in inp.dataset_columns) or MISSING,
         "build_counts": _numbers_table(inp.metrics.get("data"), "build counts"),
         "decontamination": _numbers_table(inp.report("decontamination"), "decontamination report"),
         "validation": _numbers_table(validation, "validation report"), "license": _license_section(lic, "dataset"),

@@ -49,6 +49,7 @@ class ReleaseInputs:
     split_files: dict[str, Path] = field(default_factory=dict)
     dataset_columns: list[str] = field(default_factory=list)
     side_tables: dict[str, Path] = field(default_factory=dict)  # provenance -> its Parquet file
+    eval_tables: dict[str, Path] = field(default_factory=dict)  # evaluate's per-prompt tables (test, dev, ifeval)
 
     def record(self, stage: str) -> dict[str, Any] | None:
         return self.lineage.get(stage)
@@ -91,6 +92,17 @@ class ReleaseInputs:
             if files and (key.endswith(("_prompts", "_subset")) or "ifeval" in key):
                 out[key] = files
         return out
+
+    def stage_metrics(self, stage: str) -> dict[str, Any] | None:
+        """metrics/<stage>.json of a data stage (generate, rate), for the dataset card; None when absent."""
+        path = self.root / self.params.paths.metrics / f"{stage}.json"
+        value = read_json(path) if path.is_file() else None
+        return value if isinstance(value, dict) else None
+
+    def stage_params(self, stage: str, section: str) -> dict[str, Any]:
+        """A params section as `stage` read it (its lineage record), else as params.yaml has it now."""
+        got = ((self.record(stage) or {}).get("params") or {}).get(section)
+        return got if isinstance(got, dict) else (self.params.section_dump(section) or {})
 
     def train_params(self) -> dict[str, Any]:
         rec = self.record("train")
@@ -192,6 +204,12 @@ def gather(params: Params, root: str | Path = ".", require_model: bool = True) -
         if name in inp.split_files:
             inp.side_tables[name] = inp.split_files.pop(name)
             inp.splits.pop(name)
+    from pipeline.release.dataset_repo import EVAL_ANSWER_UNITS
+
+    for unit in EVAL_ANSWER_UNITS:
+        f = root / p.eval_dir / f"{unit}.parquet"
+        if f.is_file():
+            inp.eval_tables[unit] = f
     if require_model and not inp.splits:
         raise SourceError(f"{p.dataset}: no Parquet splits to release (run `dvc repro build`)")
     return inp
