@@ -1,6 +1,7 @@
 """Stage `card`: the model card and the dataset card, for review before publishing.
 
-Reads:  `paths.model`, `paths.dataset`, `paths.metrics/{eval,data,train}.json`, `paths.plots`,
+Reads:  `paths.model`, `paths.dataset`, `paths.metrics/{eval,data,train,generate,rate}.json`,
+        `paths.eval_dir` (evaluate's per-prompt tables: the dataset config eval_answers), `paths.plots`,
         `paths.reports`, the lineage records of earlier stages and dvc.lock; params `card`,
         `base_model`, `data`, `train`, `evaluate` and the repo ids / version keys of `publish`.
 Writes: `paths.cards/model/README.md` (+ the plots it shows), `paths.cards/dataset/README.md`,
@@ -30,7 +31,7 @@ from pipeline.release.manifest import DATASET_DIR, MODEL_DIR
 STAGE = "card"
 READS = ["card", "base_model", "data", "train", "evaluate", "publish.model_repo", "publish.dataset_repo",
          "publish.endpoint", "publish.version", "publish.tag_pattern", "publish.previous_release", "paths.model", "paths.dataset",
-         "paths.metrics", "paths.plots", "paths.reports", "paths.cards"]
+         "paths.metrics", "paths.plots", "paths.reports", "paths.cards", "paths.eval_dir"]
 
 log = logging.getLogger(__name__)
 
