@@ -74,9 +74,7 @@ def test_every_docs_page_is_linked_from_the_readme():
 
 
 def test_the_mermaid_picture_names_real_stages():
-    import yaml as _yaml
-
-    stages = set((_yaml.safe_load((ROOT / "dvc.yaml").read_text()).get("stages") or {}))
+    stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text()).get("stages") or {})
     picture = _blocks(README.read_text(), "mermaid")[0]
     named = {w for w in re.findall(r"\b([a-z_]+)\b", picture)} & {s.split("@")[0] for s in stages}
     for stage in ("base_model", "generate", "rate", "ingest", "validate", "build", "train", "evaluate",

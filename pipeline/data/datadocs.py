@@ -70,7 +70,7 @@ def make_offline(docs_dir: Path) -> None:
         for url, local in urls.items():
             for q in ('"', "'"):
                 new = new.replace(f"{q}{url}{q}", f"{q}{_rel(local, page.parent)}{q}")
-        new = _TAG.sub(lambda m: _drop_sri(m.group(0), page), new)
+        new = _TAG.sub(lambda m, page=page: _drop_sri(m.group(0), page), new)
         for url, name in _LOGOS.items():
             new = new.replace(url, _rel(images / name, page.parent))
         if new != text:
