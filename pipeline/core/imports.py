@@ -92,6 +92,12 @@ def _code_sha256(module: str, root: Path) -> tuple[str, tuple[tuple[str, str], .
     return digest, tuple(files)
 
 
+def stage_code(module: str) -> dict[str, str]:
+    """A lineage record's `code`: the module and the sha256 of its import closure. For the records of
+    foreach stages (`<stage>.<item>`), whose names are not module names."""
+    return {"module": module, "sha256": code_sha256(module)}
+
+
 def code_sha256(*modules: str, root: Path | None = None) -> str:
     """One sha256 over the source of `modules` and everything they import within the package."""
     root = (root or package_root()).resolve()

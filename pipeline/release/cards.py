@@ -349,7 +349,9 @@ def _train_section(inp: ReleaseInputs) -> str:
         f"- {_resume_line(tm, run_facts.get('resume') or {})}",
         f"- libraries: {', '.join(f'{k} {v}' for k, v in versions.items()) or MISSING}",
         "", "Every training hyperparameter, as the train stage read it:", "",
-        _table(["parameter", "value"], [[f"`{k}`", v] for k, v in sorted(hyper.items())]) if hyper else MISSING,
+        # a parameter set to null is a choice params.yaml explains (e.g. torch_threads: every core), not a gap
+        _table(["parameter", "value"], [[f"`{k}`", "`null`" if v is None else v] for k, v in sorted(hyper.items())])
+        if hyper else MISSING,
     ]
     if tm:
         lines += ["", "Training metrics (`metrics/train.json`):", "", _numbers_table(tm, "training metrics")]

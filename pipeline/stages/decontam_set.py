@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import ParamsError
+from pipeline.core.imports import stage_code
 from pipeline.core.io import atomic_write_json
 from pipeline.core.lineage import sha256_file
 from pipeline.core.stage import StageContext, stage_main
@@ -50,6 +51,8 @@ def run(name: str, path: str, root: Path, out: Path) -> dict[str, Any]:
 
 def _body_for(name: str):
     def body(ctx: StageContext) -> None:
+        # the record is named decontam_set.<name>, which names no module: its code is this module's
+        ctx.record.code = stage_code("pipeline.stages.decontam_set")
         if name == OWN:
             out = record_file(ctx.path("decontam_sets"), name)
             sets = []

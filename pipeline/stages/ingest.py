@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import DataError, ParamsError, SourceError
+from pipeline.core.imports import stage_code
 from pipeline.core.io import atomic_dir, atomic_write_json
 from pipeline.core.lineage import sha256_file
 from pipeline.core.params import DataParams, DataSource, Paths
@@ -204,6 +205,8 @@ def run(data: DataParams, paths: Paths | None, out_dir: Path, root: Path) -> dic
 
 def _source_body(name: str):
     def body(ctx: StageContext) -> None:
+        # the record is named ingest_source.<name>, which names no module: its code is this module's
+        ctx.record.code = stage_code("pipeline.stages.ingest")
         source = _source(ctx.params.data, name)
         takedowns, shown = takedowns_of(ctx.params.paths, ctx.root)
         out = ctx.path("ingested_sources") / name
