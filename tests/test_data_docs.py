@@ -74,6 +74,19 @@ def test_docs_load_nothing_remote_and_name_the_data_asset(docs):
     assert "1970-01-01T00:00:00Z" in run
 
 
+def test_the_offline_docs_are_the_same_bytes_on_a_second_run(docs, tmp_path):
+    """They are a DVC output: the vendored copies and rewritten pages must not make two runs differ."""
+    rows = docs.parent.parent / "rows.jsonl"
+    (tmp_path / "out").mkdir()
+    validate.run(rows, SOURCES, RowRules(**{r: "quarantine" for r in RowRules.model_fields}), 1.0, tmp_path / "out",
+                 tmp_path / "report", asset=ASSET)
+    again = tmp_path / "report" / "docs"
+    files = sorted(p.relative_to(docs) for p in docs.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (docs / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
 def test_a_new_cdn_file_is_an_error_not_a_silent_gap(docs, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(docs, site)
