@@ -46,7 +46,7 @@ dev: $(VENV)/.installed-dev
 repro: install
 	$(BIN)/dvc repro publish  # the release and what it needs: unused stages (generate without an on-policy source) never run
 
-# The `sweep:` grid of params.yaml as DVC experiments, then the rule's pick released (README: Sweeps)
+# The `sweep:` grid of params.yaml as DVC experiments, then the rule's pick released (docs/sweeps.md)
 sweep: install
 	$(BIN)/openrelease sweep
 
