@@ -176,3 +176,13 @@ def test_the_audit_fails_a_page_that_would_load_from_a_cdn(bundle, tmp_path):
     result = _audit(copy)
     failed = {c.name: c.detail for c in result.checks if c.status == "failed"}
     assert "cdn.example.org/x.js" in failed["offline pages"] and "dataset files" in failed
+
+
+@needs_browser
+def test_chromium_opens_the_releases_pages_offline(bundle):
+    site = bundle / "dataset" / "reports" / "data_docs" / "validation"
+    for page in (bundle / "model" / "report.html", site / "index.html", _run_page(site)):
+        out = _offline_chromium("--dump-dom", url=page.as_uri())
+        assert out.returncode == 0 and _console_errors(out.stderr) == [], page
+    dom = _offline_chromium("--dump-dom", url=(site / "index.html").as_uri()).stdout
+    assert "2026-12-06 13:05:58 UTC" in dom and 'class="clickable-row"' in dom

@@ -5,7 +5,8 @@ Reads:  everything the `card` stage reads, plus `paths.test_prompts` (and the ot
         `evaluate`, `paths`.
 Writes: `paths.release/model/` and `paths.release/dataset/`: exactly what `openrelease publish` would
         upload to the two Hub repos (weights, cards, manifest.json, model.sig, signing-key.pub,
-        bom.cdx.json, eval results, the source archive; Parquet splits and reports), and
+        bom.cdx.json, eval results, the source archive, report.html; Parquet splits, reports and the
+        Great Expectations Data Docs with their run times), and
         `paths.lineage/publish.json` (the gates' verdicts). `paths.release` is not a DVC output: a
         signed, dated bundle differs on every run; its sha256 is in the run record.
 Run:    `dvc repro publish` (or `python -m pipeline.stages.publish`); check the result with
