@@ -144,6 +144,9 @@ def make_release_project(dest: Path, tiny_model_dir: Path, *, sources: list[dict
     write_parquet(root / p.eval_dir / "test.parquet", [_eval_row(i, t) for i, t in enumerate(EVAL_PROMPTS)])
     model = root / p.model
     shutil.copytree(tiny_model_dir, model)
+    from pipeline.lm.portable import make_portable
+
+    make_portable(model)   # as the train stage leaves it: loadable by transformers 4.x too
     (model / "README.md").write_text("---\nlibrary_name: transformers\n---\n# Model Card for Model ID\n(TRL template)\n")
     (model / "adapter").mkdir()
     (model / "adapter" / "adapter_config.json").write_text('{"r": 4, "peft_type": "LORA"}\n')

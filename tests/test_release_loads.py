@@ -53,6 +53,10 @@ CLIENT = textwrap.dedent('''
     out["provenance"] = {s: prov[s].column_names for s in prov}
     ev = datasets.load_dataset(dataset_repo, "test_prompts", revision=tag)
     out["test_prompts"] = [r["prompt"] for r in ev["test"]]
+    answers = datasets.load_dataset(dataset_repo, "eval_answers", split="test", revision=tag)
+    out["eval_answers"] = sorted({(r["prompt_id"], r["model"]) for r in answers})
+    out["config_rows"] = {c: {s: n for s, n in datasets.load_dataset(dataset_repo, c, revision=tag).num_rows.items()}
+                          for c in out["configs"]}
     card = ModelCard.load(model_repo)
     out["model_index"] = sorted({(r.dataset_type, r.dataset_config, r.dataset_split, r.dataset_revision)
                                  for r in card.data.eval_results}, key=str)
@@ -61,8 +65,26 @@ CLIENT = textwrap.dedent('''
     ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
                                   return_dict=True, return_tensors="pt")["input_ids"]
     out["chat_template"] = tok.chat_template is not None
-    out["generated"] = model.generate(ids, max_new_tokens=3, do_sample=False).shape[-1] - ids.shape[-1]
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False)
+    out["generated"] = gen.shape[-1] - ids.shape[-1]
+    out["ids"] = gen[0, ids.shape[-1]:].tolist()
     print("RESULT " + json.dumps(out))
+''')
+
+# What a transformers 4.x user runs against the same Hub (tests/test_release_tf4.py's second virtualenv, which has
+# no `datasets`): the model and tokenizer by repo id and tag, and the same greedy answer.
+CLIENT_TF4 = textwrap.dedent('''
+    import json, sys
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_repo, tag = sys.argv[1:3]
+    model = AutoModelForCausalLM.from_pretrained(model_repo, revision=tag)
+    tok = AutoTokenizer.from_pretrained(model_repo, revision=tag)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                  return_dict=True, return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False)
+    print("RESULT " + json.dumps({"transformers": transformers.__version__, "ids": gen[0, ids.shape[-1]:].tolist(),
+                                  "prompt_ids": ids[0].tolist()}))
 ''')
 
 
@@ -77,9 +99,11 @@ def test_load_dataset_and_from_pretrained_against_the_loopback_hub(bundle, serve
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     assert out["splits"] == {"train": 4, "test": 1}
-    assert {"prompt", "chosen", "rejected"} <= set(out["columns"])
+    assert {"prompt", "chosen", "rejected", "chosen_cut", "rejected_cut"} <= set(out["columns"])
     assert out["first_prompt"][0]["role"] == "user"                         # TRL's conversational format
-    assert set(out["configs"]) == {"default", "provenance", "test_prompts"}
+    assert set(out["configs"]) == {"default", "provenance", "test_prompts", "eval_answers"}
+    assert out["eval_answers"] == [[f"e{i}", m] for i in range(len(EVAL_PROMPTS)) for m in ("base", "policy")]
+    assert out["config_rows"]["eval_answers"] == {"test": 2 * len(EVAL_PROMPTS)}   # every config loads
     assert out["provenance"] == {"train": ["id", "source", "split", "seed"]}
     assert out["test_prompts"] == EVAL_PROMPTS
     assert (DATASET, "test_prompts", "test", VERSION) in [tuple(x) for x in out["model_index"]]
@@ -88,6 +112,34 @@ def test_load_dataset_and_from_pretrained_against_the_loopback_hub(bundle, serve
     puts = [p for m, p, _ in server.state.requests if m == "PUT"]
     assert sum("/part/" in p for p in puts) == 4                            # ceil(12.9 MB / 4 MiB) parts
     assert any(p.startswith("/lfs-complete/") for _, p, _ in server.state.requests)
+
+
+
+def test_transformers_4x_loads_the_published_release_from_the_loopback_hub(bundle, server, tmp_path):
+    """A transformers 4.x user (tests/test_release_tf4.py's second virtualenv, huggingface_hub 0.x) loads the
+    published model and tokenizer by repo id and tag and gets the greedy answer transformers 5.x gives."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_release_tf4 import tf4_python
+
+    python4 = tf4_python()   # skips cleanly without the virtualenv (fails under CI)
+    hub.publish_bundle(bundle.path, _info(bundle, server), False, TOKEN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "PYTHONPATH"))}
+    env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf4"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", TRANSFORMERS_VERBOSITY="error")
+    r = subprocess.run([str(python4), "-c", CLIENT_TF4, MODEL, VERSION], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out4 = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    local = bundle.path / "model"   # the same files, under the pinned transformers 5.x
+    tok = AutoTokenizer.from_pretrained(local)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                  return_dict=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = AutoModelForCausalLM.from_pretrained(local).generate(ids, max_new_tokens=3, do_sample=False)
+    assert out4["transformers"].startswith("4.") and out4["prompt_ids"] == ids[0].tolist()
+    assert out4["ids"] == gen[0, ids.shape[-1]:].tolist() and len(out4["ids"]) == 3
 
 
 @pytest.mark.parametrize("repo, edit, reason", [
