@@ -275,7 +275,7 @@ def _lineage_section(inp: ReleaseInputs, info: ReleaseInfo) -> str:
     return "\n".join(lines)
 
 
-def _reproduce(info: ReleaseInfo, public_key: str | None = None) -> str:
+def _reproduce(info: ReleaseInfo, public_key: str | None = None, dataset: bool = False) -> str:
     """How to rebuild the release, install `openrelease` at its tag and audit it with a trust anchor.
 
     `public_key` is `publish.public_key`: the repo path of the release key committed at the tag (then the
@@ -284,8 +284,11 @@ def _reproduce(info: ReleaseInfo, public_key: str | None = None) -> str:
     if info.remote:
         steps = [f"git clone {info.remote} open-release && cd open-release",
                  f"git checkout {info.version}   # the release tag"]
-    else:  # no known remote: the code is in this repo, as the git archive of the release commit
-        steps = [f"tar xzf source/open-release-{info.version}.tar.gz && cd open-release-{info.version}",
+    else:  # no known remote: the code is in the model repo, as the git archive of the release commit
+        fetch = ([f"hf download {info.model_repo} --revision {info.version} --include 'source/*' --local-dir model"
+                  "   # the source archive is in the model repo"] if dataset else [])
+        steps = [*fetch, f"tar xzf {'model/' if dataset else ''}source/open-release-{info.version}.tar.gz "
+                 f"&& cd open-release-{info.version}",
                  "git init -q && git add -A && git commit -qm source   # DVC works inside a git repo"]
     target = f"{info.model_repo} --revision {info.version}"
     if info.remote and public_key:
@@ -494,7 +497,8 @@ def dataset_card(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision):
         "build_counts": _numbers_table(inp.metrics.get("data"), "build counts"),
         "decontamination": _numbers_table(inp.report("decontamination"), "decontamination report"),
         "validation": _numbers_table(validation, "validation report"), "license": _license_section(lic, "dataset"),
-        "lineage": _lineage_section(inp, info), "reproduce": _reproduce(info, inp.params.publish.public_key),
+        "lineage": _lineage_section(inp, info),
+        "reproduce": _reproduce(info, inp.params.publish.public_key, dataset=True),
         "removals": dataset_section(removals(inp)),
     })
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
