@@ -4,8 +4,8 @@
 
 Workloads (the real defaults): sampling = paths.train_prompts with the chat template, params.yaml's
 `generate` decoding (samples_per_prompt, max_new_tokens, temperature, top_p, batch_size, seed); greedy =
-what evaluate decodes per model (paths.eval_prompts, paths.ifeval_prompts and evaluate.general.max_prompts
-of paths.general_prompts) with `evaluate.generation` (max_new_tokens, batch_size). `--quick` takes every
+what evaluate decodes per model (paths.test_prompts, paths.dev_prompts, paths.ifeval_prompts and
+evaluate.general.max_prompts of paths.general_prompts) with `evaluate.generation` (max_new_tokens, batch_size). `--quick` takes every
 k-th train prompt (48 x 4 samples = one batch of 192) and 3 candidates (transformers, loop, loop-bf16).
 Model: SmolLM2-135M from `paths.base_model` (built with the base_model stage's run() when absent).
 
@@ -130,6 +130,9 @@ def workloads(args, params, train, evals, extra) -> dict:
                                  num_return_sequences=g.samples_per_prompt, batch_size=g.batch_size, seed=g.seed)),
         "greedy": (evals + extra, dict(max_new_tokens=e.max_new_tokens, do_sample=False, batch_size=e.batch_size, seed=0)),
     }
+    if args.tiny:  # short completions: the check is the loop against model.generate, not the stages' lengths
+        for _, kw in work.values():
+            kw["max_new_tokens"] = min(kw["max_new_tokens"], 32)
     return {k: v for k, v in work.items() if k in args.workloads.split(",")}
 
 
@@ -140,12 +143,17 @@ def read_inputs(args):
     from pipeline.eval.measures import read_general_prompts
 
     params = load_params(ROOT / "params.yaml")
-    train, evals = read_prompts(ROOT / params.paths.train_prompts), read_prompts(ROOT / params.paths.eval_prompts)
+    train = read_prompts(ROOT / params.paths.train_prompts)
+    evals = read_prompts(ROOT / params.paths.test_prompts) + read_prompts(ROOT / params.paths.dev_prompts)
     if args.quick:
         train = train[:: max(1, len(train) // 48)][:48]
+    if args.tiny:  # bench/quick.py: a regression check, not a measurement of the stages' workloads
+        train, evals = train[:4], evals[:16]
     # What evaluate decodes greedily per model: eval prompts, the IFEval subset, the general prompts.
     extra = [{"prompt": r["prompt"]} for r in read_ifeval(ROOT / params.paths.ifeval_prompts)]
     extra += [{"prompt": r["prompt"]} for r in read_general_prompts(ROOT / params.paths.general_prompts, params.evaluate.general)]
+    if args.tiny:
+        extra = []
     return params, train, evals, extra
 
 
@@ -183,7 +191,8 @@ def spawn(name: str, workload: str, args) -> dict:
     elif not args.keep_omp_policy:
         env.pop("OMP_WAIT_POLICY", None)  # the stage chooses it, as `make repro` leaves it to the stage
     cmd = [sys.executable, __file__, "--child", name, "--workload", workload, "--workloads", workload,
-           "--candidate-runtime", args.candidate_runtime, *(["--quick"] if args.quick else [])]
+           "--candidate-runtime", args.candidate_runtime, *(["--quick"] if args.quick else []),
+           *(["--tiny"] if args.tiny else [])]
     return child_process.run(cmd, cwd=ROOT, env=env, label=f"{name} {workload}")
 
 
@@ -191,6 +200,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset of the prompts: 48 train, 32 eval")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="4 train prompts, 16 greedy prompts, at most 32 new tokens (bench/quick.py)")
     ap.add_argument("--candidates", default=None, help=f"comma-separated; default {','.join(CANDIDATES)} "
                     f"(--quick: {','.join(QUICK)})")
     ap.add_argument("--backend", default="loop", help="the candidate the last line reports")
