@@ -15,7 +15,7 @@ as `openrelease score` does for a file without `finished`. Reuse is measured wit
 evaluate measures it within each prompt set (a larger set has more chances of a shared stock phrase).
 
 Run: `python bench/calibrate_validity.py [--params params.yaml] [--sweep]`; `--sweep` adds each
-threshold's flag rate at neighbouring values. Prints Markdown tables (README: "Degenerate answers").
+threshold's flag rate at neighbouring values. Prints Markdown tables (docs/evaluation.md: "Degenerate answers").
 """
 
 from __future__ import annotations
