@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # jobs on a 2-core machine otherwise spin against each other).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Each tmp project's stages start an MLflow tracking worker (pipeline.core.tracking_worker, ~230 MB):
-# let it go soon after the test, not after the 120 s a `dvc repro` between stages needs.
+# let it go soon after the test instead of after the default 120 s idle.
 os.environ.setdefault("OPENRELEASE_TRACKING_WORKER_IDLE_S", "10")
 
 
