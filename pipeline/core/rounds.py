@@ -150,6 +150,13 @@ def view(params: Any, name: str, stage: str) -> Any:
     return params.model_copy(update={"paths": new_paths, "data": data})
 
 
+def template_record_dir(ctx: Any) -> Path:
+    """The folder whose SOURCE.json holds the chat template record a stage checks its tokenizer against:
+    the base model's, also in a later round whose model folder is the previous round's policy."""
+    rnd = ctx.record.extra.get("round")
+    return ctx.root / rnd["template_record"] if rnd else ctx.path("base_model")
+
+
 def round_arg(argv: list[str] | None = None) -> str | None:
     """NAME of `--round NAME` on the command line, else None."""
     argv = sys.argv[1:] if argv is None else argv
@@ -175,6 +182,7 @@ def wrap(name: str, stage: str, body: Callable[[Any], None]) -> Callable[[Any], 
                                 "start_from": original.rounds.start_from, "data": original.rounds.data,
                                 "model_in": entry.model_in, "dataset_in": entry.dataset_in, "eval_in": entry.eval_in,
                                 "summary_in": entry.summary_in, "first_dataset": original.paths.dataset,
+                                "template_record": original.paths.base_model,
                                 "paths": {k: getattr(ctx.params.paths, k) for k in
                                           ("base_model", "train_prompts", "dataset", "model", "eval_dir")}}
         ctx.record.extra["round"] = info

@@ -266,8 +266,11 @@ def build_bundle(params: Params, root: Path, out: Path, *, dry_run: bool, strict
         _copy_dataset(inp, dataset)
         _copy_metrics(inp, model)
         sweep_entry = sweep_release.copy_into(root, params.paths.reports, model)  # None: no sweep ran
-        runs, runs_missing = read_run_records(root / params.paths.runs, root / params.paths.lineage, inp.stages(),
+        # run records are filed under each record's own stage name (release_lineage re-keys a later round's)
+        names = {k: inp.lineage[k].get("stage", k) for k in inp.stages()}
+        runs, runs_missing = read_run_records(root / params.paths.runs, root / params.paths.lineage, list(names.values()),
                                               shown=params.paths.runs)
+        runs = {k: runs[n] for k, n in names.items() if n in runs}
         datadocs.copy_into(root / params.paths.reports, dataset, runs)
         write_cards(inp, info, lic, model, dataset)
         write_croissant(inp, info, lic, dataset)   # last in dataset/: it lists every other file's sha256

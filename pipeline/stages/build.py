@@ -299,6 +299,11 @@ def _body(ctx: StageContext) -> None:
         if rnd:
             metrics.update(round_dataset(tmp, rnd["name"], ctx.root / rnd["dataset_in"] if rnd["data"] == "accumulate"
                                          else None))
+    if rnd:  # what the round read besides its own rows, so the lineage tree shows where its pairs come from
+        ctx.add_input(ctx.root / rnd["first_dataset"] / "provenance.parquet", name="held-out prompts (round 1)")
+        if rnd["data"] == "accumulate":
+            for split in ("train", "provenance"):
+                ctx.add_input(ctx.root / rnd["dataset_in"] / f"{split}.parquet", name=f"accumulated {split}")
     atomic_write_json(ctx.path("metrics") / METRICS_FILE, metrics)
     ctx.add_output(out, rows=metrics["pairs_train"] + metrics["pairs_test"])
     ctx.add_output(reports / DECONTAM_FILE)

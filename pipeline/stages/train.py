@@ -324,9 +324,10 @@ def _body(ctx: StageContext) -> None:
     train_file = dataset_dir / "train.parquet"
     train_rows = len(load_pairs(train_file))
     data_art = ctx.add_input(train_file, rows=train_rows, name="train.parquet")
+    from pipeline.core.rounds import template_record_dir
     from pipeline.lm.template import check_template_dir
 
-    template_sha = check_template_dir(base_dir, base_dir, "train")
+    template_sha = check_template_dir(base_dir, template_record_dir(ctx), "train")  # the base model's record, every round
     ctx.record.extra["chat_template_sha256"] = template_sha
     fp = fingerprint(p, base_art.sha256, data_art.sha256, root=ctx.root, chat_template_sha256=template_sha)
     plots_dir = ctx.path("plots") / "train"
