@@ -169,6 +169,7 @@ def test_rated_rows_read_by_the_ultrafeedback_reader(generated, tmp_path):
             assert c["generator"] == "tiny-llama"
             assert c["ratings"]["instruction_following"] == float(rc["annotations"]["instruction_following"]["Rating"])
             assert c["ratings"]["honesty"] is None and c["ratings"]["helpfulness"] is None
+            assert c["finished"] is rc["finished"] and isinstance(c["finished"], bool)   # the generator's flag, carried
 
 
 CUT = {("p2", 0): False, ("p2", 1): False, ("p1", 1): None}

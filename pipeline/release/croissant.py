@@ -36,7 +36,8 @@ CONTEXT = {
     "samplingRate": "cr:samplingRate", "sc": "https://schema.org/", "separator": "cr:separator", "source": "cr:source",
     "subField": "cr:subField", "transform": "cr:transform"}
 FORMATS = {".parquet": "application/x-parquet", ".json": "application/json", ".jsonl": "application/jsonlines",
-           ".md": "text/markdown", ".html": "text/html", ".csv": "text/csv", ".png": "image/png", ".txt": "text/plain"}
+           ".md": "text/markdown", ".html": "text/html", ".csv": "text/csv", ".png": "image/png", ".txt": "text/plain",
+           ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".gz": "application/gzip"}
 
 
 def _data_type(t) -> str:
