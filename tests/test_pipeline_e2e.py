@@ -80,6 +80,19 @@ def test_dvc_repro_whole_pipeline_then_the_release_workflow(tiny_model_dir, tmp_
         assert key in eval_metrics, key
     assert not {"wall_time_s", "cpu_s", "peak_rss_mb", "tokens_per_s"} & set(
         json.loads((project / "metrics" / "train.json").read_text()))
+    # each pair says whether its replies were cut: the generator's flag for on-policy pairs, null for the others
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(project / "outputs" / "validated" / "rows.parquet", columns=["source", "completions"]).to_pylist()
+    flags = {src: {c["finished"] for r in rows if r["source"] == src for c in r["completions"]} for src in {"on-policy", "llama-factory-demo"}}
+    assert flags["on-policy"] and None not in flags["on-policy"] and flags["llama-factory-demo"] == {None}   # rate's flag got through
+    pairs = [r for t in ("train", "test") for r in pq.read_table(project / "outputs" / "dataset" / f"{t}.parquet",
+                                                                  columns=["source", "chosen_cut", "rejected_cut"]).to_pylist()]
+    assert pairs and all(isinstance(r["chosen_cut"], bool) and isinstance(r["rejected_cut"], bool)
+                         for r in pairs if r["source"] == "on-policy")
+    assert all(r["chosen_cut"] is None and r["rejected_cut"] is None for r in pairs if r["source"] != "on-policy")
+    released = project / "release" / "dataset"
+    assert (released / "croissant.json").is_file() and (released / "data" / "eval_answers" / "test.parquet").is_file()
     # the signer pinned to the key this machine generated (outside the bundle); unpinned would exit 3
     audit = _openrelease(project, "audit", "release", "--public-key", ".openrelease/keys/signing-key.pub")
     assert audit.returncode == 0, (audit.stdout[-3000:], audit.stderr[-3000:])
