@@ -172,9 +172,14 @@ def wrap(name: str, stage: str, body: Callable[[Any], None]) -> Callable[[Any], 
     round it is, what it read from the round before, and the code of the stage module it ran."""
     def run(ctx: Any) -> None:
         from pipeline.core.imports import code_sha256
+        from pipeline.core.lineage import sha256_json
 
         original = ctx.params
         ctx.params = view(original, name, stage)
+        # the record lists the values the body used: the round's paths and sources (paths.base_model of
+        # generate.r2 is the model that sampled), not the round-1 values params.yaml holds under those keys
+        ctx.record.params = {k: ctx.params.section_dump(k) for k in ctx.record.params}
+        ctx.record.params_digest = sha256_json(ctx.record.params)
         module = f"pipeline.stages.{stage}"
         ctx.record.code = {"module": module, "sha256": code_sha256(module)}
         entry = original.rounds.later[name]
