@@ -185,3 +185,21 @@ def test_load_dataset_loads_every_config_of_the_published_folder(bundle):
     assert set(ev["model"]) == {"base", "policy"} and isinstance(ev[0]["follow_strict"], list)
     pairs = datasets.load_dataset(str(ds), split="train")
     assert {"chosen_cut", "rejected_cut"} <= set(pairs.column_names)
+
+
+def test_audit_checks_croissants_sha256_values(bundle, tmp_path):
+    import shutil
+
+    from pipeline.release import audit
+    from pipeline.release.croissant import check_croissant
+
+    report = audit.check_bundle(bundle.path)
+    assert [c.status for c in report.checks if c.name == "croissant"] == [audit.PASSED]
+    copy = tmp_path / "dataset"
+    shutil.copytree(bundle.path / "dataset", copy)
+    assert check_croissant(copy) == []
+    (copy / "data" / "train.parquet").write_bytes((copy / "data" / "test.parquet").read_bytes())
+    (copy / "data" / "extra.parquet").write_bytes(b"x")
+    problems = check_croissant(copy)
+    assert any(p.startswith("croissant.json: sha256 of data/train.parquet is ") for p in problems)
+    assert "croissant.json: does not list data/extra.parquet" in problems

@@ -424,6 +424,15 @@ def check_bundle(path: Path, public_key: Path | None = None, repo_root: Path | N
             step.skip("the dataset publishes no eval/ prompt sets")
         else:
             report.problems += _check_eval_sets(manifest, dataset)
+    with report.check("croissant", "croissant.json lists every dataset file with its sha256") as step:
+        from pipeline.release.croissant import CROISSANT_FILE, check_croissant
+
+        if ds is None:
+            step.skip(no_ds)
+        elif not (dataset / CROISSANT_FILE).is_file():
+            step.skip(f"the dataset publishes no {CROISSANT_FILE}")
+        else:
+            report.problems += check_croissant(dataset)
     with report.check("source archive", ""):
         arch_problems, notes = _check_archive(manifest, model, repo_root or anchor.clone)
         report.problems += arch_problems

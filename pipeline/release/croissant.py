@@ -165,6 +165,32 @@ def croissant(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision, datas
     }
 
 
+def check_croissant(dataset_dir: Path) -> list[str]:
+    """Problems with a downloaded dataset's croissant.json: a file it lists that is missing or has another
+    sha256, a file of the download it does not list, or JSON that does not parse (what `openrelease audit`
+    reports; the schema itself is mlcroissant's to validate)."""
+    import json
+
+    path = dataset_dir / CROISSANT_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        listed = {f["contentUrl"]: f.get("sha256") for f in doc.get("distribution") or []
+                  if f.get("@type") == "cr:FileObject"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        return [f"{CROISSANT_FILE}: unreadable ({e})"]
+    problems = []
+    for rel, sha in sorted(listed.items()):
+        f = dataset_dir / rel
+        if not f.is_file():
+            problems.append(f"{CROISSANT_FILE}: lists {rel}, which the download does not hold")
+        elif sha256_file(f) != sha:
+            problems.append(f"{CROISSANT_FILE}: sha256 of {rel} is {sha256_file(f)[:16]}..., it says {str(sha)[:16]}...")
+    present = {p.relative_to(dataset_dir).as_posix() for p in dataset_dir.rglob("*") if p.is_file()
+               and p.name != CROISSANT_FILE and not any(x.startswith(".") for x in p.relative_to(dataset_dir).parts)}
+    problems += [f"{CROISSANT_FILE}: does not list {rel}" for rel in sorted(present - set(listed))]
+    return problems
+
+
 def write_croissant(inp: ReleaseInputs, info: ReleaseInfo, lic: LicenseDecision, dataset_dir: Path) -> Path:
     from pipeline.release.cards import dataset_configs
 
