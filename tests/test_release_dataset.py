@@ -41,6 +41,8 @@ def test_card_says_where_the_data_came_from_with_the_runs_numbers(bundle):
     assert params.base_model.name in card and "IFEval's strict checkers" in card and "`pipeline/constraints/`" in card
     assert "**No UltraFeedback data is in this dataset**" in card
     assert "| on-policy | ultrafeedback |" not in card          # the misleading sources row is gone
+    model_card = (bundle.path / "model" / "README.md").read_text()
+    assert "| on-policy | on-policy samples rated by `rate` (UltraFeedback layout) | `outputs/rated.jsonl` |" in model_card
     # the source archive lives in the model repo: the dataset card's reproduce steps fetch it from there
     assert ("hf download open-release/smollm2-135m-dpo --revision v0.1.0 --include 'source/*' --local-dir model" in card
             and "tar xzf model/source/open-release-v0.1.0.tar.gz" in card)
