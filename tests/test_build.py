@@ -132,6 +132,7 @@ def _pairs(n: int = 6):
         rows.append({"id": f"p{i}", "prompt": [{"role": "user", "content": f"question {i}"}],
                      "chosen": [{"role": "assistant", "content": "good answer"}],
                      "rejected": [{"role": "assistant", "content": "bad answer"}],
+                     "chosen_cut": False, "rejected_cut": None,   # null: the source does not say
                      "score_chosen": 1.0, "score_rejected": 0.0, "source": "s", "source_row": f"f.jsonl:{i + 1}",
                      "rule": "best_vs_worst", "prompt_hash": f"h{i}", "split": "test" if i == 0 else "train"})
     return rows, Dataset
@@ -173,8 +174,6 @@ def test_pairs_suite_each_rule_fails_with_file_line(rule, counter, tmp_path):
 
 def test_pairs_suite_refuses_a_cut_flag_that_is_not_a_boolean(counter):
     rows, Dataset = _pairs()
-    for r in rows:
-        r["chosen_cut"], r["rejected_cut"] = False, None   # null: the source does not say, allowed
     rows[2]["rejected_cut"] = "yes"
     v = PARAMS.validate_.model_copy(update={"pairs": PairRules(**{r: "fail" for r in PairRules.model_fields})})
     outcome, _, _ = build.check_pairs(Dataset.from_list(rows), counter, v, None, "report.json", 4)
