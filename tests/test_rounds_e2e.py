@@ -63,7 +63,7 @@ def check_two_rounds(project: Path) -> None:
     assert {"path": "models/trained", "sha256": model1["sha256"]}.items() <= next(
         a for a in gen2["inputs"] if a["path"] == "models/trained").items()
     rows = [json.loads(x) for x in (project / "outputs/rounds/r2/generations.jsonl").read_text().splitlines()]
-    assert rows and {r["generator"] for r in rows} == {"trained"}  # the folder of round 1's model
+    assert rows and {r["generator"] for r in rows} == {"tiny-llama + DPO r1"}  # round 1's policy
     assert gen2["params"]["generate"] == _read(project, "lineage/generate.json")["params"]["generate"]  # same decoding
     train2 = _read(project, "lineage/train.r2.json")
     assert train2["extra"]["round"]["paths"]["base_model"] == "models/trained"  # start_from previous

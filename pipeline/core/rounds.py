@@ -157,6 +157,19 @@ def template_record_dir(ctx: Any) -> Path:
     return ctx.root / rnd["template_record"] if rnd else ctx.path("base_model")
 
 
+def generator_label(ctx: Any) -> str | None:
+    """The `generator` a later round's samples carry ("<base model name> + DPO r1": the policy round 1
+    trained, named by its sha256 in the lineage record); None in round 1 (the model folder names itself)."""
+    import json
+
+    rnd = ctx.record.extra.get("round")
+    if not rnd:
+        return None
+    source = ctx.root / rnd["template_record"] / "SOURCE.json"
+    name = json.loads(source.read_text(encoding="utf-8")).get("name") if source.is_file() else None
+    return f"{name or Path(rnd['template_record']).name} + DPO {rnd['previous']}"
+
+
 def round_arg(argv: list[str] | None = None) -> str | None:
     """NAME of `--round NAME` on the command line, else None."""
     argv = sys.argv[1:] if argv is None else argv

@@ -127,12 +127,13 @@ def _body(ctx: StageContext) -> None:
     prompts = read_prompts(prompts_path)
     ctx.add_input(prompts_path, rows=len(prompts), name="train_prompts")
     ctx.add_input(model_dir, log_dataset=False)
-    from pipeline.core.rounds import template_record_dir
+    from pipeline.core.rounds import generator_label, template_record_dir
     from pipeline.lm.template import check_template_dir
 
     # a later DPO round samples with the previous round's policy: its template must still be the base model's
     ctx.record.extra["chat_template_sha256"] = check_template_dir(model_dir, template_record_dir(ctx), "generate")
-    rows, stats = run(p, prompts, model_dir, converted_models=ctx.path("converted_models"))
+    rows, stats = run(p, prompts, model_dir, generator=generator_label(ctx),  # None: the folder's own name
+                      converted_models=ctx.path("converted_models"))
     conversion = stats.pop("conversion", None)
     dec = rows[0]["decoding"] if rows else {}
     ctx.record.extra["generation_backend"] = {"backend": dec.get("backend", "none"),
