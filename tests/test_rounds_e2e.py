@@ -4,7 +4,7 @@ Round 2's samples come from round 1's trained model (its lineage names that mode
 `dvc dag` draws the chain); changing round 2's own params entry leaves every round-1 stage alone; the
 dry-run release ships round 2 and audits clean, its manifest listing both rounds.
 In the default suite: 184 s to 245 s wall in three runs on 2 cores shared with other jobs (load average 2 to 4),
-21 stages in all; most of it is each stage process's start (torch, transformers, Great Expectations imports).
+21 stages in all (round 1 alone is the one-round e2e test's pipeline part).
 """
 
 from __future__ import annotations
