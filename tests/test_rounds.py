@@ -124,7 +124,8 @@ def test_the_pick_reads_dev_metrics_only(raw):
     assert pick(rows, "rule", p.rounds.selection)[0] == "r2"  # best dev; the tie with r3 goes to the lower KL
     assert pick(rows, "last", None)[0] == "r3" and pick(rows, "r1", None)[0] == "r1"
     rows[1]["metrics"]["length_ratio"] = 2.5  # breaks a constraint
-    assert pick(rows, "rule", p.rounds.selection)[0] == "r3"
+    picked, why = pick(rows, "rule", p.rounds.selection)
+    assert picked == "r3" and why.endswith("; r2 fails length_ratio <= 2.0 (mean 2.5)"), why
 
 
 def test_versus_previous_is_paired_by_prompt(tmp_path):

@@ -78,7 +78,8 @@ def pick(rows: list[dict[str, Any]], publish: str, rule: Any) -> tuple[str, str]
     if i is None:
         why = "; ".join(f"{r['round']}: {', '.join(b)}" for r, b in zip(rows, broken, strict=True))
         return rows[-1]["round"], f"no round meets rounds.selection on dev ({why}); the last round"
-    return rows[i]["round"], f"rounds.selection on dev: {rule.goal} {rule.metric}"
+    skipped = "; ".join(f"{r['round']} fails {', '.join(b)}" for r, b in zip(rows, broken, strict=True) if b)
+    return rows[i]["round"], f"rounds.selection on dev: {rule.goal} {rule.metric}" + (f"; {skipped}" if skipped else "")
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
