@@ -8,7 +8,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
 
 import pytest
 
@@ -16,11 +15,9 @@ from pipeline.core.offline import external_loads, folder_external_loads
 from pipeline.core.params import RowRules, load_params
 from pipeline.data.datadocs import VENDOR, make_offline, vendored_assets
 from pipeline.stages import validate
+from tests.browser import chromium, console_errors, needs_browser
 from tests.test_validate import SOURCES, good, write_rows
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; "
-                                                             ".ci/run installs it)")
 ASSET = "interim/ingested/rows.jsonl"
 STARTED, FINISHED = "2026-12-06T13:05:58+00:00", "2026-12-06T13:06:08+00:00"
 
@@ -96,33 +93,21 @@ def test_a_new_cdn_file_is_an_error_not_a_silent_gap(docs, tmp_path):
         make_offline(site)
 
 
-def _offline_chromium(*args: str, url: str) -> subprocess.CompletedProcess:
-    # every host resolves to nothing and any proxy is a closed port: a page that needs the network fails
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--enable-logging=stderr", "--v=0", "--host-resolver-rules=MAP * ~NOTFOUND",
-                           "--proxy-server=127.0.0.1:9", "--virtual-time-budget=5000", *args, url],
-                          capture_output=True, text=True, timeout=120)
-
-
-def _console_errors(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
-
-
 @needs_browser
 def test_the_offline_browser_sees_a_page_that_needs_a_cdn(tmp_path):
     bad = tmp_path / "cdn.html"
     bad.write_text('<!DOCTYPE html><html><head><script src="https://code.jquery.com/jquery-3.7.1.min.js"></script>'
                    "</head><body><script>$(function () {})</script></body></html>")
-    assert any("$ is not defined" in ln for ln in _console_errors(_offline_chromium("--dump-dom", url=bad.as_uri()).stderr))
+    assert any("$ is not defined" in ln for ln in console_errors(chromium("--dump-dom", url=bad.as_uri(), offline=True).stderr))
 
 
 @needs_browser
 def test_chromium_opens_the_index_offline_with_the_validation_list_filled(docs):
     for page in (docs / "index.html", _run_page(docs), docs / "expectations" / "rows.html"):
-        out = _offline_chromium("--dump-dom", url=page.as_uri())
+        out = chromium("--dump-dom", url=page.as_uri(), offline=True)
         assert out.returncode == 0, out.stderr[-2000:]
-        assert _console_errors(out.stderr) == [], page
-    dom = _offline_chromium("--dump-dom", url=(docs / "index.html").as_uri()).stdout
+        assert console_errors(out.stderr) == [], page
+    dom = chromium("--dump-dom", url=(docs / "index.html").as_uri(), offline=True).stdout
     # bootstrap-table (jQuery) builds the list's rows from the page's data: present only when the scripts ran
     rows = re.findall(r'<tr class="clickable-row" data-href="(validations/[^"]+)"', dom)
     assert rows and (docs / rows[0]).is_file()
@@ -182,7 +167,7 @@ def test_the_audit_fails_a_page_that_would_load_from_a_cdn(bundle, tmp_path):
 def test_chromium_opens_the_releases_pages_offline(bundle):
     site = bundle / "dataset" / "reports" / "data_docs" / "validation"
     for page in (bundle / "model" / "report.html", site / "index.html", _run_page(site)):
-        out = _offline_chromium("--dump-dom", url=page.as_uri())
-        assert out.returncode == 0 and _console_errors(out.stderr) == [], page
-    dom = _offline_chromium("--dump-dom", url=(site / "index.html").as_uri()).stdout
+        out = chromium("--dump-dom", url=page.as_uri(), offline=True)
+        assert out.returncode == 0 and console_errors(out.stderr) == [], page
+    dom = chromium("--dump-dom", url=(site / "index.html").as_uri(), offline=True).stdout
     assert "2026-12-06 13:05:58 UTC" in dom and 'class="clickable-row"' in dom

@@ -12,11 +12,8 @@ import pytest
 
 from pipeline.core.params import load_params
 from pipeline.release.publish import dry_run
+from tests.browser import chromium, console_errors, needs_browser
 from tests.release_fixture import ROOT, VERSION, make_release_project
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; "
-                                                             ".ci/run installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -43,33 +40,23 @@ def test_the_page_loads_nothing_from_anywhere(page):
         assert text in html, text
 
 
-def _chromium(*args: str, url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--enable-logging=stderr", "--v=0", *args, url],
-                          capture_output=True, text=True, timeout=120)
-
-
-def _console_errors(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
-
-
 @needs_browser
 def test_the_console_check_sees_an_error_when_there_is_one(tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text("<!DOCTYPE html><html><body><script>no_such_function()</script></body></html>")
-    assert _console_errors(_chromium("--dump-dom", url=bad.as_uri()).stderr)
+    assert console_errors(chromium("--dump-dom", url=bad.as_uri()).stderr)
 
 
 @needs_browser
 def test_chromium_renders_it_offline_without_console_errors_and_not_blank(page, tmp_path):
     from PIL import Image
 
-    dom = _chromium("--dump-dom", url=page.as_uri())
+    dom = chromium("--dump-dom", url=page.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert _console_errors(dom.stderr) == []
+    assert console_errors(dom.stderr) == []
     assert "AUDIT PASSED" in dom.stdout and "<svg" in dom.stdout and "stage train" in dom.stdout
     shot = tmp_path / "shot.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1200,1600", url=page.as_uri())
+    chromium(f"--screenshot={shot}", "--window-size=1200,1600", url=page.as_uri())
     img = Image.open(shot).convert("RGB")
     colors = img.getcolors(maxcolors=1 << 20) or []
     non_bg = sum(n for n, c in colors if c not in ((255, 255, 255), (246, 247, 249)))
