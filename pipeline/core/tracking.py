@@ -111,11 +111,18 @@ class StageRun:
     Every call names its run id instead of relying on MLflow's active-run stack, so one tracking worker
     (pipeline.core.tracking_worker) can hold the runs of several stage processes at once."""
 
-    def __init__(self, run_id: str, parent_run_id: str, uri: str, experiment_id: str):
+    def __init__(self, run_id: str, parent_run_id: str, uri: str, experiment_id: str, stage: str):
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.uri = uri
         self.experiment_id = experiment_id
+        self.stage = stage
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow
@@ -136,9 +143,8 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
-        from mlflow.tracking import MlflowClient
 
-        MlflowClient(self.uri).log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         import mlflow
@@ -158,9 +164,7 @@ class StageRun:
         self._log_inputs(datasets=[_dataset_input(path, sha256, name, context, tags)])
 
     def _log_inputs(self, datasets=None, models=None) -> None:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(self.uri).log_inputs(self.run_id, datasets=datasets, models=models)
+        self.client.log_inputs(self.run_id, datasets=datasets, models=models)
 
     def register_logged_model(self, name: str, params: dict[str, Any], tags: dict[str, str],
                               inputs: list[tuple[str | Path, str]]) -> str:
@@ -291,19 +295,16 @@ def open_stage_run(uri: str, request: dict[str, Any]) -> StageRun:
         raise TrackingError(f"MLflow tracking URI {uri}: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise TrackingError(f"MLflow tracking URI {uri} cannot be reached: {e}") from None
-    return StageRun(run.info.run_id, parent_id, uri, exp_id)
+    return StageRun(run.info.run_id, parent_id, uri, exp_id, stage)
 
 
 def close_stage_run(run: StageRun, status: str) -> None:
     """End the stage's run. A finished one is summarized on its parent, which is "finished" as of its
     latest stage: the next stage simply extends it."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(run.uri)
+    client = run.client
     client.set_terminated(run.run_id, status)
     if status == "FINISHED":
-        stage = client.get_run(run.run_id).data.tags[TAG_STAGE]
-        _summarize_on_parent(client, run.parent_run_id, stage, run.run_id)
+        _summarize_on_parent(client, run.parent_run_id, run.stage, run.run_id)
         client.set_terminated(run.parent_run_id, "FINISHED")
 
 

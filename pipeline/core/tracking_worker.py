@@ -67,15 +67,7 @@ class RemoteStageRun:
         self.run_id, self.parent_run_id, self.experiment_id = info["run_id"], info["parent_run_id"], info["experiment_id"]
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        try:
-            self._conn.send((method, kwargs))
-            status, value = self._conn.recv()
-        except (EOFError, OSError) as e:
-            raise TrackingError(f"MLflow tracking worker for {self.uri} stopped answering ({e or type(e).__name__}); "
-                                f"its log: {worker_address(self.uri)}.log") from None
-        if status != "ok":
-            raise TrackingError(value)
-        return value
+        return _call(self._conn, self.uri, method, **kwargs)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._call("log_params", params=params)
@@ -131,8 +123,20 @@ def stage_run(stage: str, experiment: str, params_digest: str, git: dict[str, An
 
 
 def _open(conn: Any, uri: str, request: dict[str, Any]) -> dict[str, str]:
-    probe = RemoteStageRun(conn, uri, {"run_id": "", "parent_run_id": "", "experiment_id": ""})
-    return probe._call("open", request=request)
+    return _call(conn, uri, "open", request=request)
+
+
+def _call(conn: Any, uri: str, method: str, **kwargs: Any) -> Any:
+    """One call to the worker; it answers once MLflow has done it."""
+    try:
+        conn.send((method, kwargs))
+        status, value = conn.recv()
+    except (EOFError, OSError) as e:
+        raise TrackingError(f"MLflow tracking worker for {uri} stopped answering ({e or type(e).__name__}); "
+                            f"its log: {worker_address(uri)}.log") from None
+    if status != "ok":
+        raise TrackingError(value)
+    return value
 
 
 def _connect(uri: str, cwd: Path) -> Any:
