@@ -176,6 +176,40 @@ def test_completion_kl_zero_for_same_model_positive_otherwise(tiny, other_model_
     assert all(kl > 0 for kl, _ in diff)
 
 
+def test_shared_prefix_scoring_matches_the_plain_forward(tiny, other_model_dir):
+    """Completions of one prompt batched on one encoding of it, singletons on the shared system turn,
+    logits only where scored: the same numbers as encoding every row whole."""
+    from pipeline.lm.loading import load_causal_lm
+    from pipeline.lm.scoring import PREFIX_MIN_TOKENS, common_prefix, prompt_batches
+
+    model, tok = tiny
+    other = load_causal_lm(other_model_dir)
+    prompt = [{"role": "user", "content": "Name three colours, then stop."}]
+    answers = ["Red, green, blue.", "Blue.", "Red and green and a long tail of words " * 3, "Cyan, magenta, yellow."]
+    convs = [(prompt, [{"role": "assistant", "content": a}]) for a in answers] + CONVS
+    items = [tokenize_completion(tok, p, c) for p, c in convs]
+    batches = prompt_batches(items, 3)
+    assert sorted(i for b in batches for i in b) == list(range(len(items)))
+    assert [sorted(b) for b in batches[:2]] == [[0, 1, 3], [2]]  # one prompt's completions together, shortest first
+    assert common_prefix([items[i].ids for i in range(4, 7)]) >= PREFIX_MIN_TOKENS  # the chat template's system turn
+    for bs in (1, 3, 8):
+        fast = completion_logps(model, items, pad_id=tok.pad_token_id, batch_size=bs)
+        plain = completion_logps(model, items, pad_id=tok.pad_token_id, batch_size=bs, share_prefix=False)
+        assert fast == pytest.approx(plain, abs=1e-4)
+        fast_kl = completion_kl(other, model, items, pad_id=tok.pad_token_id, batch_size=bs)
+        plain_kl = completion_kl(other, model, items, pad_id=tok.pad_token_id, batch_size=bs, share_prefix=False)
+        assert [n for _, n in fast_kl] == [n for _, n in plain_kl] == [it.n_completion for it in items]
+        assert [k for k, _ in fast_kl] == pytest.approx([k for k, _ in plain_kl], rel=1e-4, abs=1e-5)
+
+
+def test_shared_prefix_scoring_handles_a_prompt_cut_to_nothing(tiny):
+    model, tok = tiny
+    items = [tokenize_completion(tok, *CONVS[0]), tokenize_completion(tok, *CONVS[0], max_length=3)]
+    fast = completion_logps(model, items, pad_id=tok.pad_token_id, batch_size=2)
+    assert fast[1] == 0.0 and fast[0] == pytest.approx(
+        completion_logps(model, items[:1], pad_id=tok.pad_token_id, batch_size=1, share_prefix=False)[0], abs=1e-4)
+
+
 # ---------------------------------------------------------------- run() end to end
 
 def _params(**over) -> EvaluateParams:

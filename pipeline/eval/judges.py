@@ -26,7 +26,6 @@ judge against human labels (`openrelease judge-agreement FILE`).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -192,6 +191,8 @@ class LocalJudge:
         import torch
         from tqdm.auto import tqdm
 
+        from pipeline.lm.scoring import forward_kept
+
         model, tok, prefix, cand = self._load()
         head = [{"role": "system", "content": system}] if system else []
         seqs = []
@@ -203,29 +204,23 @@ class LocalJudge:
                 log.warning("judge prompt of %d tokens cut to its last %d", len(ids), self.p.max_length)
                 ids = ids[-self.p.max_length:]
             seqs.append(ids)
-        out: list[float] = []
+        out: list[float] = [0.0] * len(seqs)
         model.eval()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        device = next(model.parameters()).device
-        # Only the last position's logits are needed: skip the vocabulary projection elsewhere.
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        # In token order, the two orders of one pair are neighbours: a batch then encodes the template's head
+        # and the shared instruction once (pipeline.lm.scoring.forward_kept), and only the last position's
+        # logits, the verdict's, are projected onto the vocabulary.
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i])
         bs = self.p.batch_size
         with torch.inference_mode():
-            for k in tqdm(range(0, len(seqs), bs), desc="judge (local)", unit="batch"):
-                batch = seqs[k:k + bs]
-                width = max(map(len, batch))
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, s in enumerate(batch):  # left padding: every row ends at the last column
-                    ids[r, width - len(s):] = torch.tensor(s)
-                    mask[r, width - len(s):] = 1
-                positions = (mask.cumsum(1) - 1).clamp(min=0)  # padding must not shift positions
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device), **keep).logits[:, -1].float().cpu()
-                probs = torch.softmax(logits, dim=-1)
+            for k in tqdm(range(0, len(order), bs), desc="judge (local)", unit="batch"):
+                idx = order[k:k + bs]
+                rows = forward_kept(model, [seqs[i] for i in idx], [[len(seqs[i]) - 1] for i in idx], pad_id=pad)
+                probs = torch.softmax(torch.cat(rows), dim=-1)
                 pa, pb = probs[:, cand[0]].sum(-1), probs[:, cand[1]].sum(-1)
                 pt = probs[:, cand[2]].sum(-1) if len(cand) > 2 else torch.zeros_like(pa)
-                out.extend(((pa + pt / 2) / (pa + pb + pt)).tolist())
+                for i, v in zip(idx, ((pa + pt / 2) / (pa + pb + pt)).tolist(), strict=True):
+                    out[i] = v
         return out
 
 

@@ -4,6 +4,19 @@ Sequences are tokenized the way TRL's DPOTrainer tokenizes a conversational pref
 prompt with the generation prompt, the whole conversation with the completion, and the completion
 starts where the two token lists diverge. So the implicit reward computed from these log-probs is
 the one `train` optimised.
+
+The forward pass (`forward_kept`) computes only what scoring reads, with the same arithmetic:
+
+- **shared prefix**: the leading tokens every sequence of a batch has in common are encoded once, at
+  batch 1, and the rest of each row attends to that one copy of their keys and values (the model sees
+  the same sequence at the same positions). Completions of one prompt are batched together, so a
+  preference pair's prompt is encoded once for all of its completions; other batches share the chat
+  template's system turn;
+- **kept logits only**: the vocabulary projection runs only at the positions whose next token is
+  scored (`logits_to_keep` as a boolean mask), not at prompt or padding positions.
+
+`share_prefix=False` runs the plain reference path (every row encoded whole, logits everywhere): tests
+check the two agree, and `bench/bench_scoring.py` times them side by side.
 """
 
 from __future__ import annotations
@@ -12,6 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
+
+# A common prefix shorter than this is encoded with each row: sharing it costs one more forward call.
+PREFIX_MIN_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,86 @@ def _batches(items: Sequence[Scored], batch_size: int):
         yield order[k:k + batch_size]
 
 
+def prompt_batches(items: Sequence[Scored], batch_size: int) -> list[list[int]]:
+    """Index batches in which the completions of one prompt stay together (their batch shares the whole
+    prompt), shortest first; prompts with a single completion are batched by length."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(items):
+        by_prompt.setdefault(tuple(s.ids[:s.start]), []).append(i)
+    batches, single = [], []
+    for group in by_prompt.values():
+        if len(group) == 1:
+            single += group
+            continue
+        group.sort(key=lambda i: len(items[i].ids))
+        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+    return batches + [[single[j] for j in b] for b in _batches([items[i] for i in single], batch_size)]
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of `seqs` have in common."""
+    first, n = seqs[0], min(map(len, seqs))
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs[1:]):
+            return k
+    return n
+
+
+def forward_kept(model, seqs: Sequence[Sequence[int]], keep: Sequence[Sequence[int]], *, pad_id: int,
+                 share_prefix: bool = True) -> list:
+    """Float32 logits of each row of `seqs` at the positions in its `keep` list ([len(keep[r]), vocab] per
+    row), from one forward pass of the batch. The shared prefix (below every kept position) is encoded
+    once; the rest is right-padded, so positions are the plain 0..n-1 of each row."""
+    import torch
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    device = next(model.parameters()).device
+    first_kept = min(min(k) for k in keep if k) if any(keep) else 0
+    shared = min(common_prefix(seqs), first_kept) if share_prefix and len(seqs) > 0 else 0
+    cache = None
+    if shared >= PREFIX_MIN_TOKENS:
+        n_layers = model.config.get_text_config().num_hidden_layers
+        prefix = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
+        model(input_ids=torch.tensor([list(seqs[0][:shared])], device=device), cache=prefix, use_cache=True,
+              logits_to_keep=1)
+        cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
+        for layer, pre in zip(cache.layers, prefix.layers, strict=True):
+            layer.update(pre.keys.expand(len(seqs), -1, -1, -1), pre.values.expand(len(seqs), -1, -1, -1))
+    else:
+        shared = 0
+    width = max(len(s) for s in seqs) - shared
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), shared + width), dtype=torch.long)
+    kept = torch.zeros((len(seqs), width), dtype=torch.bool)
+    mask[:, :shared] = 1
+    for r, (s, k) in enumerate(zip(seqs, keep, strict=True)):
+        ids[r, :len(s) - shared] = torch.tensor(list(s[shared:]))
+        mask[r, shared:len(s)] = 1
+        kept[r, [p - shared for p in k]] = True
+    positions = (shared + torch.arange(width)).expand(len(seqs), -1)
+    extra = {"cache": cache, "use_cache": True} if cache is not None else {}
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   logits_to_keep=kept.to(device), **extra).logits.float().cpu()
+    return list(logits.reshape(-1, logits.shape[-1]).split([len(k) for k in keep]))
+
+
+def _scored_rows(s: Scored) -> list[int]:
+    """Positions whose logits predict the completion's tokens: the token at t is predicted at t - 1."""
+    return list(range(s.start - 1, len(s.ids) - 1))
+
+
+def _plain_rows(model, batch: list[Scored], pad_id: int) -> list:
+    """The reference path: every row encoded whole, logits at every position, then the scored rows."""
+    logits = _forward(model, batch, pad_id)
+    return [logits[r, s.start - 1:len(s.ids) - 1] for r, s in enumerate(batch)]
+
+
+def _scored_logits(model, batch: list[Scored], pad_id: int, share_prefix: bool) -> list:
+    if not share_prefix:
+        return _plain_rows(model, batch, pad_id)
+    return forward_kept(model, [s.ids for s in batch], [_scored_rows(s) for s in batch], pad_id=pad_id)
+
+
 def _forward(model, items: list[Scored], pad_id: int):
     """Logits of a right-padded batch (position ids are then the plain 0..n-1 of each row)."""
     import torch
@@ -68,31 +164,31 @@ def _forward(model, items: list[Scored], pad_id: int):
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
 
 
+def _score_order(items: Sequence[Scored], batch_size: int, share_prefix: bool) -> list[list[int]]:
+    return prompt_batches(items, batch_size) if share_prefix else list(_batches(items, batch_size))
+
+
 def completion_logps(model, items: Sequence[Scored], *, pad_id: int, batch_size: int,
-                     desc: str = "log-probs") -> list[float]:
+                     desc: str = "log-probs", share_prefix: bool = True) -> list[float]:
     """Sum of log p(token) over each item's completion tokens (0.0 for an empty completion)."""
     import torch
 
     out = [0.0] * len(items)
     model.eval()
     with torch.inference_mode():
-        for idx in tqdm(list(_batches(items, batch_size)), desc=desc, unit="batch"):
+        for idx in tqdm(_score_order(items, batch_size, share_prefix), desc=desc, unit="batch"):
+            idx = [i for i in idx if items[i].n_completion > 0]
+            if not idx:
+                continue
             batch = [items[i] for i in idx]
-            logits = _forward(model, batch, pad_id)
-            logp = torch.log_softmax(logits, dim=-1)
-            for r, i in enumerate(idx):
-                s = batch[r]
-                if s.n_completion == 0:
-                    continue
-                # the token at position t is predicted by the logits at t - 1
+            for i, s, rows in zip(idx, batch, _scored_logits(model, batch, pad_id, share_prefix), strict=True):
                 targets = torch.tensor(s.ids[s.start:])
-                rows = logp[r, s.start - 1:len(s.ids) - 1]
-                out[i] = float(rows.gather(-1, targets[:, None]).sum())
+                out[i] = float(torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).sum())
     return out
 
 
 def completion_kl(policy, ref, items: Sequence[Scored], *, pad_id: int, batch_size: int,
-                  desc: str = "KL") -> list[tuple[float, int]]:
+                  desc: str = "KL", share_prefix: bool = True) -> list[tuple[float, int]]:
     """Per item, (sum over completion positions of KL(policy(.|ctx) || ref(.|ctx)), number of positions).
 
     The KL at each position is exact over the whole vocabulary, given the context the completion
@@ -104,16 +200,14 @@ def completion_kl(policy, ref, items: Sequence[Scored], *, pad_id: int, batch_si
     policy.eval()
     ref.eval()
     with torch.inference_mode():
-        for idx in tqdm(list(_batches(items, batch_size)), desc=desc, unit="batch"):
+        for idx in tqdm(_score_order(items, batch_size, share_prefix), desc=desc, unit="batch"):
+            idx = [i for i in idx if items[i].n_completion > 0]
+            if not idx:
+                continue
             batch = [items[i] for i in idx]
-            lp_pol = _forward(policy, batch, pad_id)
-            lp_ref = _forward(ref, batch, pad_id)
-            for r, i in enumerate(idx):
-                s = batch[r]
-                if s.n_completion == 0:
-                    continue
-                a = torch.log_softmax(lp_pol[r, s.start - 1:len(s.ids) - 1], dim=-1)
-                b = torch.log_softmax(lp_ref[r, s.start - 1:len(s.ids) - 1], dim=-1)
-                kl = (a.exp() * (a - b)).sum(-1)
-                out[i] = (float(kl.sum()), s.n_completion)
+            pol = _scored_logits(policy, batch, pad_id, share_prefix)
+            ref_rows = _scored_logits(ref, batch, pad_id, share_prefix)
+            for i, s, a, b in zip(idx, batch, pol, ref_rows, strict=True):
+                a, b = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
+                out[i] = (float((a.exp() * (a - b)).sum()), s.n_completion)
     return out
