@@ -1,6 +1,7 @@
-"""Profile: where greedy decoding spends its time, transformers' `model.generate` against the stages' loop.
+"""Profile: where decoding spends its time, transformers' `model.generate` against the stages' loop.
 
     .venv/bin/python bench/profile_decode.py [--prompts 32] [--max-new-tokens 96]
+    .venv/bin/python bench/profile_decode.py --sample [--prompts 32] [--max-new-tokens 48]
 
 The speed issue asks the loop (pipeline/lm/decode.py) for 4x `model.generate` in wall time. Both
 decode the same tokens with the same model, so both do the same matrix multiplications; the loop can
@@ -9,6 +10,9 @@ same prompts (the first `--prompts` test and dev prompts, evaluate's batch size)
 backend, the wall time, the time in GEMM kernels (aten::mm / addmm / bmm, self time) and the rest.
 `model.generate`'s wall time divided by the loop's GEMM time is the most any float32 loop on this CPU
 could gain over it without doing less arithmetic (smaller precision, fewer tokens).
+
+`--sample` profiles `generate`'s workload instead: the first `--prompts` train prompts, params.yaml's
+`generate` samples per prompt, temperature, top_p and batch size.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def profile(name: str, cache: str, model, tok, msgs, kw) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: evaluate's 96, or generate's 48 with --sample")
+    ap.add_argument("--sample", action="store_true", help="generate's sampling workload instead of evaluate's greedy one")
     args = ap.parse_args()
     from pipeline.constraints.prompts import read_prompts
     from pipeline.core.params import load_params
@@ -55,15 +60,25 @@ def main() -> None:
 
     tune()
     params = load_params(ROOT / "params.yaml")
-    rows = read_prompts(ROOT / params.paths.test_prompts) + read_prompts(ROOT / params.paths.dev_prompts)
+    if args.sample:
+        g = params.generate
+        rows = read_prompts(ROOT / params.paths.train_prompts)
+        args.max_new_tokens = args.max_new_tokens or g.max_new_tokens
+        kw = {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": g.temperature, "top_p": g.top_p,
+              "num_return_sequences": g.samples_per_prompt, "batch_size": g.batch_size}
+    else:
+        rows = read_prompts(ROOT / params.paths.test_prompts) + read_prompts(ROOT / params.paths.dev_prompts)
+        args.max_new_tokens = args.max_new_tokens or params.evaluate.generation.max_new_tokens
+        kw = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "batch_size": params.evaluate.generation.batch_size}
     msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows[: args.prompts]]
     model_dir = ROOT / params.paths.base_model
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    kw = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "batch_size": params.evaluate.generation.batch_size}
     load0 = os.getloadavg()[0]
     res = {name: profile(name, cache, model, tok, msgs, kw)
            for name, cache in (("model.generate", "dynamic"), ("loop", "preallocated"))}
-    print(f"\ngreedy, {len(msgs)} prompts, {args.max_new_tokens} new tokens at most, batch "
+    what = (f"sampling x{kw['num_return_sequences']} (temperature {kw['temperature']}, top_p {kw['top_p']})"
+            if args.sample else "greedy")
+    print(f"\n{what}, {len(msgs)} prompts, {args.max_new_tokens} new tokens at most, batch "
           f"{kw['batch_size']}, float32, under torch.profiler; load average {load0:.2f} -> {os.getloadavg()[0]:.2f}\n")
     print("| backend | wall s | CPU s | GEMM s (self) | GEMM share of wall | not GEMM s | top ops (self time) |")
     print("|---|---:|---:|---:|---:|---:|---|")
