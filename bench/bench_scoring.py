@@ -1,6 +1,7 @@
 """Benchmark: evaluate's teacher-forced phases, the plain forward against the shared-prefix one.
 
     .venv/bin/python bench/bench_scoring.py [--quick] [--repeats 3] [--base models/base] [--policy models/trained]
+    .venv/bin/python bench/bench_scoring.py --tiny   # bench/quick.py: no workspace outputs needed
 
 Three workloads, built from the workspace's real evaluate inputs, as the default `evaluate` runs them:
 
@@ -18,6 +19,11 @@ common prefix of a batch (the chat template's system turn, the judge template's 
 logits only at scored positions (`pipeline.lm.scoring.forward_kept`). Runs are interleaved (plain,
 shared, ...); the table gives medians of wall and process CPU seconds, and the largest difference between
 the two paths' numbers.
+
+`--tiny` (bench/quick.py, a regression check rather than a measurement of evaluate) needs no pipeline
+outputs: the base model (built by the base_model stage's run() when absent) is both models, 2 test prompts
+with 4 answers each (other prompts' text) make the preference pairs, 8 test prompts with one answer
+each the KL items, and 4 human-labelled pairs the judge prompts.
 """
 
 from __future__ import annotations
@@ -32,9 +38,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
-def workloads(base: Path, policy: Path, limit: int | None):
+def tiny_inputs(params) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Preference pairs and (prompt, answer) items from the repo's data files alone."""
+    from itertools import combinations
+
+    from pipeline.constraints.prompts import read_prompts
+
+    texts = [r["prompt"] for r in read_prompts(ROOT / params.paths.test_prompts)][:12]
+    user = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+    said = lambda t: [{"role": "assistant", "content": t}]  # noqa: E731
+    pairs = [{"prompt": user(texts[k]), "chosen": said(a), "rejected": said(b)}
+             for k in range(2) for a, b in combinations(texts[2 + 4 * k: 6 + 4 * k], 2)]
+    answers = [(texts[k], texts[(k + 1) % 8]) for k in range(8)]
+    return pairs, answers
+
+
+def workloads(base: Path, policy: Path, limit: int | None, tiny: bool = False):
     import pandas as pd
     import torch
 
@@ -51,20 +73,20 @@ def workloads(base: Path, policy: Path, limit: int | None):
     (base_m, tok), (pol_m, _) = models.load(base), models.load(policy)
     pad = tok.pad_token_id
 
-    pairs = read_test_pairs(ROOT / params.paths.dataset / "test.parquet", limit)
+    tiny_pairs, tiny_answers = tiny_inputs(params) if tiny else (None, None)
+    pairs = tiny_pairs or read_test_pairs(ROOT / params.paths.dataset / "test.parquet", limit)
     pref_items = [tokenize_completion(tok, r["prompt"], r[k], max_length=params.train.dpo.get("max_length"))
                   for r in pairs for k in ("chosen", "rejected")]
     distinct = list({tuple(s.ids): s for s in pref_items}.values())
 
-    kl_items = []
-    for unit in ("test", "dev", "ifeval", "general"):
-        df = pd.read_parquet(ROOT / params.paths.eval_dir / f"{unit}.parquet")
-        kl_items += [tokenize_completion(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": r}])
-                     for p, r in zip(df["prompt"], df["response_policy"], strict=True)]
-    kl_items = kl_items[:limit] if limit else kl_items
+    answered = tiny_answers or [(p, r) for unit in ("test", "dev", "ifeval", "general")
+                                for df in [pd.read_parquet(ROOT / params.paths.eval_dir / f"{unit}.parquet")]
+                                for p, r in zip(df["prompt"], df["response_policy"], strict=True)]
+    kl_items = [tokenize_completion(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": r}])
+                for p, r in answered[:limit]]
 
     template = template_for(ROOT / params.paths.judge_template, ev.judge)
-    rows = read_labeled_pairs(ROOT / params.paths.judge_labels)[: (limit // 2 if limit else None)]
+    rows = read_labeled_pairs(ROOT / params.paths.judge_labels)[: 4 if tiny else (limit // 2 if limit else None)]
     prompts = [template.fill(r["instruction"], a, b) for r in rows
                for a, b in ((r["response_a"], r["response_b"]), (r["response_b"], r["response_a"]))]
     judge = LocalJudge(ev.judge.local, base, "bench", lambda d: (base_m, tok))
@@ -111,6 +133,7 @@ def timed(fn):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the first 24 items of each workload, 1 repeat")
+    ap.add_argument("--tiny", action="store_true", help="a workload from the repo's data files alone, 1 repeat (bench/quick.py)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base")
     ap.add_argument("--policy", type=Path, default=ROOT / "models" / "trained")
@@ -121,8 +144,14 @@ def main() -> None:
     from pipeline.lm.generation import available_cpus
 
     torch.set_num_threads(available_cpus())
-    repeats = 1 if args.quick else args.repeats
-    work = workloads(args.base, args.policy, 24 if args.quick else None)
+    repeats = 1 if args.quick or args.tiny else args.repeats
+    if args.tiny:
+        from bench_generate import ensure_base_model
+
+        from pipeline.core.params import load_params
+
+        args.base = args.policy = ensure_base_model(load_params(ROOT / "params.yaml"))
+    work = workloads(args.base, args.policy, 24 if args.quick else None, tiny=args.tiny)
     load0 = os.getloadavg()[0]
     rows = []
     for name, (plain, shared, what) in work.items():

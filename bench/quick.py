@@ -9,7 +9,9 @@ that breaks a speed-up (a cache that stops hitting, a decoding loop that falls o
 
 - stage start: bench_stage_start.py on `card`, the tracking worker against MLflow in the stage process;
 - decoding: bench_generate.py --tiny, the stages' decoding loop against transformers' `model.generate`,
-  sampling and greedy, new tokens per wall second.
+  sampling and greedy, new tokens per wall second;
+- scoring: bench_scoring.py --tiny, evaluate's shared-prefix log-probs, KL and judge against the plain
+  forward they replaced.
 
 Training (bench_train.py) is not in it: its smallest honest run is several minutes on 2 cores.
 """
@@ -51,9 +53,21 @@ def decoding() -> list[tuple[str, float]]:
     return [(f"decoding {w} (loop / model.generate, time)", 1 / float(v)) for w, v in zip(("sampling", "greedy"), m.groups(), strict=True)]
 
 
+def scoring() -> list[tuple[str, float]]:
+    out = run([str(HERE / "bench_scoring.py"), "--tiny"])
+    rows = []
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0] in ("preference", "kl", "judge"):
+            rows.append((f"scoring {cells[0]} (shared prefix / plain forward)", float(cells[4]) / float(cells[2])))
+    if len(rows) != 3:
+        raise SystemExit("bench/quick.py: bench_scoring.py printed no table")
+    return rows
+
+
 def main() -> int:
     t0 = time.monotonic()
-    rows = stage_start() + decoding()
+    rows = stage_start() + decoding() + scoring()
     print("\n| check | candidate time / baseline time | limit |\n|---|---:|---:|")
     for name, ratio in rows:
         print(f"| {name} | {ratio:.2f} | {LIMIT:.1f} |")
