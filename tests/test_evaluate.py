@@ -202,6 +202,47 @@ def test_shared_prefix_scoring_matches_the_plain_forward(tiny, other_model_dir):
         assert [k for k, _ in fast_kl] == pytest.approx([k for k, _ in plain_kl], rel=1e-4, abs=1e-5)
 
 
+def test_kl_from_the_prompt_states_generation_kept_matches_encoding_the_prompts(tiny, other_model_dir, monkeypatch):
+    """The KL pass reuses each model's prompt keys and values from its own greedy generation (prefilled in
+    length groups behind a shared prefix) and encodes only the answers: the same KL as encoding all."""
+    from pipeline.lm import scoring
+    from pipeline.lm.generation import generate
+    from pipeline.lm.loading import load_causal_lm
+
+    real, reused_rows = scoring.forward_kept, []
+
+    def spy(model, seqs, keep, **kw):
+        if kw.get("states") is not None:
+            reused_rows.append(len(seqs))
+        return real(model, seqs, keep, **kw)
+
+    monkeypatch.setattr(scoring, "forward_kept", spy)
+
+    model, tok = tiny
+    other = load_causal_lm(other_model_dir)
+    prompts = [[{"role": "user", "content": t}] for t in
+               ("Say hi.", "Count to five, please, slowly and clearly.", "?", "Name a colour, then a much longer list "
+                "of fruits, vegetables and trees that grow in a cold climate.")]
+    states = {}, {}
+    answers = generate(other, tok, prompts, max_new_tokens=6, do_sample=False, batch_size=3, seed=0, desc="t",
+                       prompt_states=states[0])
+    generate(model, tok, prompts, max_new_tokens=6, do_sample=False, batch_size=4, seed=0, desc="t",
+             prompt_states=states[1])
+    assert len(states[0]) == len(states[1]) == len(prompts)
+    items = [tokenize_completion(tok, c, [{"role": "assistant", "content": a[0]}]) for c, a in zip(prompts, answers, strict=True)]
+    assert all(tuple(it.ids[:it.start]) in states[0] for it in items)
+    for bs in (1, 4):
+        reused = completion_kl(other, model, items, pad_id=tok.pad_token_id, batch_size=bs, prompt_states=states)
+        plain = completion_kl(other, model, items, pad_id=tok.pad_token_id, batch_size=bs, share_prefix=False)
+        assert [n for _, n in reused] == [n for _, n in plain]
+        assert [k for k, _ in reused] == pytest.approx([k for k, _ in plain], rel=1e-4, abs=1e-5)
+    assert sum(reused_rows) == 2 * 2 * len(items)  # both models, both batch sizes: every row from its states
+    bf16 = {}
+    generate(model, tok, prompts[:1], max_new_tokens=2, do_sample=False, batch_size=1, seed=0, desc="t",
+             precision="bfloat16", prompt_states=bf16)
+    assert bf16 == {}  # a bfloat16 copy's states are not the float32 model's
+
+
 def test_shared_prefix_scoring_handles_a_prompt_cut_to_nothing(tiny):
     model, tok = tiny
     items = [tokenize_completion(tok, *CONVS[0]), tokenize_completion(tok, *CONVS[0], max_length=3)]

@@ -7,6 +7,7 @@ and a model is loaded only when some key misses, so a warm cache loads no model 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,12 @@ class Models:
         self._sha: dict[Path, str] = {}
         self._loaded: dict[Path, tuple[Any, Any]] = {}
         self._tok: dict[Path, Any] = {}
+        self._states: dict[Path, dict] = {}
+
+    def prompt_states(self, folder: Path) -> dict:
+        """Keys and values of the prompts the model in `folder` encoded while generating, by prompt token
+        ids (filled by `generations`, read by `kls`: the KL pass then encodes only the answers)."""
+        return self._states.setdefault(Path(folder).resolve(), {})
 
     def sha256(self, folder: Path) -> str:
         folder = Path(folder).resolve()
@@ -219,9 +226,11 @@ def generations(models: Models, folder: Path, convs: list[list[dict]], p: Evalua
     def compute(todo: list[int]) -> list[dict]:
         model, tok = models.load(folder)
         stats: dict[str, Any] = {}
+        keep = ({"prompt_states": models.prompt_states(folder)}
+                if "prompt_states" in inspect.signature(generate_fn).parameters else {})
         fresh = generate_fn(model, tok, [convs[i] for i in todo], max_new_tokens=p.generation.max_new_tokens,
                             do_sample=False, batch_size=p.generation.batch_size, seed=0, desc=desc, stats=stats,
-                            precision=p.generation.precision)
+                            precision=p.generation.precision, **keep)
         done = stats.get("finished") or [[None]] * len(todo)
         return [{"text": texts[0], "finished": fin[0]} for texts, fin in zip(fresh, done, strict=True)]
 
@@ -262,6 +271,8 @@ def kls(models: Models, policy: Path, base: Path, convs: list[list[dict]], respo
     def compute(todo: list[int]) -> list[list]:
         (pm, tok), (bm, _) = models.load(policy), models.load(base)
         items = [tokenize_completion(tok, convs[i], [{"role": "assistant", "content": responses[i]}]) for i in todo]
-        return [list(v) for v in completion_kl(pm, bm, items, pad_id=tok.pad_token_id, batch_size=p.score_batch_size)]
+        states = (models.prompt_states(policy), models.prompt_states(base))
+        return [list(v) for v in completion_kl(pm, bm, items, pad_id=tok.pad_token_id, batch_size=p.score_batch_size,
+                                               prompt_states=states)]
 
     return [tuple(v) for v in cached(cache, "kl", keys, compute)]

@@ -215,9 +215,11 @@ def prefill(model, cache: Cache, input_ids: torch.Tensor, attention_mask: torch.
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            eos_ids: list[int], pad_id: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
-           num_return_sequences: int = 1) -> torch.Tensor:
+           num_return_sequences: int = 1, prompt_states: list | None = None) -> torch.Tensor:
     """New tokens for left-padded prompts, shape [prompts x num_return_sequences, max_new_tokens]:
-    the rows of one prompt are adjacent; after a row's first EOS it holds pad_id."""
+    the rows of one prompt are adjacent; after a row's first EOS it holds pad_id. `prompt_states`, when a
+    list, receives each prompt's keys and values after the prefill (`pipeline.lm.scoring.cache_states`:
+    its real tokens in order, padding left out), for a later pass that scores what follows the prompt."""
     n_prompts, prompt_len = input_ids.shape
     cache = Cache(layers=[PreallocatedLayer(prompt_len + max_new_tokens)
                           for _ in range(model.config.num_hidden_layers)])
@@ -229,6 +231,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
                                      prefix_first(attention_mask, attention_mask, prefix))
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = prefill(model, cache, input_ids, attention_mask, positions, prefix)
+    if prompt_states is not None:
+        from pipeline.lm.scoring import cache_states
+
+        prompt_states += cache_states(cache, [row.nonzero().squeeze(-1) for row in attention_mask.bool()])
     if num_return_sequences > 1:  # the prompt was encoded once; its cache serves every sample
         for layer in cache.layers:
             layer.batch_repeat_interleave(num_return_sequences)

@@ -122,7 +122,7 @@ def in_precision(model, precision: str):
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1, batch_size: int,
              seed: int, desc: str, stats: dict[str, Any] | None = None, cache: str = "preallocated",
-             precision: str = "float32") -> list[list[str]]:
+             precision: str = "float32", prompt_states: dict | None = None) -> list[list[str]]:
     """Sample `num_return_sequences` completions per conversation; returns them in input order.
 
     `batch_size` counts sequences per forward pass, so each batch holds
@@ -132,6 +132,9 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
     decodes with `pipeline.lm.decode`; "dynamic" and "static" call `model.generate` with that
     `cache_implementation` (transformers' own loop, the baseline of bench/bench_generate.py). `precision`:
     "float32" decodes with the model as loaded; "bfloat16" with a bfloat16 copy of it (`in_precision`).
+    `prompt_states`, when a dict, receives each prompt's keys and values from the prefill, keyed by the
+    prompt's token ids (decoding loop in float32 only: other runs leave it empty), so that evaluate's KL
+    pass encodes only the answers (`pipeline.lm.scoring.completion_kl`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -176,9 +179,13 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
             with torch.random.fork_rng(devices=forked), torch.inference_mode():
                 torch.manual_seed(batch_seed(seed, bi))
                 if cache == "preallocated":
+                    states = [] if prompt_states is not None and precision == "float32" else None
                     new = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
                                  eos_ids=eos, pad_id=pad_id, do_sample=do_sample, temperature=temperature,
-                                 top_p=top_p, num_return_sequences=num_return_sequences).cpu()
+                                 top_p=top_p, num_return_sequences=num_return_sequences,
+                                 prompt_states=states).cpu()
+                    for row, mask, st in zip(enc["input_ids"], enc["attention_mask"], states or [], strict=False):
+                        prompt_states[tuple(row[mask.bool()].tolist())] = st.cpu()
                 else:
                     out = model.generate(**enc, generation_config=config)
                     new = out[:, enc["input_ids"].shape[1]:].cpu()

@@ -95,38 +95,65 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def cache_states(cache, rows=None) -> list:
+    """Each row's keys and values in a transformers Cache as one [layers, 2, kv_heads, length, head_dim]
+    tensor; `rows` maps a row to the cache slots it holds (default: every slot)."""
+    import torch
+
+    n = cache.layers[0].keys.shape[0]
+    out = []
+    for r in range(n):
+        slots = slice(None) if rows is None else rows[r]
+        out.append(torch.stack([torch.stack([layer.keys[r][:, slots], layer.values[r][:, slots]])
+                                for layer in cache.layers]))
+    return out
+
+
 def forward_kept(model, seqs: Sequence[Sequence[int]], keep: Sequence[Sequence[int]], *, pad_id: int,
-                 share_prefix: bool = True) -> list:
+                 share_prefix: bool = True, states: Sequence | None = None) -> list:
     """Float32 logits of each row of `seqs` at the positions in its `keep` list ([len(keep[r]), vocab] per
-    row), from one forward pass of the batch. The shared prefix (below every kept position) is encoded
-    once; the rest is right-padded, so positions are the plain 0..n-1 of each row."""
+    row), from one forward pass of the batch.
+
+    What precedes every kept position need not be encoded again: `states[r]` (from `cache_states`), when
+    given, holds row r's keys and values for its first `states[r].shape[-2]` tokens (a prompt its
+    generation encoded); otherwise the batch's shared prefix is encoded once. The rest is right-padded
+    behind the cached part, and positions follow each row's real tokens, so the model sees each sequence
+    as it is."""
     import torch
     from transformers.cache_utils import Cache, DynamicLayer
 
     device = next(model.parameters()).device
-    first_kept = min(min(k) for k in keep if k) if any(keep) else 0
-    shared = min(common_prefix(seqs), first_kept) if share_prefix and len(seqs) > 0 else 0
+    if states is None and share_prefix and len(seqs) > 0:
+        first_kept = min(min(k) for k in keep if k) if any(keep) else 0
+        shared = min(common_prefix(seqs), first_kept)
+        if shared >= PREFIX_MIN_TOKENS:
+            n_layers = model.config.get_text_config().num_hidden_layers
+            prefix = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
+            model(input_ids=torch.tensor([list(seqs[0][:shared])], device=device), cache=prefix, use_cache=True,
+                  logits_to_keep=1)
+            states = cache_states(prefix) * len(seqs)
+    done = [0] * len(seqs) if states is None else [int(st.shape[-2]) for st in states]
+    longest = max(done)
     cache = None
-    if shared >= PREFIX_MIN_TOKENS:
-        n_layers = model.config.get_text_config().num_hidden_layers
-        prefix = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-        model(input_ids=torch.tensor([list(seqs[0][:shared])], device=device), cache=prefix, use_cache=True,
-              logits_to_keep=1)
+    if longest:
+        n_layers, _, heads, _, dim = states[0].shape
+        k = states[0].new_zeros(n_layers, len(seqs), heads, longest, dim)
+        v = torch.zeros_like(k)
+        for r, st in enumerate(states):  # right-aligned: a row's padding comes before its cached tokens
+            k[:, r, :, longest - done[r]:] = st[:, 0]
+            v[:, r, :, longest - done[r]:] = st[:, 1]
         cache = Cache(layers=[DynamicLayer() for _ in range(n_layers)])
-        for layer, pre in zip(cache.layers, prefix.layers, strict=True):
-            layer.update(pre.keys.expand(len(seqs), -1, -1, -1), pre.values.expand(len(seqs), -1, -1, -1))
-    else:
-        shared = 0
-    width = max(len(s) for s in seqs) - shared
+        for i, layer in enumerate(cache.layers):
+            layer.update(k[i].to(device), v[i].to(device))
+    width = max(len(s) - d for s, d in zip(seqs, done, strict=True))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), shared + width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest + width), dtype=torch.long)
     kept = torch.zeros((len(seqs), width), dtype=torch.bool)
-    mask[:, :shared] = 1
-    for r, (s, k) in enumerate(zip(seqs, keep, strict=True)):
-        ids[r, :len(s) - shared] = torch.tensor(list(s[shared:]))
-        mask[r, shared:len(s)] = 1
-        kept[r, [p - shared for p in k]] = True
-    positions = (shared + torch.arange(width)).expand(len(seqs), -1)
+    for r, (s, kp, d) in enumerate(zip(seqs, keep, done, strict=True)):
+        ids[r, :len(s) - d] = torch.tensor(list(s[d:]))
+        mask[r, longest - d:longest + len(s) - d] = 1
+        kept[r, [p - d for p in kp]] = True
+    positions = torch.tensor(done)[:, None] + torch.arange(width)[None]
     extra = {"cache": cache, "use_cache": True} if cache is not None else {}
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                    logits_to_keep=kept.to(device), **extra).logits.float().cpu()
@@ -144,10 +171,22 @@ def _plain_rows(model, batch: list[Scored], pad_id: int) -> list:
     return [logits[r, s.start - 1:len(s.ids) - 1] for r, s in enumerate(batch)]
 
 
-def _scored_logits(model, batch: list[Scored], pad_id: int, share_prefix: bool) -> list:
+def _scored_logits(model, batch: list[Scored], pad_id: int, share_prefix: bool, states: list | None = None) -> list:
     if not share_prefix:
         return _plain_rows(model, batch, pad_id)
-    return forward_kept(model, [s.ids for s in batch], [_scored_rows(s) for s in batch], pad_id=pad_id)
+    return forward_kept(model, [s.ids for s in batch], [_scored_rows(s) for s in batch], pad_id=pad_id,
+                        states=states)
+
+
+def prompt_states_for(batch: list[Scored], states: dict | None) -> list | None:
+    """The cached prompt states of a batch's rows, cut to all but each prompt's last token (its logits
+    predict the first completion token, so it is encoded again); None unless every row has them."""
+    if not states:
+        return None
+    got = [states.get(tuple(s.ids[:s.start])) for s in batch]
+    if any(g is None or s.start < 2 for g, s in zip(got, batch, strict=True)):
+        return None
+    return [g[..., :s.start - 1, :] for g, s in zip(got, batch, strict=True)]
 
 
 def _forward(model, items: list[Scored], pad_id: int):
@@ -188,11 +227,15 @@ def completion_logps(model, items: Sequence[Scored], *, pad_id: int, batch_size:
 
 
 def completion_kl(policy, ref, items: Sequence[Scored], *, pad_id: int, batch_size: int,
-                  desc: str = "KL", share_prefix: bool = True) -> list[tuple[float, int]]:
+                  desc: str = "KL", share_prefix: bool = True,
+                  prompt_states: tuple[dict, dict] | None = None) -> list[tuple[float, int]]:
     """Per item, (sum over completion positions of KL(policy(.|ctx) || ref(.|ctx)), number of positions).
 
     The KL at each position is exact over the whole vocabulary, given the context the completion
     has produced so far; see `pipeline.stages.evaluate` for what the average estimates.
+    `prompt_states`: (policy's, reference's) keys and values of prompts their generation encoded, keyed
+    by the prompt's token ids (`pipeline.lm.generation.generate(prompt_states=...)`): a batch whose rows
+    all have them encodes only its completions.
     """
     import torch
 
@@ -205,8 +248,9 @@ def completion_kl(policy, ref, items: Sequence[Scored], *, pad_id: int, batch_si
             if not idx:
                 continue
             batch = [items[i] for i in idx]
-            pol = _scored_logits(policy, batch, pad_id, share_prefix)
-            ref_rows = _scored_logits(ref, batch, pad_id, share_prefix)
+            pol_states, ref_states = prompt_states or (None, None)
+            pol = _scored_logits(policy, batch, pad_id, share_prefix, prompt_states_for(batch, pol_states))
+            ref_rows = _scored_logits(ref, batch, pad_id, share_prefix, prompt_states_for(batch, ref_states))
             for i, s, a, b in zip(idx, batch, pol, ref_rows, strict=True):
                 a, b = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
                 out[i] = (float((a.exp() * (a - b)).sum()), s.n_completion)
