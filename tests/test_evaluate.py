@@ -179,8 +179,9 @@ def test_completion_kl_zero_for_same_model_positive_otherwise(tiny, other_model_
 def test_shared_prefix_scoring_matches_the_plain_forward(tiny, other_model_dir):
     """Completions of one prompt batched on one encoding of it, singletons on the shared system turn,
     logits only where scored: the same numbers as encoding every row whole."""
+    from pipeline.lm.decode import PREFIX_MIN_TOKENS
     from pipeline.lm.loading import load_causal_lm
-    from pipeline.lm.scoring import PREFIX_MIN_TOKENS, common_prefix, prompt_batches
+    from pipeline.lm.scoring import common_prefix, prompt_batches
 
     model, tok = tiny
     other = load_causal_lm(other_model_dir)

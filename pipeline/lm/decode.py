@@ -46,7 +46,8 @@ FIRST_TOP_K = 64  # starting candidate count for top-p; doubled until the nucleu
 # least PREFILL_MIN_ROWS rows so its matmuls stay large enough to run near the CPU's matmul rate.
 PREFILL_MAX_PADDING = 1.15
 PREFILL_MIN_ROWS = 8
-# A common prompt prefix shorter than this is encoded with each row: sharing it costs one more forward.
+# A common prompt prefix shorter than this is encoded with each row: sharing it costs one more forward
+# (here and in pipeline.lm.scoring.forward_kept, which shares a batch's prefix the same way).
 PREFIX_MIN_TOKENS = 8
 
 
@@ -108,6 +109,18 @@ class PreallocatedLayer(DynamicLayer):
             self.k_buf = self.k_buf.repeat_interleave(repeats, dim=0)
             self.v_buf = self.v_buf.repeat_interleave(repeats, dim=0)
             self._views()
+
+
+def cache_states(cache, rows=None) -> list:
+    """Each row's keys and values in a transformers Cache as one [layers, 2, kv_heads, length, head_dim]
+    tensor; `rows` maps a row to the cache slots it holds (default: every slot)."""
+    n = cache.layers[0].keys.shape[0]
+    out = []
+    for r in range(n):
+        slots = slice(None) if rows is None else rows[r]
+        out.append(torch.stack([torch.stack([layer.keys[r][:, slots], layer.values[r][:, slots]])
+                                for layer in cache.layers]))
+    return out
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +231,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
            num_return_sequences: int = 1, prompt_states: list | None = None) -> torch.Tensor:
     """New tokens for left-padded prompts, shape [prompts x num_return_sequences, max_new_tokens]:
     the rows of one prompt are adjacent; after a row's first EOS it holds pad_id. `prompt_states`, when a
-    list, receives each prompt's keys and values after the prefill (`pipeline.lm.scoring.cache_states`:
+    list, receives each prompt's keys and values after the prefill (`cache_states`:
     its real tokens in order, padding left out), for a later pass that scores what follows the prompt."""
     n_prompts, prompt_len = input_ids.shape
     cache = Cache(layers=[PreallocatedLayer(prompt_len + max_new_tokens)
@@ -232,8 +245,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = prefill(model, cache, input_ids, attention_mask, positions, prefix)
     if prompt_states is not None:
-        from pipeline.lm.scoring import cache_states
-
         prompt_states += cache_states(cache, [row.nonzero().squeeze(-1) for row in attention_mask.bool()])
     if num_return_sequences > 1:  # the prompt was encoded once; its cache serves every sample
         for layer in cache.layers:

@@ -26,9 +26,6 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-# A common prefix shorter than this is encoded with each row: sharing it costs one more forward call.
-PREFIX_MIN_TOKENS = 8
-
 
 @dataclass(frozen=True)
 class Scored:
@@ -95,20 +92,6 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def cache_states(cache, rows=None) -> list:
-    """Each row's keys and values in a transformers Cache as one [layers, 2, kv_heads, length, head_dim]
-    tensor; `rows` maps a row to the cache slots it holds (default: every slot)."""
-    import torch
-
-    n = cache.layers[0].keys.shape[0]
-    out = []
-    for r in range(n):
-        slots = slice(None) if rows is None else rows[r]
-        out.append(torch.stack([torch.stack([layer.keys[r][:, slots], layer.values[r][:, slots]])
-                                for layer in cache.layers]))
-    return out
-
-
 def forward_kept(model, seqs: Sequence[Sequence[int]], keep: Sequence[Sequence[int]], *, pad_id: int,
                  share_prefix: bool = True, states: Sequence | None = None) -> list:
     """Float32 logits of each row of `seqs` at the positions in its `keep` list ([len(keep[r]), vocab] per
@@ -121,6 +104,8 @@ def forward_kept(model, seqs: Sequence[Sequence[int]], keep: Sequence[Sequence[i
     as it is."""
     import torch
     from transformers.cache_utils import Cache, DynamicLayer
+
+    from pipeline.lm.decode import PREFIX_MIN_TOKENS, cache_states
 
     device = next(model.parameters()).device
     if states is None and share_prefix and len(seqs) > 0:
